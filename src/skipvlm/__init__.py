@@ -1,0 +1,22 @@
+"""skipvlm: effective attention skipping and visual-token exit for LLaVA-style multimodal LLMs.
+
+The public API. See ``shared/METHODS.md`` for the mathematics of each method and README.md for use.
+"""
+
+from skipvlm.arch import SUPPORTED_MODEL_TYPES, ArchFacts, UnsupportedModelError, arch_facts
+from skipvlm.plan import Plan
+from skipvlm.runtime import apply_plan, current_plan, kv_cache_bytes
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "ArchFacts",
+    "Plan",
+    "UnsupportedModelError",
+    "__version__",
+    "apply_plan",
+    "arch_facts",
+    "current_plan",
+    "kv_cache_bytes",
+]

@@ -1,0 +1,204 @@
+"""Per-architecture facts read from ``model.config``: where the decoder layers live and what they hold.
+
+Everything skipvlm does to a model (skip plans, adapters, token exit, cost accounting) asks this module
+where things are, so that no other file decides anything by model *name*. The facts come from the
+config alone (``model_type`` of the top config and of its text config); the model object is only used
+to resolve the dotted paths the facts name. See ``shared/METHODS.md`` §1 for the layer notation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+from transformers import PretrainedConfig
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "ArchFacts",
+    "UnsupportedModelError",
+    "arch_facts",
+    "decoder_slot",
+    "get_decoder",
+    "get_layers",
+]
+
+
+class UnsupportedModelError(ValueError):
+    """The model's architecture is not one skipvlm knows how to run."""
+
+
+@dataclass(frozen=True)
+class _Family:
+    decoder_path: str  # dotted path from the top-level model to the text model that owns ``layers``
+    rope: str  # "default" (1-D positions) or "mrope" (Qwen2-VL's 3-D multimodal positions)
+    text_types: tuple[str, ...] = ()  # allowed text-config model types for a composite model
+
+
+_TEXT_TYPES = ("llama", "mistral", "qwen2")
+
+# model_type of the top-level config -> where its decoder lives. Keys are config model types, which is
+# what `from_pretrained` itself dispatches on; the class names are listed in the error message.
+_FAMILIES: dict[str, _Family] = {
+    "llama": _Family("model", "default"),
+    "mistral": _Family("model", "default"),
+    "qwen2": _Family("model", "default"),
+    "llava": _Family("model.language_model", "default", _TEXT_TYPES),
+    "qwen2_vl": _Family("model.language_model", "mrope", ("qwen2_vl_text", "qwen2_vl")),
+    "qwen2_5_vl": _Family("model.language_model", "mrope", ("qwen2_5_vl_text", "qwen2_5_vl")),
+}
+
+SUPPORTED_MODEL_TYPES: dict[str, str] = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "llava": "LlavaForConditionalGeneration (Llama, Mistral or Qwen2 text model)",
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+}
+
+
+@dataclass(frozen=True)
+class ArchFacts:
+    """What skipvlm needs to know about one model, derived from its config.
+
+    Attributes:
+        model_type: ``model_type`` of the top-level config (e.g. ``"llava"``).
+        text_model_type: ``model_type`` of the decoder's config (e.g. ``"llama"``).
+        text_config: the decoder's config object (shared with the model, not a copy).
+        decoder_path: dotted attribute path from the top-level model to the text model.
+        num_layers: number of decoder layers L.
+        hidden_size: C.
+        intermediate_size: F, the MLP width.
+        num_attention_heads / num_key_value_heads / head_dim: attention shapes.
+        vocab_size: V.
+        rope: ``"default"`` or ``"mrope"``.
+        layer_types: per layer, ``"full_attention"`` or ``"sliding_attention"``.
+        image_token_id: id of the image placeholder token, ``None`` for text-only models.
+        video_token_id: id of the video placeholder token where the architecture has one.
+    """
+
+    model_type: str
+    text_model_type: str
+    text_config: PretrainedConfig
+    decoder_path: str
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    rope: str
+    layer_types: tuple[str, ...]
+    image_token_id: int | None = None
+    video_token_id: int | None = None
+
+    # Sub-module names inside one decoder layer; identical across the supported families.
+    attention_name: str = "self_attn"
+    mlp_name: str = "mlp"
+    input_norm_name: str = "input_layernorm"
+    post_norm_name: str = "post_attention_layernorm"
+
+    @property
+    def is_multimodal(self) -> bool:
+        return self.image_token_id is not None
+
+
+def _unsupported(what: str) -> UnsupportedModelError:
+    names = "\n".join(f"  - {cls} (model_type={mt!r})" for mt, cls in SUPPORTED_MODEL_TYPES.items())
+    return UnsupportedModelError(f"{what}. skipvlm supports these architectures:\n{names}")
+
+
+def _layer_types(text_config: PretrainedConfig, num_layers: int) -> tuple[str, ...]:
+    types = getattr(text_config, "layer_types", None)
+    if types is not None:
+        return tuple(types)
+    # Mistral keeps one `sliding_window` for every layer instead of a `layer_types` list.
+    sliding = getattr(text_config, "sliding_window", None)
+    return ("sliding_attention" if sliding is not None else "full_attention",) * num_layers
+
+
+def arch_facts(model_or_config: nn.Module | PretrainedConfig) -> ArchFacts:
+    """Read the architecture facts of a supported model from its config.
+
+    Args:
+        model_or_config: a transformers model (its ``.config`` is read) or a config.
+
+    Returns:
+        The :class:`ArchFacts` of the model.
+
+    Raises:
+        UnsupportedModelError: the architecture (or a composite model's text model) is not supported;
+            the message lists the supported ones.
+    """
+    config = getattr(model_or_config, "config", model_or_config)
+    if not isinstance(config, PretrainedConfig):
+        raise TypeError(
+            f"expected a transformers model or config, got {type(model_or_config).__name__}; "
+            "load the model with transformers first (e.g. AutoModelForCausalLM.from_pretrained)"
+        )
+    model_type = getattr(config, "model_type", "")
+    family = _FAMILIES.get(model_type)
+    if family is None:
+        raise _unsupported(f"model_type {model_type!r} is not supported")
+    text_config = config.get_text_config(decoder=True)
+    text_type = getattr(text_config, "model_type", "")
+    if family.text_types and text_type not in family.text_types:
+        raise _unsupported(f"{model_type!r} with a {text_type!r} text model is not supported")
+
+    num_layers = int(text_config.num_hidden_layers)
+    heads = int(text_config.num_attention_heads)
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
+    image_token_id = getattr(config, "image_token_id", None)
+    if image_token_id is None:
+        image_token_id = getattr(config, "image_token_index", None)
+    return ArchFacts(
+        model_type=model_type,
+        text_model_type=text_type,
+        text_config=text_config,
+        decoder_path=family.decoder_path,
+        num_layers=num_layers,
+        hidden_size=int(text_config.hidden_size),
+        intermediate_size=int(text_config.intermediate_size),
+        num_attention_heads=heads,
+        num_key_value_heads=int(getattr(text_config, "num_key_value_heads", None) or heads),
+        head_dim=int(head_dim),
+        vocab_size=int(text_config.vocab_size),
+        rope=family.rope,
+        layer_types=_layer_types(text_config, num_layers),
+        image_token_id=None if image_token_id is None else int(image_token_id),
+        video_token_id=getattr(config, "video_token_id", None),
+    )
+
+
+def decoder_slot(model: nn.Module, facts: ArchFacts) -> tuple[nn.Module, str, nn.Module]:
+    """Where the text model sits: (parent module, attribute name, the text model itself)."""
+    path = facts.decoder_path
+    parent = model
+    *head, last = path.split(".")
+    for name in head:
+        parent = getattr(parent, name, None)
+        if parent is None:
+            break
+    child = getattr(parent, last, None) if parent is not None else None
+    if not isinstance(child, nn.Module):
+        raise _unsupported(
+            f"{type(model).__name__} has no decoder at `{path}`; pass the full generation model "
+            "(a *ForCausalLM or *ForConditionalGeneration class), not a bare backbone"
+        )
+    return parent, last, child
+
+
+def get_decoder(model: nn.Module, facts: ArchFacts | None = None) -> nn.Module:
+    """The text model that owns the decoder layers (a skipvlm runtime wrapper once a plan is applied)."""
+    facts = facts or arch_facts(model)
+    return decoder_slot(model, facts)[2]
+
+
+def get_layers(model: nn.Module, facts: ArchFacts | None = None) -> nn.ModuleList:
+    """The model's decoder layers, in order."""
+    layers = get_decoder(model, facts).layers
+    if not isinstance(layers, nn.ModuleList):
+        raise _unsupported(f"{type(model).__name__}'s decoder has no `layers` list")
+    return layers

@@ -1,0 +1,191 @@
+"""Tiny random models of every supported architecture, built from configs (no downloads), seeded.
+
+``build_model(arch)`` returns an eval-mode fp32 model with 4 decoder layers; ``make_inputs`` returns
+model-ready, left-padded batches (with an image per prompt for the multimodal architectures).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+
+VOCAB = 128
+PAD, BOS, EOS = 0, 1, 2
+IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 100, 101, 102, 103
+NUM_LAYERS = 4
+
+TEXT_ARCHS = ("llama", "mistral", "qwen2")
+VLM_ARCHS = ("llava", "qwen2_vl", "qwen2_5_vl")
+ALL_ARCHS = TEXT_ARCHS + VLM_ARCHS
+
+# Image shapes: LLaVA's 16x16 image in 4x4 patches gives 16 image tokens; Qwen2-VL's 4x4 patch grid
+# merged 2x2 gives 4 image tokens.
+LLAVA_IMAGE_TOKENS = 16
+QWEN_GRID = (1, 4, 4)
+QWEN_IMAGE_TOKENS = QWEN_GRID[0] * QWEN_GRID[1] * QWEN_GRID[2] // 4
+QWEN_PATCH_DIM = 3 * 2 * 2 * 2  # channels * temporal_patch * patch * patch
+
+
+def text_config_kwargs(num_layers: int = NUM_LAYERS, **overrides) -> dict:
+    kw = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=PAD,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        tie_word_embeddings=False,
+    )
+    kw.update(overrides)
+    return kw
+
+
+def build_config(arch: str, num_layers: int = NUM_LAYERS) -> tf.PretrainedConfig:
+    text = text_config_kwargs(num_layers)
+    if arch == "llama":
+        return tf.LlamaConfig(**text)
+    if arch == "mistral":
+        return tf.MistralConfig(**text, sliding_window=64)
+    if arch == "qwen2":
+        return tf.Qwen2Config(**text)
+    if arch == "llava":
+        vision = tf.CLIPVisionConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=16,
+            patch_size=4,
+            projection_dim=16,
+        )
+        return tf.LlavaConfig(
+            vision_config=vision,
+            text_config=tf.LlamaConfig(**text),
+            image_token_id=IMAGE_TOKEN,
+            vision_feature_layer=-1,
+        )
+    mrope = {"rope_scaling": {"type": "mrope", "mrope_section": [2, 1, 1]}}
+    ids = dict(
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=VIDEO_TOKEN,
+        vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END,
+    )
+    if arch == "qwen2_vl":
+        vision = dict(
+            depth=1,
+            embed_dim=16,
+            hidden_size=32,
+            num_heads=2,
+            mlp_ratio=2,
+            patch_size=2,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            in_channels=3,
+        )
+        return tf.Qwen2VLConfig(text_config={**text, **mrope}, vision_config=vision, **ids)
+    if arch == "qwen2_5_vl":
+        vision = dict(
+            depth=1,
+            hidden_size=16,
+            intermediate_size=32,
+            num_heads=2,
+            out_hidden_size=32,
+            patch_size=2,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            in_channels=3,
+            window_size=8,
+            fullatt_block_indexes=[0],
+        )
+        return tf.Qwen2_5_VLConfig(text_config={**text, **mrope}, vision_config=vision, **ids)
+    raise ValueError(arch)
+
+
+_MODEL_CLASSES = {
+    "llama": tf.LlamaForCausalLM,
+    "mistral": tf.MistralForCausalLM,
+    "qwen2": tf.Qwen2ForCausalLM,
+    "llava": tf.LlavaForConditionalGeneration,
+    "qwen2_vl": tf.Qwen2VLForConditionalGeneration,
+    "qwen2_5_vl": tf.Qwen2_5_VLForConditionalGeneration,
+}
+
+
+def build_model(
+    arch: str, attn: str = "sdpa", num_layers: int = NUM_LAYERS, seed: int = 0, dtype=torch.float32
+) -> torch.nn.Module:
+    """A seeded tiny random model of ``arch`` in eval mode."""
+    config = build_config(arch, num_layers)
+    config._attn_implementation = attn
+    for sub in ("text_config", "vision_config"):
+        if hasattr(config, sub):
+            getattr(config, sub)._attn_implementation = attn
+    torch.manual_seed(seed)
+    model = _MODEL_CLASSES[arch](config)
+    # Random init puts tiny values in some norms; larger weights make skipped modules matter.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return model.to(dtype).eval()
+
+
+def _prompt_ids(arch: str, length: int, gen: torch.Generator, image_at: int) -> list[int]:
+    """A prompt of ``length`` text tokens, with the architecture's image tokens after ``image_at`` of them."""
+    text = torch.randint(3, IMAGE_TOKEN, (length,), generator=gen).tolist()
+    if arch == "llava":
+        image = [IMAGE_TOKEN] * LLAVA_IMAGE_TOKENS
+    elif arch in ("qwen2_vl", "qwen2_5_vl"):
+        image = [VISION_START] + [IMAGE_TOKEN] * QWEN_IMAGE_TOKENS + [VISION_END]
+    else:
+        image = []
+    return [BOS] + text[:image_at] + image + text[image_at:]
+
+
+def make_inputs(
+    arch: str, lengths=(6,), seed: int = 0, image_at: int = 2, dtype=torch.float32
+) -> dict[str, torch.Tensor]:
+    """A left-padded batch, one prompt per entry of ``lengths`` (text tokens), images where the arch has them."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = [_prompt_ids(arch, n, gen, image_at) for n in lengths]
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), PAD, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, row in enumerate(rows):
+        input_ids[b, width - len(row) :] = torch.tensor(row)
+        attention_mask[b, width - len(row) :] = 1
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    n = len(rows)
+    if arch == "llava":
+        batch["pixel_values"] = torch.randn(n, 3, 16, 16, generator=gen).to(dtype)
+    elif arch in ("qwen2_vl", "qwen2_5_vl"):
+        patches = QWEN_GRID[0] * QWEN_GRID[1] * QWEN_GRID[2]
+        batch["pixel_values"] = torch.randn(n * patches, QWEN_PATCH_DIM, generator=gen).to(dtype)
+        batch["image_grid_thw"] = torch.tensor([QWEN_GRID] * n)
+        batch["mm_token_type_ids"] = (input_ids == IMAGE_TOKEN).int()
+    return batch
+
+
+def select_rows(arch: str, batch: dict[str, torch.Tensor], b: int) -> dict[str, torch.Tensor]:
+    """Row ``b`` of a batch from :func:`make_inputs`, with its padding removed."""
+    keep = batch["attention_mask"][b].bool()
+    out = {k: batch[k][b : b + 1, keep] for k in ("input_ids", "attention_mask")}
+    if arch == "llava":
+        out["pixel_values"] = batch["pixel_values"][b : b + 1]
+    elif arch in ("qwen2_vl", "qwen2_5_vl"):
+        patches = QWEN_GRID[0] * QWEN_GRID[1] * QWEN_GRID[2]
+        out["pixel_values"] = batch["pixel_values"][b * patches : (b + 1) * patches]
+        out["image_grid_thw"] = batch["image_grid_thw"][b : b + 1]
+        out["mm_token_type_ids"] = batch["mm_token_type_ids"][b : b + 1, keep]
+    return out
+
+
+@pytest.fixture(params=ALL_ARCHS)
+def arch(request) -> str:
+    return request.param
