@@ -145,13 +145,13 @@ def _prompt_ids(arch: str, length: int, gen: torch.Generator, image_at: int) -> 
         image = [VISION_START] + [IMAGE_TOKEN] * QWEN_IMAGE_TOKENS + [VISION_END]
     else:
         image = []
-    return [BOS] + text[:image_at] + image + text[image_at:]
+    return [BOS, *text[:image_at], *image, *text[image_at:]]
 
 
 def make_inputs(
     arch: str, lengths=(6,), seed: int = 0, image_at: int = 2, dtype=torch.float32
 ) -> dict[str, torch.Tensor]:
-    """A left-padded batch, one prompt per entry of ``lengths`` (text tokens), images where the arch has them."""
+    """A left-padded batch, a prompt per entry of ``lengths`` (text tokens), with images where relevant."""
     gen = torch.Generator().manual_seed(seed)
     rows = [_prompt_ids(arch, n, gen, image_at) for n in lengths]
     width = max(len(r) for r in rows)

@@ -1,0 +1,179 @@
+"""Latency and KV-cache measurement, the gpt-fast way: warm up, synchronise, perf_counter, medians.
+
+Methods are compared *interleaved* (A B A B ...) inside one run so that a noisy, shared machine
+slows every method alike; ratios against a baseline are what we report (``shared/METHODS.md`` §5).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from skipvlm.plan import Plan
+from skipvlm.runtime import apply_plan, current_plan, kv_cache_bytes
+
+__all__ = ["PlanTiming", "interleaved", "measure_plans", "synchronize", "timing_rows", "timing_table"]
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for queued device work, so that perf_counter brackets the real compute."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def interleaved(
+    fns: Mapping[str, Callable[[], Any]],
+    repeats: int = 5,
+    warmup: int = 1,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> dict[str, list[float]]:
+    """Time each callable ``repeats`` times, alternating between them; return seconds per call.
+
+    Args:
+        fns: name -> zero-argument callable.
+        repeats: timed rounds; each round calls every function once, in order.
+        warmup: untimed rounds first (allocator, kernels and caches settle).
+        device: synchronised before and after every call.
+        progress: show a progress bar over the rounds.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in tqdm(range(repeats), desc="timing", disable=not progress, leave=False):
+        for name, fn in fns.items():
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+@dataclass
+class PlanTiming:
+    """Medians for one plan: prefill seconds, decode seconds per token, KV-cache bytes after decoding."""
+
+    plan: Plan
+    prefill_s: float
+    decode_s_per_token: float
+    kv_cache_bytes: int
+    raw: dict[str, list[float]] = field(default_factory=dict, repr=False)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return 1.0 / self.decode_s_per_token if self.decode_s_per_token > 0 else float("inf")
+
+
+@torch.no_grad()
+def measure_plans(
+    model: nn.Module,
+    inputs: Mapping[str, torch.Tensor],
+    plans: Mapping[str, Plan],
+    new_tokens: int = 16,
+    repeats: int = 5,
+    warmup: int = 1,
+    progress: bool = False,
+) -> dict[str, PlanTiming]:
+    """Measure prefill latency, decode latency per token and KV-cache size of each plan on one model.
+
+    Prefill is one forward over the prompt. Decode per token is ``(t(generate n) - t(generate 1)) / (n-1)``
+    with greedy decoding forced to ``n`` tokens, which times the real ``generate`` loop (cache updates,
+    logits processing) rather than a hand-written one. All plans are interleaved in every round.
+
+    Args:
+        model: a supported model; its plan is restored afterwards.
+        inputs: model-ready inputs (``input_ids``, ``attention_mask``, images ...).
+        plans: name -> plan.
+        new_tokens: tokens to decode (>= 2).
+        repeats, warmup, progress: as in :func:`interleaved`.
+    """
+    if new_tokens < 2:
+        raise ValueError(f"new_tokens must be at least 2 to time decoding, got {new_tokens}")
+    original = current_plan(model)
+    device = next(model.parameters()).device
+
+    def with_plan(plan: Plan, fn: Callable[[], Any]) -> Callable[[], Any]:
+        def run() -> Any:
+            apply_plan(model, plan)
+            return fn()
+
+        return run
+
+    def generate(n: int) -> Callable[[], Any]:
+        return lambda: model.generate(
+            **inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, return_dict_in_generate=True
+        )
+
+    fns: dict[str, Callable[[], Any]] = {}
+    for name, plan in plans.items():
+        # logits for the last position only, as `generate` asks for them
+        fns[f"{name}/prefill"] = with_plan(plan, lambda: model(**inputs, use_cache=True, logits_to_keep=1))
+        fns[f"{name}/gen1"] = with_plan(plan, generate(1))
+        fns[f"{name}/genN"] = with_plan(plan, generate(new_tokens))
+    try:
+        times = interleaved(fns, repeats=repeats, warmup=warmup, device=device, progress=progress)
+        results = {}
+        for name, plan in plans.items():
+            apply_plan(model, plan)
+            cache = generate(new_tokens)().past_key_values
+            gen1, gen_n = times[f"{name}/gen1"], times[f"{name}/genN"]
+            per_token = [(b - a) / (new_tokens - 1) for a, b in zip(gen1, gen_n, strict=True)]
+            results[name] = PlanTiming(
+                plan=plan,
+                prefill_s=statistics.median(times[f"{name}/prefill"]),
+                decode_s_per_token=max(statistics.median(per_token), 0.0),
+                kv_cache_bytes=kv_cache_bytes(cache),
+                raw={k.split("/", 1)[1]: v for k, v in times.items() if k.startswith(f"{name}/")},
+            )
+    finally:
+        apply_plan(model, original)
+    return results
+
+
+def timing_rows(results: Mapping[str, PlanTiming], baseline: str) -> list[dict[str, Any]]:
+    """JSON-ready rows: medians in ms, and speedups / KV ratio against the ``baseline`` entry."""
+    base = results[baseline]
+    rows = []
+    for name, r in results.items():
+        rows.append(
+            {
+                "name": name,
+                "plan": r.plan.to_dict(),
+                "prefill_ms": r.prefill_s * 1e3,
+                "decode_ms_per_token": r.decode_s_per_token * 1e3,
+                "decode_tokens_per_s": r.decode_tokens_per_s,
+                "kv_cache_bytes": r.kv_cache_bytes,
+                "prefill_speedup": base.prefill_s / r.prefill_s,
+                "decode_speedup": base.decode_s_per_token / r.decode_s_per_token,
+                "kv_ratio": r.kv_cache_bytes / base.kv_cache_bytes if base.kv_cache_bytes else float("nan"),
+            }
+        )
+    return rows
+
+
+def timing_table(rows: list[dict[str, Any]]) -> str:
+    """A fixed-width text table of :func:`timing_rows` output."""
+    head = (
+        f"{'plan':<18}{'prefill ms':>11}{'x':>6}{'decode ms/tok':>15}{'x':>6}"
+        f"{'tok/s':>8}{'KV MiB':>9}{'x':>6}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['name']:<18}{r['prefill_ms']:>11.2f}{r['prefill_speedup']:>6.2f}"
+            f"{r['decode_ms_per_token']:>15.2f}{r['decode_speedup']:>6.2f}{r['decode_tokens_per_s']:>8.1f}"
+            f"{r['kv_cache_bytes'] / 2**20:>9.2f}{r['kv_ratio']:>6.2f}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,331 @@
+"""The skip runtime executes a plan for real: numerics, no work, no KV cache, generation, restore."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers as tf
+from transformers.cache_utils import DummyLayer
+
+import skipvlm
+from skipvlm.arch import get_decoder, get_layers
+from skipvlm.runtime import SkipDecoder
+
+from conftest import ALL_ARCHS, VLM_ARCHS, build_model, make_inputs, select_rows
+
+
+def logits(model, inputs, **kw):
+    with torch.no_grad():
+        return model(**inputs, **kw).logits
+
+
+def zero_out(model, layer: int, module: str) -> torch.nn.Module:
+    """The reference semantics of a skip: a copy of the model whose o_proj / down_proj outputs zero."""
+    ref = copy.deepcopy(model)
+    layer_mod = get_layers(ref)[layer]
+    proj = layer_mod.self_attn.o_proj if module == "attention" else layer_mod.mlp.down_proj
+    with torch.no_grad():
+        proj.weight.zero_()
+        if proj.bias is not None:
+            proj.bias.zero_()
+    return ref
+
+
+# --- numerics ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+def test_empty_plan_loop_equals_stock_exactly(arch, attn):
+    model = build_model(arch, attn=attn)
+    inputs = make_inputs(arch, lengths=(6, 3))
+    expected = logits(model, inputs)
+    skipvlm.apply_plan(model, skipvlm.Plan(skip_attention=[1]))
+    get_decoder(model).plan = skipvlm.Plan()  # the runtime's own loop, with nothing skipped
+    assert isinstance(get_decoder(model), SkipDecoder)
+    torch.testing.assert_close(logits(model, inputs), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+@pytest.mark.parametrize("layer", [0, 2])
+def test_skipped_attention_equals_zero_o_proj(arch, attn, layer):
+    model = build_model(arch, attn=attn)
+    inputs = make_inputs(arch, lengths=(6, 3))
+    expected = logits(zero_out(model, layer, "attention"), inputs)
+    skipvlm.apply_plan(model, skipvlm.Plan(skip_attention=[layer]))
+    got = logits(model, inputs)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    # and the skip changed something, so the comparison above is not vacuous
+    assert (got - logits(skipvlm.apply_plan(model, skipvlm.Plan()), inputs)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+def test_skipped_mlp_equals_zero_down_proj(arch):
+    model = build_model(arch)
+    inputs = make_inputs(arch, lengths=(6, 3))
+    expected = logits(zero_out(model, 3, "mlp"), inputs)
+    skipvlm.apply_plan(model, skipvlm.Plan(skip_mlp=[3]))
+    torch.testing.assert_close(logits(model, inputs), expected, rtol=0, atol=1e-5)
+
+
+def test_skipping_several_modules_composes():
+    model = build_model("llama")
+    inputs = make_inputs("llama", lengths=(6,))
+    ref = zero_out(zero_out(zero_out(model, 0, "attention"), 2, "attention"), 1, "mlp")
+    skipvlm.apply_plan(model, skipvlm.Plan(skip_attention=[0, 2], skip_mlp=[1]))
+    torch.testing.assert_close(logits(model, inputs), logits(ref, inputs), rtol=0, atol=1e-5)
+
+
+# --- no work, no cache ---------------------------------------------------------------------------------
+
+
+def _count_calls(model, names) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for i, layer in enumerate(get_layers(model)):
+        for name in names:
+            key = f"{i}.{name}"
+            counts[key] = 0
+            module = layer.get_submodule(name)
+
+            def hook(*_args, _key=key):
+                counts[_key] += 1
+
+            module.register_forward_hook(hook)
+    return counts
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2_vl"])
+def test_skipped_modules_execute_nothing(arch, monkeypatch):
+    model = build_model(arch)
+    projections = [
+        "self_attn",
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+    ]
+    counts = _count_calls(model, [*projections, "mlp", "mlp.down_proj"])
+    kernel_calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counting_sdpa(*args, **kwargs):
+        kernel_calls.append(args[0].shape)
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting_sdpa)
+    skipvlm.apply_plan(model, skipvlm.Plan(skip_attention=[0, 2], skip_mlp=[1]))
+    with torch.no_grad():
+        model.generate(**make_inputs(arch), max_new_tokens=3, do_sample=False)
+    for name in projections:
+        assert counts[f"0.{name}"] == counts[f"2.{name}"] == 0, name
+        assert counts[f"1.{name}"] == counts[f"3.{name}"] == 3, name  # prefill + 2 decode steps
+    assert counts["1.mlp"] == counts["1.mlp.down_proj"] == 0
+    assert counts["0.mlp"] == 3
+    # 2 attending text layers x 3 forwards (the vision tower may add its own calls for VLMs)
+    text_calls = [s for s in kernel_calls if s[1] == 4]  # the text model's 4 query heads
+    assert len(text_calls) == 2 * 3
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+def test_skipped_layers_hold_no_kv_cache(arch):
+    model = build_model(arch)
+    inputs = make_inputs(arch, lengths=(6, 3))
+    with torch.no_grad():
+        full = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+        skipvlm.apply_plan(model, skipvlm.Plan(skip_attention=[0, 1]))
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    layers = out.past_key_values.layers
+    assert [isinstance(layer, DummyLayer) for layer in layers] == [True, True, False, False]
+    assert all(layer.keys is None for layer in layers[:2])
+    assert all(layer.keys.shape[-2] == out.sequences.shape[1] - 1 for layer in layers[2:])
+    assert skipvlm.kv_cache_bytes(out.past_key_values) * 2 == skipvlm.kv_cache_bytes(full.past_key_values)
+    assert out.past_key_values.get_seq_length() == out.sequences.shape[1] - 1
+
+
+def test_plain_forward_with_use_cache_builds_a_cache_without_skipped_layers():
+    model = build_model("llama")
+    skipvlm.apply_plan(model, skipvlm.Plan(skip_attention=[0]))
+    with torch.no_grad():
+        out = model(**make_inputs("llama"), use_cache=True)
+    assert isinstance(out.past_key_values.layers[0], DummyLayer)
+    assert out.past_key_values.get_seq_length() == 7
+
+
+def test_user_cache_without_config_is_sized_and_marked():
+    model = build_model("llama")
+    skipvlm.apply_plan(model, skipvlm.Plan(skip_attention=[0]))
+    cache = tf.DynamicCache()  # lazily grown, no config
+    with torch.no_grad():
+        model(**make_inputs("llama"), past_key_values=cache, use_cache=True)
+    assert isinstance(cache.layers[0], DummyLayer) and cache.get_seq_length() == 7
+
+
+# --- generation -------------------------------------------------------------------------------------------
+
+
+def _greedy_without_cache(model, arch, inputs, steps):
+    """Full recompute of the whole sequence for every new token."""
+    inputs = dict(inputs)
+    tokens, step_logits = [], []
+    for _ in range(steps):
+        with torch.no_grad():
+            last = model(**inputs, use_cache=False).logits[:, -1]
+        nxt = last.argmax(-1, keepdim=True)
+        tokens.append(nxt)
+        step_logits.append(last)
+        inputs["input_ids"] = torch.cat([inputs["input_ids"], nxt], dim=1)
+        inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(nxt)], dim=1)
+        if "mm_token_type_ids" in inputs:
+            mm = inputs["mm_token_type_ids"]
+            inputs["mm_token_type_ids"] = torch.cat([mm, torch.zeros_like(nxt, dtype=mm.dtype)], dim=1)
+    return torch.cat(tokens, dim=1), torch.stack(step_logits, dim=1)
+
+
+def _generate(model, inputs, steps, **kw):
+    with torch.no_grad():
+        out = model.generate(
+            **inputs,
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            **kw,
+        )
+    new = out.sequences[:, inputs["input_ids"].shape[1] :]
+    return new, torch.stack(out.logits, dim=1)
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+def test_cached_generation_equals_full_recompute(arch):
+    model = build_model(arch)
+    skipvlm.apply_plan(model, skipvlm.Plan(skip_attention=[0, 2], skip_mlp=[3]))
+    inputs = make_inputs(arch, lengths=(6,))
+    tokens, step_logits = _generate(model, inputs, steps=6)
+    ref_tokens, ref_logits = _greedy_without_cache(model, arch, inputs, steps=6)
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(step_logits, ref_logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+def test_left_padded_batch_equals_one_by_one(arch):
+    model = build_model(arch)
+    skipvlm.apply_plan(model, skipvlm.Plan(skip_attention=[0], skip_mlp=[2]))
+    batch = make_inputs(arch, lengths=(7, 3, 5), seed=1)
+    tokens, step_logits = _generate(model, batch, steps=5)
+    for b in range(3):
+        one_tokens, one_logits = _generate(model, select_rows(arch, batch, b), steps=5)
+        assert torch.equal(tokens[b], one_tokens[0])
+        torch.testing.assert_close(step_logits[b], one_logits[0], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", VLM_ARCHS)
+def test_image_anywhere_in_the_prompt(arch):
+    model = build_model(arch)
+    skipvlm.apply_plan(model, skipvlm.Plan(skip_attention=[1]))
+    for image_at in (0, 3, 6):
+        inputs = make_inputs(arch, lengths=(6,), image_at=image_at)
+        tokens, _ = _generate(model, inputs, steps=3)
+        ref_tokens, _ = _greedy_without_cache(model, arch, inputs, steps=3)
+        assert torch.equal(tokens, ref_tokens)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("arch", ["llama", "llava", "qwen2_vl"])
+def test_half_precision_runs_and_tracks_fp32(arch, dtype):
+    plan = skipvlm.Plan(skip_attention=[0, 2])
+    ref_model = skipvlm.apply_plan(build_model(arch), plan)
+    model = skipvlm.apply_plan(build_model(arch, dtype=dtype), plan)
+    inputs = make_inputs(arch, lengths=(6, 3), dtype=dtype)
+    half = logits(model, inputs)
+    assert half.dtype == dtype and torch.isfinite(half).all()
+    ref = logits(ref_model, make_inputs(arch, lengths=(6, 3)))
+    assert (half.float() - ref).abs().max() < 0.05 * ref.abs().max() + 0.05
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+# --- errors -----------------------------------------------------------------------------------------------
+
+
+def test_skipping_every_attention_with_a_cache_raises():
+    model = skipvlm.apply_plan(build_model("llama"), skipvlm.Plan(skip_attention=[0, 1, 2, 3]))
+    inputs = make_inputs("llama")
+    with pytest.raises(ValueError, match=r"skips all 4 attentions.*use_cache=False"), torch.no_grad():
+        model.generate(**inputs, max_new_tokens=2)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=2, use_cache=False, do_sample=False)
+        assert model(**inputs).past_key_values is None  # no request, no cache, no error
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 2
+
+
+def test_out_of_range_plan_is_refused_by_apply_plan():
+    model = build_model("llava")
+    with pytest.raises(ValueError, match=r"allowed indices are 0\.\.3"):
+        skipvlm.apply_plan(model, skipvlm.Plan(skip_mlp=[4]))
+    assert skipvlm.current_plan(model).is_empty
+    with pytest.raises(TypeError, match=r"skipvlm\.Plan"):
+        skipvlm.apply_plan(model, {"skip_attention": [1]})
+
+
+def test_changing_the_plan_mid_generation_raises():
+    model = skipvlm.apply_plan(build_model("llama"), skipvlm.Plan(skip_attention=[1]))
+    inputs = make_inputs("llama")
+    with torch.no_grad():
+        cache = model(**inputs, use_cache=True).past_key_values
+        skipvlm.apply_plan(model, skipvlm.Plan(skip_attention=[2]))
+        with pytest.raises(ValueError, match="filled under another plan"):
+            model(input_ids=inputs["input_ids"][:, :1], past_key_values=cache, use_cache=True)
+
+
+# --- restore and weights -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+def test_current_plan_and_restore(arch):
+    model = build_model(arch)
+    stock_type = type(get_decoder(model))
+    keys = list(model.state_dict())
+    inputs = make_inputs(arch, lengths=(6, 3))
+    expected = logits(model, inputs)
+    plan = skipvlm.Plan(skip_attention=[0, 3], skip_mlp=[1])
+    assert skipvlm.apply_plan(model, plan) is model
+    assert skipvlm.current_plan(model) == plan
+    assert list(model.state_dict()) == keys  # weights and their names untouched
+    assert get_layers(model)[0].self_attn.q_proj.weight.abs().sum() > 0
+    skipvlm.apply_plan(model, skipvlm.Plan())
+    assert type(get_decoder(model)) is stock_type
+    assert skipvlm.current_plan(model) == skipvlm.Plan()
+    torch.testing.assert_close(logits(model, inputs), expected, rtol=0, atol=0)
+
+
+def test_train_eval_mode_follows_the_model():
+    model = skipvlm.apply_plan(build_model("llama"), skipvlm.Plan(skip_attention=[1]))
+    model.train()
+    assert get_decoder(model).training
+    skipvlm.apply_plan(model, skipvlm.Plan())
+    assert get_decoder(model).training and get_layers(model)[0].training
+
+
+def test_save_pretrained_with_a_plan_applied_loads_as_stock(tmp_path):
+    model = build_model("llava")
+    inputs = make_inputs("llava")
+    expected = logits(model, inputs)
+    skipvlm.apply_plan(model, skipvlm.Plan(skip_attention=[2]))
+    model.save_pretrained(tmp_path)
+    loaded = tf.LlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(logits(loaded, inputs), expected, rtol=0, atol=0)
+
+
+def test_training_gradients_flow_through_kept_modules_only():
+    model = skipvlm.apply_plan(build_model("llama"), skipvlm.Plan(skip_attention=[1]))
+    inputs = make_inputs("llama")
+    loss = model(**inputs, labels=inputs["input_ids"]).loss
+    loss.backward()
+    layers = get_layers(model)
+    assert layers[1].self_attn.q_proj.weight.grad is None
+    assert layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
