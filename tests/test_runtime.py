@@ -48,6 +48,22 @@ def test_empty_plan_loop_equals_stock_exactly(arch, attn):
     torch.testing.assert_close(logits(model, inputs), expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2_vl"])
+def test_hidden_states_and_attentions_match_stock(arch):
+    model = build_model(arch, attn="eager")
+    inputs = make_inputs(arch, lengths=(6, 3))
+    with torch.no_grad():
+        stock = model(**inputs, output_hidden_states=True, output_attentions=True)
+        skipvlm.apply_plan(model, skipvlm.Plan(skip_attention=[1]))
+        get_decoder(model).plan = skipvlm.Plan()
+        ours = model(**inputs, output_hidden_states=True, output_attentions=True)
+    assert len(ours.hidden_states) == len(stock.hidden_states) == 5
+    for a, b in zip(ours.hidden_states, stock.hidden_states, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b in zip(ours.attentions, stock.attentions, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("arch", ALL_ARCHS)
 @pytest.mark.parametrize("layer", [0, 2])
@@ -329,3 +345,32 @@ def test_training_gradients_flow_through_kept_modules_only():
     layers = get_layers(model)
     assert layers[1].self_attn.q_proj.weight.grad is None
     assert layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated")
+def test_gradient_checkpointing_is_honoured_and_exact(monkeypatch):
+    inputs = make_inputs("llama", lengths=(6, 3))
+    checkpoint = torch.utils.checkpoint.checkpoint
+    calls = []
+
+    def counting_checkpoint(*args, **kwargs):
+        calls.append(1)
+        return checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting_checkpoint)
+
+    def grads(checkpointing: bool):
+        model = skipvlm.apply_plan(build_model("llama"), skipvlm.Plan(skip_attention=[1]))
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = grads(False)
+    assert calls == []
+    ckpt = grads(True)
+    assert len(calls) == 4  # one checkpointed segment per decoder layer
+    assert plain.keys() == ckpt.keys()
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-5, atol=1e-6)

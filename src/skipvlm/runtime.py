@@ -17,10 +17,12 @@ build them (1-D RoPE for Llama / Mistral / Qwen2, 3-D M-RoPE for Qwen2-VL / Qwen
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from transformers.cache_utils import Cache, DummyLayer, DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
@@ -185,6 +187,39 @@ class SkipDecoder(nn.Module):
 
     # --- the layer loop --------------------------------------------------------------------------
 
+    def _checkpointing_enabled(self) -> bool:
+        # transformers' gradient_checkpointing_enable() flags the decoder layers (and this module).
+        return bool(self.__dict__.get("gradient_checkpointing")) or any(
+            getattr(layer, "gradient_checkpointing", False) for layer in self.layers
+        )
+
+    def _layer(
+        self,
+        i: int,
+        layer: nn.Module,
+        mask: Any,
+        text_ids: torch.Tensor | None,
+        cache: Cache | None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        kwargs: dict[str, Any],
+        hidden: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One decoder layer under the plan: ``a = h + Attn(N_in(h))``, ``out = a + MLP(N_post(a))``."""
+        weights = None
+        if i not in self._skip_attn:
+            attn_out, weights = layer.self_attn(
+                hidden_states=layer.input_layernorm(hidden),
+                attention_mask=mask,
+                position_ids=text_ids,
+                past_key_values=cache,
+                position_embeddings=position_embeddings,
+                **kwargs,
+            )
+            hidden = hidden + attn_out
+        if i not in self._skip_mlp:
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return hidden, weights
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -207,6 +242,13 @@ class SkipDecoder(nn.Module):
             # A model that attends nowhere has nothing to cache; only an explicit request is an error.
             runs_any = len(self._skip_attn) < self.facts.num_layers
             use_cache = bool(getattr(self.config, "use_cache", False)) and runs_any
+        checkpointing = self.training and self._checkpointing_enabled()
+        if checkpointing and use_cache:
+            # Recomputing a layer in the backward pass would append to the cache twice.
+            logger.warning(
+                "use_cache=True is incompatible with gradient checkpointing; running without a cache"
+            )
+            use_cache, past_key_values = False, None
         cache = self._prepare_cache(past_key_values, use_cache)
 
         rope_ids, text_ids = self._positions(position_ids, inputs_embeds, cache)
@@ -221,20 +263,15 @@ class SkipDecoder(nn.Module):
         for i, layer in enumerate(self.layers[: self.facts.num_layers]):
             if all_hidden is not None:
                 all_hidden.append(hidden)
-            if i not in self._skip_attn:
-                attn_out, weights = layer.self_attn(
-                    hidden_states=layer.input_layernorm(hidden),
-                    attention_mask=masks[layer_types[i]],
-                    position_ids=text_ids,
-                    past_key_values=cache,
-                    position_embeddings=position_embeddings,
-                    **kwargs,
-                )
-                hidden = hidden + attn_out
-                if all_attn is not None:
-                    all_attn.append(weights)
-            if i not in self._skip_mlp:
-                hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            run = functools.partial(
+                self._layer, i, layer, masks[layer_types[i]], text_ids, cache, position_embeddings, kwargs
+            )
+            if checkpointing:
+                hidden, weights = torch.utils.checkpoint.checkpoint(run, hidden, use_reentrant=False)
+            else:
+                hidden, weights = run(hidden)
+            if all_attn is not None and i not in self._skip_attn:
+                all_attn.append(weights)
         hidden = self.norm(hidden)
         if all_hidden is not None:
             all_hidden.append(hidden)
