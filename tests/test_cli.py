@@ -8,7 +8,7 @@ from skipvlm.cli import main
 
 
 def test_demo_runs_and_writes_its_measurements(tmp_path, capsys):
-    assert main(["demo", "--repeats", "1", "--new-tokens", "2", "--out", str(tmp_path)]) == 0
+    assert main(["demo", "--repeats", "2", "--new-tokens", "4", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "cached generation == full recompute under a skip plan: True" in out
     result = json.loads((tmp_path / "showcase.json").read_text())

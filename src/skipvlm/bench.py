@@ -142,8 +142,16 @@ def measure_plans(
     return results
 
 
+def _ratio(num: float, den: float) -> float:
+    """num / den, or NaN where noise left a non-positive denominator (never a ZeroDivisionError)."""
+    return num / den if den > 0 else float("nan")
+
+
 def timing_rows(results: Mapping[str, PlanTiming], baseline: str) -> list[dict[str, Any]]:
-    """JSON-ready rows: medians in ms, and speedups / KV ratio against the ``baseline`` entry."""
+    """JSON-ready rows: medians in ms, and speedups / KV ratio against the ``baseline`` entry.
+
+    A ratio whose denominator measured as zero (timer noise on a tiny model) is NaN.
+    """
     base = results[baseline]
     rows = []
     for name, r in results.items():
@@ -155,9 +163,9 @@ def timing_rows(results: Mapping[str, PlanTiming], baseline: str) -> list[dict[s
                 "decode_ms_per_token": r.decode_s_per_token * 1e3,
                 "decode_tokens_per_s": r.decode_tokens_per_s,
                 "kv_cache_bytes": r.kv_cache_bytes,
-                "prefill_speedup": base.prefill_s / r.prefill_s,
-                "decode_speedup": base.decode_s_per_token / r.decode_s_per_token,
-                "kv_ratio": r.kv_cache_bytes / base.kv_cache_bytes if base.kv_cache_bytes else float("nan"),
+                "prefill_speedup": _ratio(base.prefill_s, r.prefill_s),
+                "decode_speedup": _ratio(base.decode_s_per_token, r.decode_s_per_token),
+                "kv_ratio": _ratio(r.kv_cache_bytes, base.kv_cache_bytes),
             }
         )
     return rows

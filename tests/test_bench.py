@@ -1,0 +1,36 @@
+"""Measurement helpers: interleaving, and ratios that survive noisy timers."""
+
+import torch
+
+import skipvlm
+from skipvlm.bench import PlanTiming, interleaved, measure_plans, timing_rows, timing_table
+
+from conftest import build_model, make_inputs
+
+
+def test_interleaved_alternates_and_counts():
+    order = []
+    times = interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, repeats=3, warmup=1)
+    assert order == ["a", "b"] * 4
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
+
+
+def test_measure_plans_restores_the_plan_and_reports_kv_bytes():
+    model = skipvlm.apply_plan(build_model("llama"), skipvlm.Plan(skip_mlp=[0]))
+    plans = {"none": skipvlm.Plan(), "half": skipvlm.Plan(skip_attention=[1, 3])}
+    res = measure_plans(model, make_inputs("llama"), plans, new_tokens=3, repeats=1, warmup=0)
+    assert skipvlm.current_plan(model) == skipvlm.Plan(skip_mlp=[0])
+    assert res["half"].kv_cache_bytes * 2 == res["none"].kv_cache_bytes > 0
+    assert all(len(r.raw["prefill"]) == 1 and r.prefill_s > 0 for r in res.values())
+    assert torch.isfinite(torch.tensor(res["none"].decode_s_per_token))
+
+
+def test_timing_rows_survive_a_zero_measurement():
+    timings = {
+        "stock": PlanTiming(skipvlm.Plan(), prefill_s=0.2, decode_s_per_token=0.01, kv_cache_bytes=100),
+        "skip": PlanTiming(skipvlm.Plan(skip_attention=[1]), 0.1, 0.0, 50),
+    }
+    rows = timing_rows(timings, baseline="stock")
+    assert rows[1]["prefill_speedup"] == 2.0 and rows[1]["kv_ratio"] == 0.5
+    assert rows[1]["decode_speedup"] != rows[1]["decode_speedup"]  # NaN, not a crash
+    assert "nan" in timing_table(rows)
