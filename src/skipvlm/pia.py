@@ -69,6 +69,14 @@ class BlockDiagonalLinear(nn.Module):
         return torch.block_diag(*self.weight)
 
 
+def _down_projection(hidden_size: int, rank: int) -> nn.Linear:
+    """A C -> d projection initialised as the spec says: xavier-uniform weight, zero bias."""
+    lin = nn.Linear(hidden_size, rank)
+    nn.init.xavier_uniform_(lin.weight)
+    nn.init.zeros_(lin.bias)
+    return lin
+
+
 class _PIA(nn.Module):
     """Router and the two routed up-projections shared by both PIA kinds."""
 
@@ -117,9 +125,7 @@ class AdaptPIA(_PIA):
 
     def __init__(self, hidden_size: int, rank: int, **kwargs):
         super().__init__(hidden_size, rank, **kwargs)
-        self.down = nn.Linear(hidden_size, rank)  # W_A, b_A
-        nn.init.xavier_uniform_(self.down.weight)
-        nn.init.zeros_(self.down.bias)
+        self.down = _down_projection(hidden_size, rank)  # W_A, b_A
 
     def forward(self, x: torch.Tensor, pooled: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, T, C), pooled (B, C) -> y (B, T, C). Pass ``w`` to use frozen router weights."""
@@ -140,11 +146,8 @@ class ReplacePIA(_PIA):
 
     def __init__(self, hidden_size: int, rank: int, **kwargs):
         super().__init__(hidden_size, rank, **kwargs)
-        self.pool = nn.Linear(hidden_size, rank)  # W_A, b_A
-        self.token = nn.Linear(hidden_size, rank)  # W_C, b_C
-        for lin in (self.pool, self.token):
-            nn.init.xavier_uniform_(lin.weight)
-            nn.init.zeros_(lin.bias)
+        self.pool = _down_projection(hidden_size, rank)  # W_A, b_A
+        self.token = _down_projection(hidden_size, rank)  # W_C, b_C
 
     def pooled_path(self, pooled: torch.Tensor) -> torch.Tensor:
         """``g = W_A p + b_A``: (B, C) -> (B, d)."""
