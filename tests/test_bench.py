@@ -15,6 +15,17 @@ def test_interleaved_alternates_and_counts():
     assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
 
 
+def test_interleaved_setup_runs_untimed_before_each_call():
+    order = []
+    interleaved(
+        {"a": lambda: order.append("a"), "b": lambda: order.append("b")},
+        repeats=2,
+        warmup=0,
+        setup={"a": lambda: order.append("setup-a")},
+    )
+    assert order == ["setup-a", "a", "b"] * 2
+
+
 def test_measure_plans_restores_the_plan_and_reports_kv_bytes():
     model = skipvlm.apply_plan(build_model("llama"), skipvlm.Plan(skip_mlp=[0]))
     plans = {"none": skipvlm.Plan(), "half": skipvlm.Plan(skip_attention=[1, 3])}

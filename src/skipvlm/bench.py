@@ -6,6 +6,7 @@ slows every method alike; ratios against a baseline are what we report (``shared
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -37,6 +38,7 @@ def interleaved(
     warmup: int = 1,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    setup: Mapping[str, Callable[[], Any]] | None = None,
 ) -> dict[str, list[float]]:
     """Time each callable ``repeats`` times, alternating between them; return seconds per call.
 
@@ -46,13 +48,22 @@ def interleaved(
         warmup: untimed rounds first (allocator, kernels and caches settle).
         device: synchronised before and after every call.
         progress: show a progress bar over the rounds.
+        setup: name -> zero-argument callable run before that function, outside the timed region.
     """
+    setup = setup or {}
+
+    def prepare(name: str) -> None:
+        if name in setup:
+            setup[name]()
+
     for _ in range(warmup):
-        for fn in fns.values():
+        for name, fn in fns.items():
+            prepare(name)
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in tqdm(range(repeats), desc="timing", disable=not progress, leave=False):
         for name, fn in fns.items():
+            prepare(name)
             synchronize(device)
             start = time.perf_counter()
             fn()
@@ -104,26 +115,24 @@ def measure_plans(
     original = current_plan(model)
     device = next(model.parameters()).device
 
-    def with_plan(plan: Plan, fn: Callable[[], Any]) -> Callable[[], Any]:
-        def run() -> Any:
-            apply_plan(model, plan)
-            return fn()
-
-        return run
-
     def generate(n: int) -> Callable[[], Any]:
         return lambda: model.generate(
             **inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, return_dict_in_generate=True
         )
 
     fns: dict[str, Callable[[], Any]] = {}
+    setup: dict[str, Callable[[], Any]] = {}
     for name, plan in plans.items():
         # logits for the last position only, as `generate` asks for them
-        fns[f"{name}/prefill"] = with_plan(plan, lambda: model(**inputs, use_cache=True, logits_to_keep=1))
-        fns[f"{name}/gen1"] = with_plan(plan, generate(1))
-        fns[f"{name}/genN"] = with_plan(plan, generate(new_tokens))
+        fns[f"{name}/prefill"] = lambda: model(**inputs, use_cache=True, logits_to_keep=1)
+        fns[f"{name}/gen1"] = generate(1)
+        fns[f"{name}/genN"] = generate(new_tokens)
+        for part in ("prefill", "gen1", "genN"):  # switching plans is not part of what is timed
+            setup[f"{name}/{part}"] = functools.partial(apply_plan, model, plan)
     try:
-        times = interleaved(fns, repeats=repeats, warmup=warmup, device=device, progress=progress)
+        times = interleaved(
+            fns, repeats=repeats, warmup=warmup, device=device, progress=progress, setup=setup
+        )
         results = {}
         for name, plan in plans.items():
             apply_plan(model, plan)
