@@ -28,9 +28,9 @@ def _layer_list(name: str, values: Any) -> tuple[int, ...]:
     out = []
     for v in values:
         # bool is an int subclass; `True` as a layer index is always a mistake.
-        if isinstance(v, bool) or (not isinstance(v, int) and not (hasattr(v, "__index__"))):
+        if isinstance(v, bool) or not hasattr(v, "__index__"):
             raise ValueError(f"Plan.{name} holds {v!r}, which is not an integer layer index")
-        v = int(v.__index__())
+        v = v.__index__()
         if v < 0:
             raise ValueError(
                 f"Plan.{name} holds the negative index {v}; layer indices count from 0 "
