@@ -10,6 +10,8 @@ import pytest
 import torch
 import transformers as tf
 
+import skipvlm
+
 VOCAB = 128
 PAD, BOS, EOS = 0, 1, 2
 IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 100, 101, 102, 103
@@ -184,6 +186,26 @@ def select_rows(arch: str, batch: dict[str, torch.Tensor], b: int) -> dict[str, 
         out["image_grid_thw"] = batch["image_grid_thw"][b : b + 1]
         out["mm_token_type_ids"] = batch["mm_token_type_ids"][b : b + 1, keep]
     return out
+
+
+def logits(model, inputs, **kw) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs, **kw).logits
+
+
+def build_eas(arch: str, skip=(1, 2), seed: int = 0, **cfg) -> skipvlm.EASModel:
+    """An EAS model on a tiny ``arch`` model with ``skip`` attentions skipped (fresh, identity adapters)."""
+    config = skipvlm.EASConfig(skip_attention=list(skip), **cfg)
+    return skipvlm.get_eas_model(build_model(arch, seed=seed), config)
+
+
+def randomize_adapters(model: skipvlm.EASModel, seed: int = 1, std: float = 0.2) -> skipvlm.EASModel:
+    """Non-zero adapters (a fresh one is the identity, which would make comparisons vacuous)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.adapters.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return model
 
 
 @pytest.fixture(params=ALL_ARCHS)

@@ -13,12 +13,7 @@ import skipvlm
 from skipvlm.arch import get_decoder, get_layers
 from skipvlm.runtime import SkipDecoder
 
-from conftest import ALL_ARCHS, VLM_ARCHS, build_model, make_inputs, select_rows
-
-
-def logits(model, inputs, **kw):
-    with torch.no_grad():
-        return model(**inputs, **kw).logits
+from conftest import ALL_ARCHS, VLM_ARCHS, build_model, logits, make_inputs, select_rows
 
 
 def zero_out(model, layer: int, module: str) -> torch.nn.Module:

@@ -4,6 +4,8 @@ The public API. See ``shared/METHODS.md`` for the mathematics of each method and
 """
 
 from skipvlm.arch import SUPPORTED_MODEL_TYPES, ArchFacts, UnsupportedModelError, arch_facts
+from skipvlm.eas import EASConfig, EASModel, get_eas_model
+from skipvlm.merge import export_merged, load_pretrained, merge_and_unload
 from skipvlm.plan import Plan
 from skipvlm.runtime import apply_plan, current_plan, kv_cache_bytes
 
@@ -12,11 +14,17 @@ __version__ = "0.1.0"
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "ArchFacts",
+    "EASConfig",
+    "EASModel",
     "Plan",
     "UnsupportedModelError",
     "__version__",
     "apply_plan",
     "arch_facts",
     "current_plan",
+    "export_merged",
+    "get_eas_model",
     "kv_cache_bytes",
+    "load_pretrained",
+    "merge_and_unload",
 ]

@@ -33,6 +33,7 @@ class _Family:
     decoder_path: str  # dotted path from the top-level model to the text model that owns ``layers``
     rope: str  # "default" (1-D positions) or "mrope" (Qwen2-VL's 3-D multimodal positions)
     text_types: tuple[str, ...] = ()  # allowed text-config model types for a composite model
+    projector_path: str | None = None  # dotted path to the multimodal projector, if any
 
 
 _TEXT_TYPES = ("llama", "mistral", "qwen2")
@@ -43,9 +44,13 @@ _FAMILIES: dict[str, _Family] = {
     "llama": _Family("model", "default"),
     "mistral": _Family("model", "default"),
     "qwen2": _Family("model", "default"),
-    "llava": _Family("model.language_model", "default", _TEXT_TYPES),
-    "qwen2_vl": _Family("model.language_model", "mrope", ("qwen2_vl_text", "qwen2_vl")),
-    "qwen2_5_vl": _Family("model.language_model", "mrope", ("qwen2_5_vl_text", "qwen2_5_vl")),
+    "llava": _Family("model.language_model", "default", _TEXT_TYPES, "model.multi_modal_projector"),
+    "qwen2_vl": _Family(
+        "model.language_model", "mrope", ("qwen2_vl_text", "qwen2_vl"), "model.visual.merger"
+    ),
+    "qwen2_5_vl": _Family(
+        "model.language_model", "mrope", ("qwen2_5_vl_text", "qwen2_5_vl"), "model.visual.merger"
+    ),
 }
 
 SUPPORTED_MODEL_TYPES: dict[str, str] = {
@@ -76,6 +81,7 @@ class ArchFacts:
         layer_types: per layer, ``"full_attention"`` or ``"sliding_attention"``.
         image_token_id: id of the image placeholder token, ``None`` for text-only models.
         video_token_id: id of the video placeholder token where the architecture has one.
+        projector_path: dotted path to the multimodal projector (``None`` for text-only models).
     """
 
     model_type: str
@@ -93,6 +99,7 @@ class ArchFacts:
     layer_types: tuple[str, ...]
     image_token_id: int | None = None
     video_token_id: int | None = None
+    projector_path: str | None = None
 
     # Sub-module names inside one decoder layer; identical across the supported families.
     attention_name: str = "self_attn"
@@ -169,6 +176,7 @@ def arch_facts(model_or_config: nn.Module | PretrainedConfig) -> ArchFacts:
         layer_types=_layer_types(text_config, num_layers),
         image_token_id=None if image_token_id is None else int(image_token_id),
         video_token_id=getattr(config, "video_token_id", None),
+        projector_path=family.projector_path,
     )
 
 

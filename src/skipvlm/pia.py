@@ -27,6 +27,8 @@ __all__ = [
     "AdaptPIA",
     "AffineMap",
     "BlockDiagonalLinear",
+    "FrozenPIA",
+    "PIALayers",
     "ReplacePIA",
     "collapse_adapt",
     "collapse_replace",
@@ -69,6 +71,12 @@ class BlockDiagonalLinear(nn.Module):
         return torch.block_diag(*self.weight)
 
 
+def _route(
+    weight: torch.Tensor, bias: torch.Tensor, pooled: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    return torch.softmax(nn.functional.linear(pooled, weight, bias) / temperature, dim=-1)
+
+
 def _down_projection(hidden_size: int, rank: int) -> nn.Linear:
     """A C -> d projection initialised as the spec says: xavier-uniform weight, zero bias."""
     lin = nn.Linear(hidden_size, rank)
@@ -77,7 +85,7 @@ def _down_projection(hidden_size: int, rank: int) -> nn.Linear:
     return lin
 
 
-class _PIA(nn.Module):
+class PIABase(nn.Module):
     """Router and the two routed up-projections shared by both PIA kinds."""
 
     def __init__(
@@ -98,10 +106,15 @@ class _PIA(nn.Module):
         self.up = nn.ModuleList([BlockDiagonalLinear(rank, hidden_size, groups) for _ in range(2)])
         self.router = nn.Linear(hidden_size, 2)
         self.dropout = nn.Dropout(dropout)
+        # Calibration means of the router weights over training prompts (the `static` merge uses
+        # them). Running means, so a low-precision dtype never accumulates a large sum; the count is
+        # an integer buffer, which dtype casts leave alone.
+        self.register_buffer("calib_w", torch.zeros(2))
+        self.register_buffer("calib_n", torch.zeros((), dtype=torch.long))
 
     def route(self, pooled: torch.Tensor) -> torch.Tensor:
         """Router weights ``w = softmax(W_r p / tau)``: (B, C) -> (B, 2)."""
-        return torch.softmax(self.router(pooled) / self.temperature, dim=-1)
+        return _route(self.router.weight, self.router.bias, pooled, self.temperature)
 
     def _mix(self, w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """``sum_k w_k (U_k h + c_k)`` for h (B, T, d) and w (B, 2) -> (B, T, C)."""
@@ -109,12 +122,29 @@ class _PIA(nn.Module):
 
     def mixed_up(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """For one example's router weights w (2,): ``M = sum_k w_k U_k`` (C, d) and ``c = sum_k w_k c_k``."""
-        m = sum(w[k] * up.dense() for k, up in enumerate(self.up))
-        c = sum(w[k] * up.bias for k, up in enumerate(self.up))
-        return m, c
+        return _mix_up(self.up_weight(), torch.stack([up.bias for up in self.up]), w)
+
+    def up_weight(self) -> torch.Tensor:
+        """The two block-diagonal up-projections' blocks stacked: (2, G, C/G, d/G)."""
+        return torch.stack([up.weight for up in self.up])
+
+    @torch.no_grad()
+    def record(self, w: torch.Tensor, g: torch.Tensor | None = None) -> None:
+        """Fold a batch of router weights w (B, 2) (and pooled paths g (B, d)) into the calibration means."""
+        n, b = int(self.calib_n), w.shape[0]
+        self.calib_w += (w.mean(0).to(self.calib_w.dtype) - self.calib_w) * (b / (n + b))
+        if g is not None:
+            self.calib_g += (g.mean(0).to(self.calib_g.dtype) - self.calib_g) * (b / (n + b))
+        self.calib_n += b
+
+    def reset_calibration(self) -> None:
+        """Forget the calibration means."""
+        for buf in (self.calib_w, getattr(self, "calib_g", None), self.calib_n):
+            if buf is not None:
+                buf.zero_()
 
 
-class AdaptPIA(_PIA):
+class AdaptPIA(PIABase):
     """Adapt-PIA on the attention input of a kept layer: ``y = x + s sum_k w_k (U_k D(W_A x + b_A) + c_k)``.
 
     Args:
@@ -133,7 +163,7 @@ class AdaptPIA(_PIA):
         return x + self.scale * self._mix(w, self.dropout(self.down(x)))
 
 
-class ReplacePIA(_PIA):
+class ReplacePIA(PIABase):
     """Replace-PIA in a layer whose attention is skipped; ``out = h + MLP(gamma_post * y)``.
 
     ``g = W_A p + b_A`` (pooled path), ``y = x + s sum_k w_k (U_k 0.5 D(g + W_C x + b_C) + c_k)``.
@@ -148,6 +178,7 @@ class ReplacePIA(_PIA):
         super().__init__(hidden_size, rank, **kwargs)
         self.pool = _down_projection(hidden_size, rank)  # W_A, b_A
         self.token = _down_projection(hidden_size, rank)  # W_C, b_C
+        self.register_buffer("calib_g", torch.zeros(rank))  # calibration mean of g = W_A p + b_A
 
     def pooled_path(self, pooled: torch.Tensor) -> torch.Tensor:
         """``g = W_A p + b_A``: (B, C) -> (B, d)."""
@@ -165,6 +196,115 @@ class ReplacePIA(_PIA):
         g = self.pooled_path(pooled) if g is None else g
         h = 0.5 * self.dropout(g[:, None, :] + self.token(x))  # (B, T, d)
         return x + self.scale * self._mix(w, h)
+
+
+class PIALayers(nn.Module):
+    """All the adapters of one model, keyed by decoder layer: what the skip runtime calls per layer.
+
+    A layer whose attention is skipped uses its replace-PIA; a layer whose attention runs uses its
+    adapt-PIA (if it has one). Router weights ``w`` and pooled paths ``g`` come from the pooled prompt
+    vector, or from the calibration means when :attr:`use_calibration` is set; with :attr:`collecting`
+    set, every computed ``w`` / ``g`` is folded into those means.
+
+    Args:
+        hidden_size: C.
+        replace_layers: layers that get a replace-PIA (every layer whose attention may be skipped).
+        adapt_layers: layers that get an adapt-PIA.
+        replace_dim / adapt_dim: bottleneck widths d_r and d_a.
+        **kwargs: groups, scale, temperature, dropout for both kinds.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        replace_layers: list[int],
+        adapt_layers: list[int],
+        replace_dim: int,
+        adapt_dim: int,
+        **kwargs,
+    ):
+        super().__init__()
+        self.replace = nn.ModuleDict(
+            {str(i): ReplacePIA(hidden_size, replace_dim, **kwargs) for i in replace_layers}
+        )
+        self.adapt = nn.ModuleDict({str(i): AdaptPIA(hidden_size, adapt_dim, **kwargs) for i in adapt_layers})
+        self.use_calibration = False
+        self.collecting = False
+
+    def adapter(self, layer: int, skipped: bool) -> PIABase | None:
+        """The adapter that layer ``layer`` runs when its attention is (not) skipped, or ``None``."""
+        return (self.replace if skipped else self.adapt)._modules.get(str(layer))
+
+    def router_state(
+        self, layer: int, skipped: bool, x: torch.Tensor, prompt_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(w (B, 2), g (B, d_r) or None) for layer ``layer`` from its normed input x (B, T, C)."""
+        adapter = self.adapter(layer, skipped)
+        batch = x.shape[0]
+        is_replace = isinstance(adapter, ReplacePIA)
+        if self.use_calibration:
+            if int(adapter.calib_n) == 0:
+                raise ValueError(
+                    f"layer {layer}'s adapter has no calibration means yet; run model.calibrate(batches) "
+                    "over training prompts first"
+                )
+            w = adapter.calib_w.to(x.dtype).expand(batch, -1)
+            g = adapter.calib_g.to(x.dtype).expand(batch, -1) if is_replace else None
+            return w, g
+        pooled = pooled_prompt(x, prompt_mask)
+        w = adapter.route(pooled)
+        g = adapter.pooled_path(pooled) if is_replace else None
+        if self.collecting:
+            adapter.record(w, g)
+        return w, g
+
+    def forward(
+        self, layer: int, skipped: bool, x: torch.Tensor, w: torch.Tensor, g: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The adapter output y (B, T, C) of layer ``layer`` with frozen router weights and pooled path."""
+        adapter = self.adapter(layer, skipped)
+        return adapter(x, None, w=w, g=g) if skipped else adapter(x, None, w=w)
+
+
+class FrozenPIA(nn.Module):
+    """A trained PIA's tensors as non-trainable, non-persistent buffers, kept to merge per example.
+
+    It never runs on tokens: :meth:`route`, :meth:`pooled_path` and :meth:`collapse` give what a
+    per-example merge needs from one pooled prompt vector.
+    """
+
+    def __init__(self, adapter: AdaptPIA | ReplacePIA):
+        super().__init__()
+        self.is_replace = isinstance(adapter, ReplacePIA)
+        self.scale, self.temperature = adapter.scale, adapter.temperature
+        down = adapter.token if self.is_replace else adapter.down
+        tensors = {
+            "router_weight": adapter.router.weight,
+            "router_bias": adapter.router.bias,
+            "up_weight": adapter.up_weight(),
+            "up_bias": torch.stack([up.bias for up in adapter.up]),
+            "down_weight": down.weight,
+            "down_bias": down.bias,
+        }
+        if self.is_replace:
+            tensors |= {"pool_weight": adapter.pool.weight, "pool_bias": adapter.pool.bias}
+        for name, t in tensors.items():
+            self.register_buffer(name, t.detach().clone(), persistent=False)
+
+    def route(self, pooled: torch.Tensor) -> torch.Tensor:
+        """``w = softmax(W_r p / tau)``: (B, C) -> (B, 2)."""
+        return _route(self.router_weight, self.router_bias, pooled, self.temperature)
+
+    def pooled_path(self, pooled: torch.Tensor) -> torch.Tensor:
+        """``g = W_A p + b_A``: (B, C) -> (B, d) (replace-PIA only)."""
+        return nn.functional.linear(pooled, self.pool_weight, self.pool_bias)
+
+    def collapse(self, w: torch.Tensor, g: torch.Tensor | None = None) -> AffineMap:
+        """The affine map of this adapter for one example's w (2,) and, for replace-PIA, g (d,)."""
+        shift = g + self.down_bias if self.is_replace else self.down_bias
+        return _affine(
+            self.up_weight, self.up_bias, w, self.down_weight, shift, self.scale, half=self.is_replace
+        )
 
 
 # --- prompt pooling ------------------------------------------------------------------------------------
@@ -222,18 +362,44 @@ class AffineMap:
         return x + (x @ self.V.T) @ self.U.T + self.r
 
 
+def _mix_up(
+    up_weight: torch.Tensor, up_bias: torch.Tensor, w: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``M = sum_k w_k blockdiag(U_k)`` (C, d) and ``c = sum_k w_k c_k`` (C,) from stacked blocks.
+
+    up_weight (K, G, C/G, d/G), up_bias (K, C), w (K,).
+    """
+    blocks = torch.einsum("k,kgoi->goi", w.to(up_weight.dtype), up_weight)  # (G, C/G, d/G)
+    return torch.block_diag(*blocks), w.to(up_bias.dtype) @ up_bias
+
+
+def _affine(
+    up_weight: torch.Tensor,
+    up_bias: torch.Tensor,
+    w: torch.Tensor,
+    down_weight: torch.Tensor,
+    shift: torch.Tensor,
+    scale: float,
+    half: bool,
+) -> AffineMap:
+    """``y = x + s sum_k w_k (U_k f (V x + shift) + c_k)`` as an :class:`AffineMap`, f = 0.5 or 1."""
+    m, c = _mix_up(up_weight, up_bias, w)
+    f = 0.5 if half else 1.0
+    return AffineMap(U=scale * f * m, V=down_weight, r=scale * f * (m @ shift) + scale * c)
+
+
 def collapse_adapt(adapter: AdaptPIA, w: torch.Tensor) -> AffineMap:
     """Adapt-PIA with router weights w (2,) frozen: ``R = I + s M W_A``, ``r = s (M b_A + c)``."""
-    m, c = adapter.mixed_up(w)
-    s = adapter.scale
-    return AffineMap(U=s * m, V=adapter.down.weight, r=s * (m @ adapter.down.bias + c))
+    up_bias = torch.stack([up.bias for up in adapter.up])
+    down = adapter.down
+    return _affine(adapter.up_weight(), up_bias, w, down.weight, down.bias, adapter.scale, half=False)
 
 
 def collapse_replace(adapter: ReplacePIA, w: torch.Tensor, g: torch.Tensor) -> AffineMap:
     """Replace-PIA with w (2,) and g (d,) frozen: ``R = I + (s/2) M W_C``, ``r = (s/2) M (g + b_C) + s c``."""
-    m, c = adapter.mixed_up(w)
-    s = adapter.scale
-    return AffineMap(U=0.5 * s * m, V=adapter.token.weight, r=0.5 * s * m @ (g + adapter.token.bias) + s * c)
+    up_bias = torch.stack([up.bias for up in adapter.up])
+    token = adapter.token
+    return _affine(adapter.up_weight(), up_bias, w, token.weight, g + token.bias, adapter.scale, half=True)
 
 
 def fold_into_linear(

@@ -17,8 +17,11 @@ build them (1-D RoPE for Llama / Mistral / Qwen2, 3-D M-RoPE for Qwen2-VL / Qwen
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,11 +32,39 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from skipvlm.arch import ArchFacts, arch_facts, decoder_slot
+from skipvlm.pia import PIALayers, pooled_prompt
 from skipvlm.plan import Plan
 
-__all__ = ["SkipDecoder", "apply_plan", "current_plan", "kv_cache_bytes"]
+__all__ = ["RemovedAttention", "SkipDecoder", "apply_plan", "current_plan", "kv_cache_bytes"]
 
 logger = logging.getLogger(__name__)
+
+# Child names of a SkipDecoder that are skipvlm's own, not the stock text model's.
+ADAPTERS = "pia_adapters"  # a PIALayers: adapters that run as branches (trainable)
+MERGER = "pia_merger"  # a per-example merger: rewrites layer weights at each prefill, runs no branch
+_CACHE_STATE = "skipvlm_router_state"  # attribute of a DynamicCache: the router state frozen at prefill
+
+
+class RemovedAttention(nn.Module):
+    """Stands where a merged model's skipped attention was: it holds no weights and must never run."""
+
+    def __init__(self, layer: int):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(
+            f"the attention of layer {self.layer} was removed when its adapter was merged; "
+            "this model must run with that layer's attention skipped"
+        )
+
+
+@dataclass
+class _Prompt:
+    """Per-forward pooling context of the adapters: the prompt mask at prefill, the frozen router state."""
+
+    mask: torch.Tensor | None  # (B, T) bool at prefill, None while decoding
+    state: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
 
 
 class SkipDecoder(nn.Module):
@@ -88,9 +119,33 @@ class SkipDecoder(nn.Module):
     @plan.setter
     def plan(self, plan: Plan) -> None:
         plan.validate_for(self.facts.num_layers)
+        removed = [i for i in self.removed_attention() if i not in plan.skip_attention]
+        if removed:
+            raise ValueError(
+                f"layer(s) {removed} had their attention removed by a merge, so the plan must keep "
+                "skipping them; reload the base model to run those attentions again"
+            )
         object.__setattr__(self, "_plan", plan)
         object.__setattr__(self, "_skip_attn", frozenset(plan.skip_attention))
         object.__setattr__(self, "_skip_mlp", frozenset(plan.skip_mlp))
+
+    def removed_attention(self) -> list[int]:
+        """Layers whose attention weights were freed by a merge (see :class:`RemovedAttention`)."""
+        return [i for i, layer in enumerate(self.layers) if isinstance(layer.self_attn, RemovedAttention)]
+
+    @contextlib.contextmanager
+    def pooling_mask(self, mask: torch.Tensor | None) -> Iterator[None]:
+        """Within the block, adapters pool over ``mask`` (B, T) instead of the attention mask at prefill.
+
+        Training passes the prompt mask derived from the labels here, so answers never leak into the
+        pooled vector.
+        """
+        previous = self.__dict__.get("_pooling_mask")
+        object.__setattr__(self, "_pooling_mask", mask)
+        try:
+            yield
+        finally:
+            object.__setattr__(self, "_pooling_mask", previous)
 
     def get_decoder(self) -> nn.Module:
         return self
@@ -101,8 +156,14 @@ class SkipDecoder(nn.Module):
 
     def unwrap(self) -> nn.Module:
         """Return the stock module, with its children and train/eval mode as this wrapper has them."""
+        if self.removed_attention():
+            raise ValueError(
+                f"layer(s) {self.removed_attention()} had their attention removed by a merge, so this "
+                "model cannot run as the stock model; keep its plan, or reload the base model"
+            )
         for name, child in self.named_children():
-            setattr(self.base, name, child)
+            if name not in (ADAPTERS, MERGER):
+                setattr(self.base, name, child)
         self.base.train(self.training)
         return self.base
 
@@ -185,6 +246,43 @@ class SkipDecoder(nn.Module):
             masks[kind] = build(**kwargs)
         return masks
 
+    def _prompt(
+        self, attention_mask: torch.Tensor | dict | None, embeds: torch.Tensor, cache: Cache | None
+    ) -> _Prompt:
+        """Which tokens the adapters pool over in this forward, and where their router state lives.
+
+        At prefill (no cache, or an empty one) the adapters pool over the prompt: the mask given to
+        :meth:`pooling_mask`, else the non-padding tokens of the 2-D attention mask. The router state
+        computed then is kept on the cache and reused, frozen, for every decoded token.
+        """
+        state = cache.__dict__.setdefault(_CACHE_STATE, {}) if cache is not None else {}
+        if cache is not None and cache.get_seq_length() > 0:
+            if not state and ADAPTERS in self._modules:
+                raise ValueError(
+                    "this KV cache was filled without skipvlm adapters, so there is no prompt state to "
+                    "decode with; start generation from the prompt with this model"
+                )
+            return _Prompt(mask=None, state=state)
+        state.clear()
+        batch, length = embeds.shape[:2]
+        mask = self.__dict__.get("_pooling_mask")
+        if mask is None:
+            if attention_mask is None:
+                mask = torch.ones(batch, length, dtype=torch.bool, device=embeds.device)
+            elif isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
+                mask = attention_mask.bool()
+            else:
+                raise ValueError(
+                    "PIA adapters pool over the prompt's non-padding tokens and need the 2-D (batch, "
+                    "length) attention_mask to find them; pass that instead of a prepared mask"
+                )
+        if tuple(mask.shape) != (batch, length):
+            raise ValueError(
+                f"the pooling mask has shape {tuple(mask.shape)} but the input is (batch={batch}, "
+                f"length={length}); it must mark the prompt tokens of every row"
+            )
+        return _Prompt(mask=mask.to(embeds.device, torch.bool), state=state)
+
     # --- the layer loop --------------------------------------------------------------------------
 
     def _checkpointing_enabled(self) -> bool:
@@ -202,13 +300,36 @@ class SkipDecoder(nn.Module):
         cache: Cache | None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         kwargs: dict[str, Any],
+        prompt: _Prompt | None,
         hidden: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One decoder layer under the plan: ``a = h + Attn(N_in(h))``, ``out = a + MLP(N_post(a))``."""
+        """One decoder layer under the plan: ``a = h + Attn(N_in(h))``, ``out = a + MLP(N_post(a))``.
+
+        With adapters, a skipped attention whose layer has a replace-PIA gives
+        ``out = h + MLP(gamma_post * PIA(N_in(h)))`` (no second rms), and a kept attention reads
+        ``PIA(N_in(h))`` from its adapt-PIA (``shared/METHODS.md`` §2).
+        """
+        skipped = i in self._skip_attn
         weights = None
-        if i not in self._skip_attn:
+        x = None
+        if prompt is not None:
+            adapters: PIALayers | None = self._modules.get(ADAPTERS)
+            merger = self._modules.get(MERGER)
+            if merger is not None and merger.covers(i):
+                if prompt.mask is not None:  # prefill: fold this example's adapter into the weights
+                    merger.merge_layer(i, layer, pooled_prompt(layer.input_layernorm(hidden), prompt.mask))
+            elif adapters is not None and adapters.adapter(i, skipped) is not None:
+                x = layer.input_layernorm(hidden)
+                if prompt.mask is not None:  # prefill (or a checkpoint's recompute of it): pool now
+                    prompt.state[i] = adapters.router_state(i, skipped, x, prompt.mask)
+                x = adapters(i, skipped, x, *prompt.state[i])
+                if skipped:
+                    if i not in self._skip_mlp:
+                        hidden = hidden + layer.mlp(layer.post_attention_layernorm.weight * x)
+                    return hidden, None
+        if not skipped:
             attn_out, weights = layer.self_attn(
-                hidden_states=layer.input_layernorm(hidden),
+                hidden_states=layer.input_layernorm(hidden) if x is None else x,
                 attention_mask=mask,
                 position_ids=text_ids,
                 past_key_values=cache,
@@ -252,6 +373,9 @@ class SkipDecoder(nn.Module):
         cache = self._prepare_cache(past_key_values, use_cache)
 
         rope_ids, text_ids = self._positions(position_ids, inputs_embeds, cache)
+        prompt = None
+        if ADAPTERS in self._modules or MERGER in self._modules:
+            prompt = self._prompt(attention_mask, inputs_embeds, cache)
         masks = self._masks(attention_mask, inputs_embeds, cache, text_ids)
         hidden = inputs_embeds
         position_embeddings = self.rotary_emb(hidden, rope_ids)
@@ -264,7 +388,15 @@ class SkipDecoder(nn.Module):
             if all_hidden is not None:
                 all_hidden.append(hidden)
             run = functools.partial(
-                self._layer, i, layer, masks[layer_types[i]], text_ids, cache, position_embeddings, kwargs
+                self._layer,
+                i,
+                layer,
+                masks[layer_types[i]],
+                text_ids,
+                cache,
+                position_embeddings,
+                kwargs,
+                prompt,
             )
             if checkpointing:
                 hidden, weights = torch.utils.checkpoint.checkpoint(run, hidden, use_reentrant=False)
@@ -310,7 +442,8 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     plan.validate_for(facts.num_layers)
     parent, name, decoder = decoder_slot(model, facts)
     if isinstance(decoder, SkipDecoder):
-        if plan.is_empty:
+        owns_modules = ADAPTERS in decoder._modules or MERGER in decoder._modules
+        if plan.is_empty and not owns_modules:
             setattr(parent, name, decoder.unwrap())
         else:
             decoder.plan = plan

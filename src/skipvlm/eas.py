@@ -1,0 +1,448 @@
+"""The EAS model: a base model with attentions skipped and PIA adapters injected (``shared/METHODS.md`` §2).
+
+:func:`get_eas_model` freezes a supported transformers model, puts skipvlm's layer loop in place of its
+text model (:class:`~skipvlm.runtime.SkipDecoder`) and attaches a :class:`~skipvlm.pia.PIALayers`: a
+replace-PIA in every layer whose attention is skipped and, with ``adapt_layers="kept"``, an adapt-PIA
+in every layer whose attention runs. Only the adapters (parameters named ``...pia_adapters...``) and,
+if asked, the multimodal projector train. The wrapped model keeps the Hugging Face interface
+(``forward`` with ``labels`` -> loss, ``generate``); in training the adapters pool over the prompt
+tokens found from the labels, so answers never leak into the pooled vector.
+
+Adapters are saved as ``eas_config.json`` + ``adapter_model.safetensors`` (adapters only) and merged
+into the weights by :mod:`skipvlm.merge`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from skipvlm.arch import ArchFacts, arch_facts, decoder_slot
+from skipvlm.io import atomic_path, atomic_write_text
+from skipvlm.pia import PIALayers, prompt_mask_from_labels
+from skipvlm.plan import Plan
+from skipvlm.runtime import ADAPTERS, SkipDecoder
+
+__all__ = ["ADAPTER_FILE", "CONFIG_FILE", "EASConfig", "EASModel", "get_eas_model"]
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "eas_config.json"
+ADAPTER_FILE = "adapter_model.safetensors"
+_FORMAT_VERSION = 1
+_PROJECTOR_PREFIX = "projector."
+_ADAPTER_PREFIX = f"{ADAPTERS}."
+
+
+@dataclass
+class EASConfig:
+    """How to build an EAS model. Serialised as JSON beside the adapter weights.
+
+    Args:
+        skip_attention: layers whose self-attention is skipped and replaced by a replace-PIA.
+        replace_dim: bottleneck width d_r of the replace-PIA (the spec's default is 4 * adapt_dim).
+        adapt_dim: bottleneck width d_a of the adapt-PIA on kept attentions.
+        adapt_layers: ``"kept"`` puts an adapt-PIA on every layer whose attention runs; ``"none"`` none.
+        supernet: build both adapter kinds in every layer, so :meth:`EASModel.set_skip_attention` can
+            move the skips anywhere (what the redundancy search trains).
+        groups: block-diagonal groups G of the up-projections.
+        scale: adapter scale s.
+        temperature: router temperature tau.
+        dropout: dropout on the adapters' bottleneck.
+        train_projector: also train the multimodal projector (saved with the adapters).
+        init_seed: seed of the adapters' random initialisation.
+
+    Raises:
+        ValueError: a field is out of range; the message names it and the fix.
+    """
+
+    skip_attention: list[int] = field(
+        default_factory=list, metadata={"help": "layers whose attention is skipped (0-based)"}
+    )
+    replace_dim: int = field(default=32, metadata={"help": "replace-PIA bottleneck width d_r"})
+    adapt_dim: int = field(default=8, metadata={"help": "adapt-PIA bottleneck width d_a"})
+    adapt_layers: str = field(
+        default="kept", metadata={"help": "'kept': adapt-PIA on kept attentions; 'none'"}
+    )
+    supernet: bool = field(default=False, metadata={"help": "adapters in every layer, so skips can move"})
+    groups: int = field(default=2, metadata={"help": "block-diagonal groups G of the up-projections"})
+    scale: float = field(default=1.0, metadata={"help": "adapter output scale s"})
+    temperature: float = field(default=10.0, metadata={"help": "router softmax temperature tau"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout rate on the adapter bottleneck"})
+    train_projector: bool = field(default=False, metadata={"help": "also train the multimodal projector"})
+    init_seed: int = field(default=0, metadata={"help": "seed of the adapters' initialisation"})
+
+    def __post_init__(self) -> None:
+        self.skip_attention = list(Plan(skip_attention=self.skip_attention).skip_attention)
+        if self.adapt_layers not in ("kept", "none"):
+            raise ValueError(f"EASConfig.adapt_layers must be 'kept' or 'none', got {self.adapt_layers!r}")
+        for name in ("replace_dim", "adapt_dim", "groups"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"EASConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("replace_dim", "adapt_dim"):
+            if getattr(self, name) % self.groups:
+                raise ValueError(
+                    f"EASConfig.{name}={getattr(self, name)} must be a multiple of groups={self.groups}"
+                )
+        if not self.temperature > 0:
+            raise ValueError(f"EASConfig.temperature must be > 0, got {self.temperature}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"EASConfig.dropout must be in [0, 1), got {self.dropout}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EASConfig:
+        """Build from :meth:`to_dict` output; unknown fields are an error (a newer or foreign file)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown EASConfig field(s) {unknown}; known fields are {sorted(known)}")
+        return cls(**data)
+
+
+def _base_signature(facts: ArchFacts) -> dict[str, Any]:
+    """What adapters depend on in the base model; saved with them and checked on load."""
+    return {
+        "model_type": facts.model_type,
+        "text_model_type": facts.text_model_type,
+        "num_layers": facts.num_layers,
+        "hidden_size": facts.hidden_size,
+        "intermediate_size": facts.intermediate_size,
+    }
+
+
+class EASModel(nn.Module):
+    """A base model with skipped attentions and PIA adapters; build it with :func:`get_eas_model`.
+
+    Attribute look-ups it does not answer itself (``config``, ``device``, ``dtype``, ...) go to the
+    base model.
+
+    Args:
+        base_model: a supported transformers model; modified in place (frozen, adapters injected).
+        config: the :class:`EASConfig`.
+    """
+
+    def __init__(self, base_model: nn.Module, config: EASConfig):
+        super().__init__()
+        facts = arch_facts(base_model)
+        Plan(skip_attention=config.skip_attention).validate_for(facts.num_layers)
+        self.base_model = base_model
+        self.eas_config = config
+        object.__setattr__(self, "facts", facts)
+
+        for p in base_model.parameters():
+            p.requires_grad_(False)
+        parent, name, decoder = decoder_slot(base_model, facts)
+        if ADAPTERS in getattr(decoder, "_modules", {}):
+            raise ValueError("this model already has EAS adapters; pass the plain base model")
+        plan = Plan(skip_attention=config.skip_attention)
+        if isinstance(decoder, SkipDecoder):
+            decoder.plan = Plan(skip_attention=plan.skip_attention, skip_mlp=decoder.plan.skip_mlp)
+        else:
+            decoder = SkipDecoder(decoder, facts, plan)
+            setattr(parent, name, decoder)
+        overlap = sorted(set(config.skip_attention) & set(decoder.plan.skip_mlp))
+        if overlap:
+            raise ValueError(f"layer(s) {overlap} skip both attention and MLP; a replace-PIA needs the MLP")
+
+        everything = range(facts.num_layers)
+        replace = list(everything) if config.supernet else config.skip_attention
+        adapt: list[int] = []
+        if config.adapt_layers == "kept":
+            adapt = [i for i in everything if config.supernet or i not in config.skip_attention]
+        reference = next(base_model.parameters())
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.init_seed)
+            adapters = PIALayers(
+                facts.hidden_size,
+                replace,
+                adapt,
+                config.replace_dim,
+                config.adapt_dim,
+                groups=config.groups,
+                scale=config.scale,
+                temperature=config.temperature,
+                dropout=config.dropout,
+            )
+        decoder.add_module(ADAPTERS, adapters.to(device=reference.device, dtype=reference.dtype))
+        if config.train_projector:
+            for p in self.projector().parameters():
+                p.requires_grad_(True)
+        self.train(base_model.training)
+
+    # --- plumbing ---------------------------------------------------------------------------------
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["base_model"], name)
+
+    @property
+    def decoder(self) -> SkipDecoder:
+        """The runtime wrapper that runs the text model's layers."""
+        return decoder_slot(self.base_model, self.facts)[2]
+
+    @property
+    def adapters(self) -> PIALayers:
+        """The adapters, keyed by layer (``adapters.replace`` / ``adapters.adapt``)."""
+        adapters = self.decoder._modules.get(ADAPTERS)
+        if adapters is None:
+            raise ValueError("the adapters of this model were merged (merge_and_unload); nothing to train")
+        return adapters
+
+    @property
+    def skip_attention(self) -> list[int]:
+        """The layers whose attention is skipped now."""
+        return list(self.decoder.plan.skip_attention)
+
+    def projector(self) -> nn.Module:
+        """The multimodal projector of the base model.
+
+        Raises:
+            ValueError: the model is text-only.
+        """
+        if self.facts.projector_path is None:
+            raise ValueError(f"a {self.facts.model_type} model has no multimodal projector to train")
+        return self.base_model.get_submodule(self.facts.projector_path)
+
+    # --- Hugging Face interface ---------------------------------------------------------------------
+
+    def forward(self, *args: Any, labels: torch.Tensor | None = None, prompt_mask=None, **kwargs: Any) -> Any:
+        """The base model's forward. The adapters pool over ``prompt_mask`` (B, T) if given; else, with
+        ``labels``, over the tokens before each row's first supervised label (padding excluded); else
+        over all non-padding tokens."""
+        if prompt_mask is None and labels is not None:
+            prompt_mask = prompt_mask_from_labels(labels, kwargs.get("attention_mask"))
+        with self.decoder.pooling_mask(prompt_mask):
+            return self.base_model(*args, labels=labels, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """The base model's ``generate``; the adapters pool over the prompt at prefill, then stay frozen."""
+        return self.base_model.generate(*args, **kwargs)
+
+    # --- adapters -------------------------------------------------------------------------------------
+
+    def trainable_parameters(self) -> tuple[int, int]:
+        """(trainable parameter count, total parameter count)."""
+        total = trainable = 0
+        for p in self.parameters():
+            total += p.numel()
+            trainable += p.numel() if p.requires_grad else 0
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        """Print the trainable and total parameter counts, like PEFT models do."""
+        trainable, total = self.trainable_parameters()
+        print(
+            f"trainable params: {trainable:,} || all params: {total:,} || "
+            f"trainable%: {100 * trainable / max(total, 1):.4f}"
+        )
+
+    def set_skip_attention(self, layers: Iterable[int]) -> None:
+        """Move the skipped attentions to ``layers`` (the supernet's move during the search).
+
+        Raises:
+            ValueError: an index is out of range, or a layer lacks the adapter it would need (build
+                with ``EASConfig(supernet=True)`` to be able to skip any layer).
+        """
+        decoder = self.decoder
+        plan = Plan(skip_attention=list(layers), skip_mlp=decoder.plan.skip_mlp)
+        plan.validate_for(self.facts.num_layers)
+        adapters = self.adapters
+        missing = [i for i in plan.skip_attention if adapters.adapter(i, True) is None]
+        if self.eas_config.adapt_layers == "kept":
+            missing += [
+                i
+                for i in range(self.facts.num_layers)
+                if i not in plan.skip_attention and adapters.adapter(i, False) is None
+            ]
+        if missing:
+            raise ValueError(
+                f"layer(s) {sorted(missing)} have no adapter for that role; build the model with "
+                "EASConfig(supernet=True) to move skips anywhere"
+            )
+        decoder.plan = plan
+        self.eas_config.skip_attention = list(plan.skip_attention)
+
+    @torch.no_grad()
+    def calibrate(self, batches: Iterable[dict[str, Any]], progress: bool = True) -> int:
+        """Gather the router-weight and pooled-path means that ``merge_and_unload("static")`` uses.
+
+        Args:
+            batches: model-ready batches of training prompts (``labels`` mark the answers, which are
+                not pooled).
+            progress: show a progress bar.
+
+        Returns:
+            The number of examples seen.
+        """
+        adapters = self.adapters
+        for module in adapters.modules():
+            if hasattr(module, "reset_calibration"):
+                module.reset_calibration()
+        was_training = self.training
+        adapters.collecting = True
+        self.eval()
+        seen = 0
+        try:
+            for batch in tqdm(batches, desc="calibrating", disable=not progress, leave=False):
+                self(**batch, use_cache=False)
+                seen += int(batch["input_ids"].shape[0])
+        finally:
+            adapters.collecting = False
+            self.train(was_training)
+        if seen == 0:
+            raise ValueError("calibrate() got no batches; pass an iterable of training batches")
+        logger.info("calibrated the adapters' router means over %d examples", seen)
+        return seen
+
+    # --- persistence ------------------------------------------------------------------------------------
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors :meth:`save_pretrained` writes: the adapters (and the projector if trained)."""
+        state = {f"{_ADAPTER_PREFIX}{k}": v for k, v in self.adapters.state_dict().items()}
+        if self.eas_config.train_projector:
+            state |= {f"{_PROJECTOR_PREFIX}{k}": v for k, v in self.projector().state_dict().items()}
+        return state
+
+    def save_pretrained(self, path: str | os.PathLike) -> Path:
+        """Write ``eas_config.json`` and ``adapter_model.safetensors`` (adapters only) to ``path``.
+
+        Each file is written atomically. Returns the folder.
+        """
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.adapter_state_dict().items()}
+        with atomic_path(path / ADAPTER_FILE) as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt", "producer": "skipvlm"})
+        meta = {
+            "format_version": _FORMAT_VERSION,
+            "eas_config": self.eas_config.to_dict(),
+            "base_model": _base_signature(self.facts),
+        }
+        atomic_write_text(path / CONFIG_FILE, json.dumps(meta, indent=2) + "\n")
+        return path
+
+    @classmethod
+    def from_pretrained(cls, base_model: nn.Module, path: str | os.PathLike) -> EASModel:
+        """Rebuild an EAS model on ``base_model`` from a folder written by :meth:`save_pretrained`.
+
+        Raises:
+            FileNotFoundError: the folder or one of its files is missing.
+            ValueError: the adapters were saved for another architecture, hidden size or layer count,
+                or the file's tensors do not match the config.
+        """
+        path = Path(path)
+        meta = _read_meta(path)
+        facts = arch_facts(base_model)
+        saved, here = meta.get("base_model", {}), _base_signature(facts)
+        wrong = [
+            f"{k}: saved for {saved.get(k)!r}, this model has {v!r}"
+            for k, v in here.items()
+            if saved.get(k) != v
+        ]
+        if wrong:
+            raise ValueError(
+                f"the adapters in {path} were saved for a different base model ({'; '.join(wrong)}); "
+                "load them onto the model they were trained on"
+            )
+        model = cls(base_model, EASConfig.from_dict(meta["eas_config"]))
+        weights = path / ADAPTER_FILE
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights} is missing; the folder holds no adapter weights")
+        state = load_file(str(weights))
+        model.load_adapter_state_dict(state, source=weights)
+        return model
+
+    def load_adapter_state_dict(self, state: dict[str, torch.Tensor], source: Any = "state dict") -> None:
+        """Load tensors written by :meth:`adapter_state_dict` (names and shapes must match exactly)."""
+        expected = self.adapter_state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ValueError(
+                f"{source} does not match this EAS model: missing {missing[:5]}, unexpected "
+                f"{unexpected[:5]} (of {len(missing)} / {len(unexpected)}); was it saved with another "
+                "EASConfig?"
+            )
+        bad = [k for k, v in state.items() if v.shape != expected[k].shape]
+        if bad:
+            raise ValueError(
+                f"{source}: tensor {bad[0]} has shape {tuple(state[bad[0]].shape)}, this model needs "
+                f"{tuple(expected[bad[0]].shape)}"
+            )
+        with torch.no_grad():
+            for k, v in state.items():
+                expected[k].copy_(v)
+
+    # --- merging ---------------------------------------------------------------------------------------
+
+    def merge_and_unload(self, mode: str = "static") -> nn.Module:
+        """Fold the adapters into the base weights and return the base model (see :mod:`skipvlm.merge`).
+
+        Args:
+            mode: ``"static"`` (calibration means; any batch size; exportable) or ``"per_example"``
+                (each prompt's own router weights and pooled vector, merged at prefill; batch size 1).
+        """
+        from skipvlm.merge import merge_and_unload
+
+        return merge_and_unload(self, mode)
+
+    def export_merged(self, path: str | os.PathLike) -> Path:
+        """Write the ``static`` merge as a checkpoint stock transformers loads (see :mod:`skipvlm.merge`)."""
+        from skipvlm.merge import export_merged
+
+        return export_merged(self, path)
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    config = path / CONFIG_FILE
+    if not config.is_file():
+        hint = "the folder does not exist" if not path.exists() else f"no {CONFIG_FILE} in it"
+        raise FileNotFoundError(
+            f"cannot load EAS adapters from {path}: {hint}; pass a folder written by EASModel.save_pretrained"
+        )
+    try:
+        meta = json.loads(config.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config} is not valid JSON ({err}); the file is damaged") from err
+    version = meta.get("format_version")
+    if version != _FORMAT_VERSION:
+        raise ValueError(f"{config} has format_version {version!r}; this skipvlm reads {_FORMAT_VERSION}")
+    return meta
+
+
+def get_eas_model(base_model: nn.Module, config: EASConfig) -> EASModel:
+    """Freeze ``base_model``, skip ``config.skip_attention`` and inject PIA adapters.
+
+    A fresh model computes exactly what the plain skip plan computes (the adapters start as the
+    identity), and with no skips exactly what the base model computes.
+
+    Args:
+        base_model: a supported transformers model (modified in place).
+        config: the :class:`EASConfig`.
+
+    Returns:
+        The :class:`EASModel`.
+
+    Raises:
+        ValueError: the config names layers the model does not have.
+        UnsupportedModelError: the architecture is not supported.
+    """
+    if not isinstance(config, EASConfig):
+        raise TypeError(f"get_eas_model needs an skipvlm.EASConfig, got {type(config).__name__}")
+    return EASModel(base_model, config)

@@ -1,0 +1,396 @@
+"""Exact re-parameterisation of PIA adapters into the base weights, and export (``shared/METHODS.md`` §2).
+
+With its router weights ``w`` and pooled path ``g`` frozen, a PIA is the affine map ``y = R x + r``.
+
+* A replace-PIA folds into the skipped layer's MLP input projections, ``W' = W diag(gamma_post) R
+  diag(gamma_in)`` and ``b' = W (gamma_post * r)``; the layer then runs as a plain skip whose
+  ``post_attention_layernorm`` weight is 1, i.e. ``out = h + MLP'(rms(h))``.
+* An adapt-PIA folds into W_q, W_k, W_v: ``W' = W R``, ``b' = W r (+ b)``.
+
+Merge modes:
+
+* ``static``: ``w`` / ``g`` are the calibration means gathered over training prompts
+  (:meth:`~skipvlm.eas.EASModel.calibrate`); one dense model, any batch size, exportable.
+* ``per_example``: each prompt's own ``w`` / ``g``, merged into the weights at prefill (batch size 1),
+  as in the EAS paper. It keeps the adapters' tensors and the original input projections of adapted
+  layers to re-merge for the next prompt.
+
+After either merge no adapter runs as a branch and skipped attentions hold no weights. Every merge is a
+low-rank update (:func:`~skipvlm.pia.fold_into_linear`), never a dense C x C product.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+
+from skipvlm.arch import ArchFacts, arch_facts, decoder_slot, get_layers
+from skipvlm.eas import EASModel
+from skipvlm.pia import (
+    AffineMap,
+    FrozenPIA,
+    PIABase,
+    PIALayers,
+    ReplacePIA,
+    collapse_adapt,
+    collapse_replace,
+    fold_into_linear,
+)
+from skipvlm.plan import Plan
+from skipvlm.runtime import ADAPTERS, MERGER, RemovedAttention, apply_plan
+
+__all__ = ["PerExampleMerger", "export_merged", "load_pretrained", "merge_and_unload", "remove_attention"]
+
+logger = logging.getLogger(__name__)
+
+MODES = ("static", "per_example")
+PLAN_KEY = "skipvlm_plan"  # attribute of an exported checkpoint's config: the skip plan to re-apply
+
+# Sub-modules of a decoder layer that each adapter kind folds into.
+_REPLACE_TARGETS = ("mlp.gate_proj", "mlp.up_proj")
+_ADAPT_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+
+# Classes `load_pretrained` may instantiate, by config model_type (never code from the checkpoint).
+_MODEL_CLASSES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "llava": "LlavaForConditionalGeneration",
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+}
+
+
+def _active_adapters(adapters: PIALayers, plan: Plan, num_layers: int) -> dict[int, PIABase]:
+    """The adapter each layer runs under ``plan`` (a supernet's idle adapters are left out)."""
+    active = {}
+    for i in range(num_layers):
+        adapter = adapters.adapter(i, i in plan.skip_attention)
+        if adapter is not None:
+            active[i] = adapter
+    return active
+
+
+def _calibrated_affine(layer: int, adapter: PIABase) -> AffineMap:
+    if int(adapter.calib_n) == 0:
+        raise ValueError(
+            f"layer {layer}'s adapter has no calibration means, which the static merge needs; run "
+            "model.calibrate(batches) over training prompts first"
+        )
+    if isinstance(adapter, ReplacePIA):
+        return collapse_replace(adapter, adapter.calib_w, adapter.calib_g)
+    return collapse_adapt(adapter, adapter.calib_w)
+
+
+def _fold_layer(layer: nn.Module, affine: AffineMap, replace: bool) -> dict[str, tuple[torch.Tensor, ...]]:
+    """{target name: (W', b')} for one layer's adapter map."""
+    if replace:
+        targets, pre, post = (
+            _REPLACE_TARGETS,
+            layer.post_attention_layernorm.weight,
+            layer.input_layernorm.weight,
+        )
+    else:
+        targets, pre, post = _ADAPT_TARGETS, None, None
+    out = {}
+    for name in targets:
+        linear = layer.get_submodule(name)
+        out[name] = fold_into_linear(linear.weight, affine, linear.bias, pre_scale=pre, post_scale=post)
+    return out
+
+
+def _set_linear(layer: nn.Module, name: str, weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
+    """Put a biased ``nn.Linear`` holding (weight, bias) at ``name`` in ``layer``; returns it."""
+    parent_name, _, attr = name.rpartition(".")
+    parent = layer.get_submodule(parent_name)
+    old = getattr(parent, attr)
+    new = nn.Linear(old.in_features, old.out_features, bias=True, device=weight.device, dtype=weight.dtype)
+    new.weight = nn.Parameter(weight.detach(), requires_grad=False)
+    new.bias = nn.Parameter(bias.detach(), requires_grad=False)
+    setattr(parent, attr, new)
+    return new
+
+
+def remove_attention(model: nn.Module, layers: list[int]) -> None:
+    """Free the attention weights of ``layers`` (their attention must stay skipped from now on)."""
+    for i in layers:
+        layer = get_layers(model)[i]
+        if not isinstance(layer.self_attn, RemovedAttention):
+            layer.self_attn = RemovedAttention(i)
+
+
+@torch.no_grad()
+def merge_and_unload(eas_model: EASModel, mode: str = "static") -> nn.Module:
+    """Fold the adapters of ``eas_model`` into its base weights and return the base model.
+
+    The base model keeps running its skip plan; its skipped attentions are freed. See the module
+    docstring for the two modes.
+
+    Args:
+        eas_model: the EAS model (consumed: its adapters are removed).
+        mode: ``"static"`` or ``"per_example"``.
+
+    Returns:
+        The base model with merged weights.
+
+    Raises:
+        ValueError: an unknown mode; ``static`` without calibration means; non-finite merged weights.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown merge mode {mode!r}; use one of {MODES}")
+    base, decoder, adapters = eas_model.base_model, eas_model.decoder, eas_model.adapters
+    facts = eas_model.facts
+    plan = decoder.plan
+    layers = get_layers(base, facts)
+    active = _active_adapters(adapters, plan, facts.num_layers)
+    if mode == "static":
+        folded = {
+            i: _fold_layer(layers[i], _calibrated_affine(i, a), isinstance(a, ReplacePIA))
+            for i, a in active.items()
+        }
+        for i, targets in folded.items():
+            for name, (w, b) in targets.items():
+                _set_linear(layers[i], name, w, b)
+            if isinstance(active[i], ReplacePIA):
+                layers[i].post_attention_layernorm.weight.fill_(1.0)
+    else:
+        decoder.add_module(MERGER, PerExampleMerger(layers, active))
+    del decoder._modules[ADAPTERS]
+    remove_attention(base, list(plan.skip_attention))
+    logger.info("merged %d adapters (%s) into %s", len(active), mode, type(base).__name__)
+    return base
+
+
+class _LayerRecipe(nn.Module):
+    """One layer's per-example merge: the frozen adapter and the original input projections."""
+
+    def __init__(self, layer: nn.Module, adapter: PIABase):
+        super().__init__()
+        self.pia = FrozenPIA(adapter)
+        self.targets = _REPLACE_TARGETS if self.pia.is_replace else _ADAPT_TARGETS
+        for k, name in enumerate(self.targets):
+            linear = layer.get_submodule(name)
+            self.register_buffer(f"weight_{k}", linear.weight.detach().clone(), persistent=False)
+            bias = linear.bias.detach().clone() if linear.bias is not None else None
+            self.register_buffer(f"bias_{k}", bias, persistent=False)
+        if self.pia.is_replace:
+            self.register_buffer(
+                "pre_scale", layer.post_attention_layernorm.weight.detach().clone(), persistent=False
+            )
+            self.register_buffer(
+                "post_scale", layer.input_layernorm.weight.detach().clone(), persistent=False
+            )
+        else:
+            self.pre_scale = self.post_scale = None
+
+    def merge(self, layer: nn.Module, pooled: torch.Tensor) -> None:
+        w = self.pia.route(pooled)[0]
+        g = self.pia.pooled_path(pooled)[0] if self.pia.is_replace else None
+        affine = self.pia.collapse(w, g)
+        for k, name in enumerate(self.targets):
+            weight, bias = fold_into_linear(
+                getattr(self, f"weight_{k}"),
+                affine,
+                getattr(self, f"bias_{k}"),
+                pre_scale=self.pre_scale,
+                post_scale=self.post_scale,
+            )
+            linear = layer.get_submodule(name)
+            linear.weight.copy_(weight)
+            linear.bias.copy_(bias)
+
+
+class PerExampleMerger(nn.Module):
+    """Re-merges each prompt's adapters into the layer weights at prefill (batch size 1).
+
+    Registered on the :class:`~skipvlm.runtime.SkipDecoder` by ``merge_and_unload("per_example")``; the
+    runtime calls :meth:`merge_layer` for each covered layer at prefill, with the pooled prompt
+    vector of that layer's input, and then runs the layer plainly with the merged weights. Decoding
+    reuses the weights merged at prefill. All its tensors are non-persistent buffers.
+    """
+
+    def __init__(self, layers: nn.ModuleList, adapters: dict[int, PIABase]):
+        super().__init__()
+        self.recipes = nn.ModuleDict({str(i): _LayerRecipe(layers[i], a) for i, a in adapters.items()})
+        for i, recipe in self.recipes.items():
+            layer = layers[int(i)]
+            for name in recipe.targets:  # biased linears to merge into, holding the originals for now
+                linear = layer.get_submodule(name)
+                bias = linear.bias if linear.bias is not None else torch.zeros_like(linear.weight[:, 0])
+                _set_linear(layer, name, linear.weight, bias)
+            if recipe.pia.is_replace:
+                layer.post_attention_layernorm.weight.fill_(1.0)
+
+    def covers(self, layer: int) -> bool:
+        return str(layer) in self.recipes
+
+    @torch.no_grad()
+    def merge_layer(self, index: int, layer: nn.Module, pooled: torch.Tensor) -> None:
+        """Merge layer ``index``'s adapter for one example, given its pooled prompt vector (1, C).
+
+        Raises:
+            ValueError: the batch holds more than one example.
+        """
+        if pooled.shape[0] != 1:
+            raise ValueError(
+                f"a per_example merge folds one prompt's adapters into the weights, so it runs batch size "
+                f"1, got {pooled.shape[0]}; for batches use merge_and_unload(mode='static') or keep the "
+                "adapters unmerged"
+            )
+        self.recipes[str(index)].merge(layer, pooled)
+
+
+# --- export ----------------------------------------------------------------------------------------------
+
+
+def _export_biases(facts: ArchFacts, replace: bool, adapt: bool) -> dict[str, bool]:
+    """The config switches a stock checkpoint needs to hold the merged biases, or a clear error."""
+    text = facts.text_config
+    need: dict[str, bool] = {}
+    if replace:  # gate / up projections gain a bias
+        if not hasattr(text, "mlp_bias"):
+            raise ValueError(
+                f"a stock {facts.text_model_type} checkpoint ({facts.model_type}) has no MLP biases, "
+                "which the merged replace-PIA needs, so it cannot be exported as a stock checkpoint; use "
+                "merge_and_unload(mode='static') in skipvlm, or save the adapters with save_pretrained"
+            )
+        need["mlp_bias"] = True
+    if adapt and not _has_qkv_bias(facts):
+        if not hasattr(text, "attention_bias"):
+            raise ValueError(
+                f"a stock {facts.text_model_type} checkpoint ({facts.model_type}) has no q/k/v biases, which "
+                "the merged adapt-PIA needs, so it cannot be exported as a stock checkpoint; use "
+                "merge_and_unload(mode='static') in skipvlm, or build the model with adapt_layers='none'"
+            )
+        need["attention_bias"] = True
+    return need
+
+
+def _has_qkv_bias(facts: ArchFacts) -> bool:
+    # Qwen2-family attentions always carry q/k/v biases; Llama's follow `attention_bias`.
+    return facts.text_model_type.startswith("qwen2") or bool(
+        getattr(facts.text_config, "attention_bias", False)
+    )
+
+
+@torch.no_grad()
+def export_merged(eas_model: EASModel, path: str | os.PathLike) -> Path:
+    """Write the ``static`` merge of ``eas_model`` as a checkpoint stock transformers loads.
+
+    The model itself is not changed. Skipped attentions are written with ``o_proj = 0`` (so stock
+    transformers computes the same function), biases are switched on in the config where the merge
+    needs them, and the skip plan is stored in the config (``skipvlm_plan``) so that
+    :func:`load_pretrained` runs the checkpoint fast again. Written to a temporary folder and moved
+    into place, so an interrupted export leaves no half-written checkpoint.
+
+    Raises:
+        ValueError: the architecture's stock config cannot express the merged biases (e.g. Qwen2 MLPs),
+            or calibration means are missing.
+    """
+    facts = eas_model.facts
+    base = eas_model.base_model
+    plan = eas_model.decoder.plan
+    if plan.skip_mlp:
+        raise ValueError("export_merged supports attention skips only; this plan also skips MLPs")
+    layers = get_layers(base, facts)
+    active = _active_adapters(eas_model.adapters, plan, facts.num_layers)
+    replace = any(isinstance(a, ReplacePIA) for a in active.values())
+    adapt = any(not isinstance(a, ReplacePIA) for a in active.values())
+    need = _export_biases(facts, replace, adapt)
+
+    prefix = f"{facts.decoder_path}.layers"
+    state = {k: v for k, v in base.state_dict().items() if f".{ADAPTERS}." not in k}
+    for i, adapter in active.items():
+        is_replace = isinstance(adapter, ReplacePIA)
+        for name, (w, b) in _fold_layer(layers[i], _calibrated_affine(i, adapter), is_replace).items():
+            state[f"{prefix}.{i}.{name}.weight"], state[f"{prefix}.{i}.{name}.bias"] = w, b
+        if is_replace:
+            norm = f"{prefix}.{i}.post_attention_layernorm.weight"
+            state[norm] = torch.ones_like(state[norm])
+    for i in plan.skip_attention:
+        o_proj = f"{prefix}.{i}.self_attn.o_proj.weight"
+        state[o_proj] = torch.zeros_like(state[o_proj])
+    _fill_zero_biases(state, prefix, layers, need)
+
+    config = copy.deepcopy(base.config)
+    text = config.get_text_config(decoder=True)
+    for key, value in need.items():
+        setattr(text, key, value)
+    setattr(config, PLAN_KEY, Plan(skip_attention=plan.skip_attention).to_dict())
+    return _save_checkpoint(base, config, state, Path(path))
+
+
+def _fill_zero_biases(state: dict[str, torch.Tensor], prefix: str, layers: nn.ModuleList, need: dict) -> None:
+    """Zero biases for every projection the switched-on config flags give a bias to."""
+    names = []
+    if need.get("mlp_bias"):
+        names += ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    if need.get("attention_bias"):
+        names += ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
+    for i in range(len(layers)):
+        for name in names:
+            key = f"{prefix}.{i}.{name}.bias"
+            if key not in state:
+                weight = state[f"{prefix}.{i}.{name}.weight"]
+                state[key] = weight.new_zeros(weight.shape[0])
+
+
+def _save_checkpoint(base: nn.Module, config: Any, state: dict[str, torch.Tensor], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        base.save_pretrained(staging, state_dict=state)
+        config.save_pretrained(staging)  # the stock config plus the switched-on biases and the plan
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            path.rename(old)
+            staging.rename(path)
+            shutil.rmtree(old)
+        else:
+            staging.rename(path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("exported the merged model to %s", path)
+    return path
+
+
+def load_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
+    """Load a checkpoint written by :func:`export_merged` (or any supported stock one) and run it fast.
+
+    The model is loaded by its stock transformers class (safetensors only, no remote code); the skip
+    plan stored in its config is re-applied and the skipped attentions' weights are freed.
+
+    Args:
+        path: a local checkpoint folder.
+        **kwargs: passed to ``from_pretrained`` (e.g. ``dtype``, ``device_map``).
+
+    Raises:
+        FileNotFoundError: ``path`` is not a folder with a ``config.json``.
+        UnsupportedModelError: the architecture is not supported.
+    """
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no config.json; pass a folder written by export_merged")
+    kwargs.update(trust_remote_code=False, use_safetensors=True)
+    config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
+    facts = arch_facts(config)
+    cls = getattr(transformers, _MODEL_CLASSES[facts.model_type])
+    model = cls.from_pretrained(path, **kwargs)
+    stored = getattr(model.config, PLAN_KEY, None)
+    if stored:
+        plan = Plan.from_dict(stored)
+        apply_plan(model, plan)
+        remove_attention(model, list(plan.skip_attention))
+    decoder_slot(model, facts)  # the model has the decoder the facts promise
+    return model

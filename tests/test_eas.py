@@ -1,0 +1,283 @@
+"""The EAS model: identity at init, prompt-only pooling, trainable set, save / load, moving skips."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import skipvlm
+from skipvlm.arch import get_decoder, get_layers
+from skipvlm.eas import ADAPTER_FILE, CONFIG_FILE
+
+from conftest import build_eas, build_model, logits, make_inputs, randomize_adapters, select_rows
+
+EAS_ARCHS = ("llama", "llava", "qwen2")
+IGNORE = -100
+
+
+def with_labels(batch: dict, answer_len: int = 2) -> dict:
+    """Supervise the last ``answer_len`` tokens of every row (the prompt is everything before)."""
+    labels = torch.full_like(batch["input_ids"], IGNORE)
+    labels[:, -answer_len:] = batch["input_ids"][:, -answer_len:]
+    return {**batch, "labels": labels}
+
+
+# --- identity at initialisation ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", EAS_ARCHS)
+def test_fresh_model_without_skips_equals_base(arch):
+    base = build_model(arch)
+    inputs = make_inputs(arch, lengths=(6, 3))
+    expected = logits(base, inputs)
+    model = skipvlm.get_eas_model(base, skipvlm.EASConfig())
+    assert len(model.adapters.adapt) == 4 and len(model.adapters.replace) == 0
+    torch.testing.assert_close(logits(model, inputs), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", EAS_ARCHS)
+def test_fresh_model_with_skips_equals_plain_skip_plus_identity_adapter(arch):
+    """An identity replace-PIA feeds gamma_post * N_in(h) to the MLP (METHODS §2): the plain skip with
+    gamma_post * gamma_in as the post-attention norm weight. With gamma_in = 1 it is the plain skip."""
+    base = build_model(arch)
+    inputs = make_inputs(arch, lengths=(6, 3))
+    reference = copy.deepcopy(base)
+    with torch.no_grad():
+        for i in (1, 2):
+            layer = get_layers(reference)[i]
+            layer.post_attention_layernorm.weight.mul_(layer.input_layernorm.weight)
+    skipvlm.apply_plan(reference, skipvlm.Plan(skip_attention=[1, 2]))
+    model = skipvlm.get_eas_model(copy.deepcopy(base), skipvlm.EASConfig(skip_attention=[1, 2]))
+    torch.testing.assert_close(logits(model, inputs), logits(reference, inputs), rtol=0, atol=1e-6)
+
+    with torch.no_grad():
+        for m in (base, model):
+            for i in (1, 2):
+                get_layers(m)[i].input_layernorm.weight.fill_(1.0)
+    plain = skipvlm.apply_plan(base, skipvlm.Plan(skip_attention=[1, 2]))
+    torch.testing.assert_close(logits(model, inputs), logits(plain, inputs), rtol=0, atol=1e-6)
+
+
+# --- what runs, what trains -------------------------------------------------------------------------
+
+
+def test_skipped_attention_still_runs_nothing():
+    model = randomize_adapters(build_eas("llama", skip=(0, 2)))
+    calls = []
+    for i, layer in enumerate(get_layers(model.base_model)):
+        layer.self_attn.q_proj.register_forward_hook(lambda *a, i=i: calls.append(i))
+    out = model.generate(**make_inputs("llama", lengths=(5,)), max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == 6 + 3
+    assert set(calls) == {1, 3}
+
+
+def test_only_adapters_require_grad_and_get_gradients():
+    model = randomize_adapters(build_eas("llava"))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".pia_adapters." in n for n in trainable)
+    model.train()
+    loss = model(**with_labels(make_inputs("llava", lengths=(6, 4)))).loss
+    loss.backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        else:
+            assert p.grad is None, name
+    assert model.adapters.replace["1"].token.weight.grad.abs().sum() > 0
+
+
+def test_projector_trains_when_asked():
+    model = build_eas("llava", train_projector=True)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("multi_modal_projector" in n for n in trainable)
+    assert all(".pia_adapters." in n or "multi_modal_projector" in n for n in trainable)
+    with pytest.raises(ValueError, match="no multimodal projector"):
+        build_eas("llama", train_projector=True)
+
+
+def test_print_trainable_parameters(capsys):
+    model = build_eas("llama")
+    trainable, total = model.trainable_parameters()
+    assert trainable == sum(p.numel() for p in model.adapters.parameters())
+    assert total == sum(p.numel() for p in model.parameters())
+    model.print_trainable_parameters()
+    assert f"trainable params: {trainable:,} || all params: {total:,}" in capsys.readouterr().out
+
+
+def test_labels_give_the_same_loss_as_the_base_for_a_fresh_model():
+    base = build_model("llama")
+    batch = with_labels(make_inputs("llama", lengths=(6, 4)))
+    with torch.no_grad():
+        expected = base(**batch).loss
+        got = skipvlm.get_eas_model(base, skipvlm.EASConfig())(**batch).loss
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+# --- pooling over the prompt only ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "llava"])
+def test_answer_tokens_do_not_leak_into_the_pooled_vector(arch):
+    """Causal attention keeps prompt positions blind to the answer: only a leak through p changes them."""
+    model = randomize_adapters(build_eas(arch))
+    batch = with_labels(make_inputs(arch, lengths=(7, 5)), answer_len=3)
+    changed = {**batch, "input_ids": batch["input_ids"].clone()}
+    changed["input_ids"][:, -3:] = (changed["input_ids"][:, -3:] + 7) % 90 + 3
+    before, after = logits(model, batch), logits(model, changed)
+    torch.testing.assert_close(after[:, :-3], before[:, :-3], rtol=0, atol=0)
+    # without labels the answer is part of the pooled prompt, so the same change does show up
+    no_labels = {k: v for k, v in batch.items() if k != "labels"}
+    changed_no_labels = {k: v for k, v in changed.items() if k != "labels"}
+    assert (logits(model, changed_no_labels)[:, :-3] - logits(model, no_labels)[:, :-3]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("arch", EAS_ARCHS)
+def test_padding_never_counts_batch_equals_one_by_one(arch):
+    model = randomize_adapters(build_eas(arch))
+    batch = make_inputs(arch, lengths=(7, 3))
+    padded = logits(model, batch)
+    for b in range(2):
+        keep = batch["attention_mask"][b].bool()
+        alone = logits(model, select_rows(arch, batch, b))
+        torch.testing.assert_close(padded[b, keep], alone[0], rtol=0, atol=1e-5)
+    changed = {**batch, "input_ids": batch["input_ids"].masked_fill(batch["attention_mask"] == 0, 77)}
+    torch.testing.assert_close(logits(model, changed)[1, -4:], padded[1, -4:], rtol=0, atol=1e-6)
+
+
+def test_router_state_is_frozen_at_prefill_while_decoding():
+    """Greedy cached decoding equals recomputing each step with the pooling mask fixed to the prompt."""
+    model = randomize_adapters(build_eas("llama"))
+    prompt = make_inputs("llama", lengths=(6,))
+    out = model.generate(**prompt, max_new_tokens=5, do_sample=False)
+    n = prompt["input_ids"].shape[1]
+    ids = prompt["input_ids"]
+    for _ in range(5):
+        mask = torch.zeros_like(ids, dtype=torch.bool)
+        mask[:, :n] = True
+        step = logits(model, {"input_ids": ids}, prompt_mask=mask, use_cache=False)
+        ids = torch.cat([ids, step[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(ids, out)
+
+
+# --- persistence ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", EAS_ARCHS)
+def test_save_and_load_round_trip_exactly(arch, tmp_path):
+    model = randomize_adapters(build_eas(arch))
+    inputs = make_inputs(arch, lengths=(6, 3))
+    model.calibrate([inputs], progress=False)
+    expected = logits(model, inputs)
+    model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([ADAPTER_FILE, CONFIG_FILE])
+    state = load_file(tmp_path / ADAPTER_FILE)
+    assert state and all(k.startswith("pia_adapters.") for k in state)
+    assert sum(v.numel() for k, v in state.items() if "calib" not in k) == model.trainable_parameters()[0]
+
+    loaded = skipvlm.EASModel.from_pretrained(build_model(arch), tmp_path)
+    assert loaded.eas_config == model.eas_config
+    torch.testing.assert_close(logits(loaded, inputs), expected, rtol=0, atol=0)
+    for k, v in loaded.adapter_state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_saved_projector_round_trips(tmp_path):
+    model = build_eas("llava", train_projector=True)
+    with torch.no_grad():
+        model.projector().linear_1.weight.add_(1.0)
+    model.save_pretrained(tmp_path)
+    assert any(k.startswith("projector.") for k in load_file(tmp_path / ADAPTER_FILE))
+    loaded = skipvlm.EASModel.from_pretrained(build_model("llava"), tmp_path)
+    assert torch.equal(loaded.projector().linear_1.weight, model.projector().linear_1.weight)
+
+
+def test_loading_onto_another_base_names_the_mismatch(tmp_path):
+    build_eas("llama").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"num_layers: saved for 4, this model has 3"):
+        skipvlm.EASModel.from_pretrained(build_model("llama", num_layers=3), tmp_path)
+    with pytest.raises(ValueError, match=r"model_type: saved for 'llama', this model has 'qwen2'"):
+        skipvlm.EASModel.from_pretrained(build_model("qwen2"), tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        skipvlm.EASModel.from_pretrained(build_model("llama"), tmp_path / "nope")
+
+
+def test_loading_a_damaged_or_foreign_adapter_file_fails_clearly(tmp_path):
+    build_eas("llama").save_pretrained(tmp_path)
+    meta = json.loads((tmp_path / CONFIG_FILE).read_text())
+    meta["eas_config"]["replace_dim"] = 16
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="has shape"):
+        skipvlm.EASModel.from_pretrained(build_model("llama"), tmp_path)
+    meta["eas_config"]["replace_dim"], meta["eas_config"]["skip_attention"] = 32, [1]
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="unexpected"):
+        skipvlm.EASModel.from_pretrained(build_model("llama"), tmp_path)
+    (tmp_path / CONFIG_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        skipvlm.EASModel.from_pretrained(build_model("llama"), tmp_path)
+
+
+# --- config and moving skips ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"adapt_layers": "all"}, "adapt_layers must be 'kept' or 'none'"),
+        ({"replace_dim": 0}, "replace_dim must be a positive integer"),
+        ({"adapt_dim": 5}, "adapt_dim=5 must be a multiple of groups=2"),
+        ({"temperature": 0.0}, "temperature must be > 0"),
+        ({"skip_attention": [1, 1]}, "more than once"),
+        ({"dropout": 1.0}, "dropout must be in"),
+    ],
+)
+def test_config_validation_names_the_field(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        skipvlm.EASConfig(**kwargs)
+
+
+def test_config_rejects_layers_the_model_lacks():
+    with pytest.raises(ValueError, match=r"allowed indices are 0\.\.3"):
+        build_eas("llama", skip=(4,))
+
+
+def test_supernet_moves_its_skips():
+    model = randomize_adapters(build_eas("llama", skip=(1, 2), supernet=True))
+    assert len(model.adapters.replace) == len(model.adapters.adapt) == 4
+    inputs = make_inputs("llama", lengths=(6, 3))
+    before = logits(model, inputs)
+    model.set_skip_attention([0, 3])
+    assert get_decoder(model.base_model).plan.skip_attention == (0, 3)
+    assert model.skip_attention == model.eas_config.skip_attention == [0, 3]
+    assert (logits(model, inputs) - before).abs().max() > 1e-3
+    model.set_skip_attention([1, 2])
+    torch.testing.assert_close(logits(model, inputs), before, rtol=0, atol=0)
+
+
+def test_fixed_model_refuses_to_move_a_skip_without_adapters():
+    model = build_eas("llama", skip=(1,))
+    with pytest.raises(ValueError, match=r"layer\(s\) \[1, 3\] have no adapter.*supernet=True"):
+        model.set_skip_attention([3])
+    model_none = build_eas("llama", skip=(1,), adapt_layers="none")
+    assert len(model_none.adapters.adapt) == 0
+    with pytest.raises(ValueError, match=r"layer\(s\) \[2\]"):
+        model_none.set_skip_attention([2])
+
+
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated")
+def test_gradient_checkpointing_with_adapters_gives_the_same_gradients():
+    batch = with_labels(make_inputs("llama", lengths=(6, 4)))
+    grads = []
+    for checkpointing in (False, True):
+        model = randomize_adapters(build_eas("llama"))
+        model.train()
+        if checkpointing:
+            model.base_model.gradient_checkpointing_enable()
+        model(**batch).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=0, atol=1e-6)

@@ -1,0 +1,210 @@
+"""Re-parameterisation is exact: unmerged == per_example, static == forced calibration means == export."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers as tf
+
+import skipvlm
+from skipvlm.arch import get_decoder, get_layers
+from skipvlm.merge import PLAN_KEY, PerExampleMerger
+from skipvlm.pia import PIABase, PIALayers
+from skipvlm.runtime import RemovedAttention
+
+from conftest import build_eas, logits, make_inputs, randomize_adapters
+
+ATOL = 1e-4
+EAS_ARCHS = ("llama", "llava", "qwen2")
+DECODE_STEPS = 8
+
+
+def trained(arch: str, skip=(1, 2), **cfg) -> tuple[skipvlm.EASModel, dict]:
+    """An EAS model with random non-zero adapters, calibrated on a padded batch; and that batch."""
+    model = randomize_adapters(build_eas(arch, skip=skip, **cfg))
+    batch = make_inputs(arch, lengths=(7, 4), seed=3)
+    model.calibrate([batch, make_inputs(arch, lengths=(5,), seed=4)], progress=False)
+    return model, batch
+
+
+def greedy(model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        out = model.generate(
+            **inputs,
+            max_new_tokens=DECODE_STEPS,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    return out.sequences, torch.stack(out.logits, dim=1)
+
+
+def assert_no_adapters_left(model, skipped):
+    assert not any(isinstance(m, (PIABase, PIALayers)) for m in model.modules())
+    assert not any("pia_adapters" in n for n, _ in model.named_parameters())
+    for i, layer in enumerate(get_layers(model)):
+        attention = layer.self_attn
+        assert isinstance(attention, RemovedAttention) == (i in skipped)
+        if i in skipped:
+            assert sum(p.numel() for p in attention.parameters()) == 0
+
+
+@pytest.mark.parametrize("arch", EAS_ARCHS)
+def test_per_example_merge_equals_unmerged(arch):
+    model, _ = trained(arch)
+    prompt = make_inputs(arch, lengths=(6,), seed=5)
+    prefill = logits(model, prompt)
+    sequences, steps = greedy(model, prompt)
+
+    merged = copy.deepcopy(model).merge_and_unload(mode="per_example")
+    assert_no_adapters_left(merged, skipped=(1, 2))
+    torch.testing.assert_close(logits(merged, prompt), prefill, rtol=0, atol=ATOL)
+    merged_sequences, merged_steps = greedy(merged, prompt)
+    assert torch.equal(merged_sequences, sequences)
+    torch.testing.assert_close(merged_steps, steps, rtol=0, atol=ATOL)
+
+    # a second prompt is re-merged with its own router weights, not the first prompt's
+    other = make_inputs(arch, lengths=(4,), seed=9)
+    torch.testing.assert_close(logits(merged, other), logits(model, other), rtol=0, atol=ATOL)
+
+
+def test_per_example_merge_refuses_batches():
+    model, batch = trained("llama")
+    merged = model.merge_and_unload(mode="per_example")
+    with pytest.raises(ValueError, match=r"batch size 1, got 2.*mode='static'"):
+        logits(merged, batch)
+
+
+@pytest.mark.parametrize("arch", EAS_ARCHS)
+def test_static_merge_equals_unmerged_with_calibration_means(arch):
+    model, batch = trained(arch)
+    model.adapters.use_calibration = True
+    forced = logits(model, batch)
+    forced_sequences, forced_steps = greedy(model, batch)
+    model.adapters.use_calibration = False
+    assert (logits(model, batch) - forced).abs().max() > 1e-4  # the means differ from each prompt's own
+
+    merged = model.merge_and_unload(mode="static")
+    assert_no_adapters_left(merged, skipped=(1, 2))
+    assert get_decoder(merged).plan == skipvlm.Plan(skip_attention=[1, 2])
+    torch.testing.assert_close(logits(merged, batch), forced, rtol=0, atol=ATOL)
+    sequences, steps = greedy(merged, batch)
+    assert torch.equal(sequences, forced_sequences)
+    torch.testing.assert_close(steps, forced_steps, rtol=0, atol=ATOL)
+
+
+def test_static_merge_needs_calibration():
+    model = randomize_adapters(build_eas("llama"))
+    with pytest.raises(ValueError, match=r"no calibration means.*model.calibrate"):
+        model.merge_and_unload(mode="static")
+    with pytest.raises(ValueError, match="unknown merge mode 'fast'"):
+        model.merge_and_unload(mode="fast")
+
+
+def test_merge_refuses_non_finite_adapters():
+    model, _ = trained("llama")
+    with torch.no_grad():
+        model.adapters.replace["1"].token.weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        model.merge_and_unload(mode="static")
+
+
+def test_merged_model_cannot_run_removed_attentions():
+    model, _ = trained("llama")
+    merged = model.merge_and_unload(mode="static")
+    with pytest.raises(ValueError, match=r"layer\(s\) \[1\] had their attention removed"):
+        skipvlm.apply_plan(merged, skipvlm.Plan(skip_attention=[2]))
+    with pytest.raises(ValueError, match="cannot run as the stock model"):
+        skipvlm.apply_plan(merged, skipvlm.Plan())
+
+
+def test_merge_keeps_the_dtype_and_adds_biases_only_where_merged():
+    model, _ = trained("llama", skip=(2,))
+    merged = model.merge_and_unload(mode="static")
+    layers = get_layers(merged)
+    assert layers[2].mlp.gate_proj.bias is not None and layers[2].mlp.down_proj.bias is None
+    assert layers[0].self_attn.q_proj.bias is not None and layers[0].self_attn.o_proj.bias is None
+    assert torch.equal(layers[2].post_attention_layernorm.weight, torch.ones(32))
+    assert {p.dtype for p in merged.parameters()} == {torch.float32}
+
+
+def test_supernet_merges_only_the_adapters_its_plan_uses():
+    model, batch = trained("llama", skip=(0, 3), supernet=True)
+    model.adapters.use_calibration = True
+    forced = logits(model, batch)
+    merged = model.merge_and_unload(mode="static")
+    torch.testing.assert_close(logits(merged, batch), forced, rtol=0, atol=ATOL)
+    assert [
+        i for i, layer in enumerate(get_layers(merged)) if isinstance(layer.self_attn, RemovedAttention)
+    ] == [0, 3]
+
+
+# --- export -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "llava"])
+def test_exported_checkpoint_loads_in_stock_transformers_and_equals_static(arch, tmp_path):
+    model, batch = trained(arch)
+    unmerged = logits(model, batch)
+    model.export_merged(tmp_path / "merged")
+    torch.testing.assert_close(logits(model, batch), unmerged, rtol=0, atol=0)  # export leaves it alone
+    stock_cls = type(model.base_model)
+    model.adapters.use_calibration = True
+    forced = logits(model, batch)
+    static = logits(copy.deepcopy(model).merge_and_unload("static"), batch)
+
+    stock = stock_cls.from_pretrained(tmp_path / "merged").eval()
+    assert type(get_decoder(stock)).__module__.startswith("transformers.")
+    text = stock.config.get_text_config(decoder=True)
+    assert text.mlp_bias and text.attention_bias
+    torch.testing.assert_close(logits(stock, batch), static, rtol=0, atol=ATOL)
+    torch.testing.assert_close(logits(stock, batch), forced, rtol=0, atol=ATOL)
+
+    fast = skipvlm.load_pretrained(tmp_path / "merged").eval()
+    assert skipvlm.current_plan(fast) == skipvlm.Plan(skip_attention=[1, 2])
+    assert getattr(fast.config, PLAN_KEY)["skip_attention"] == [1, 2]
+    assert_no_adapters_left(fast, skipped=(1, 2))
+    torch.testing.assert_close(logits(fast, batch), static, rtol=0, atol=ATOL)
+
+
+def test_export_replaces_an_existing_folder_whole(tmp_path):
+    model, _ = trained("llama")
+    target = tmp_path / "merged"
+    target.mkdir()
+    (target / "stale.txt").write_text("old")
+    model.export_merged(target)
+    assert not (target / "stale.txt").exists() and (target / "config.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"]
+
+
+@pytest.mark.parametrize(("arch", "what"), [("qwen2", "no MLP biases"), ("mistral", "no MLP biases")])
+def test_export_names_architectures_a_stock_config_cannot_hold(arch, what, tmp_path):
+    model, _ = trained(arch)
+    with pytest.raises(ValueError, match=rf"stock {arch} checkpoint .*{what}"):
+        model.export_merged(tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_qwen2_adapt_only_model_exports(tmp_path):
+    model, batch = trained("qwen2", skip=())
+    model.export_merged(tmp_path / "merged")
+    model.adapters.use_calibration = True
+    stock = tf.Qwen2ForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    torch.testing.assert_close(logits(stock, batch), logits(model, batch), rtol=0, atol=ATOL)
+
+
+def test_load_pretrained_refuses_a_folder_without_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no config\.json"):
+        skipvlm.load_pretrained(tmp_path)
+
+
+def test_per_example_merger_is_registered_and_holds_no_state_dict_entries():
+    model, _ = trained("llama")
+    keys_before = {k for k in model.base_model.state_dict() if "pia_" not in k}
+    merged = model.merge_and_unload(mode="per_example")
+    assert isinstance(get_decoder(merged).pia_merger, PerExampleMerger)
+    assert not any("pia_" in k for k in merged.state_dict())
+    attention_keys = {k for k in keys_before if ".1.self_attn." in k or ".2.self_attn." in k}
+    assert attention_keys and not attention_keys & set(merged.state_dict())
