@@ -36,6 +36,7 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/skip_runtime.py
+	$(PY) benchmarks/eas_merge.py
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .ruff_cache src/*.egg-info

@@ -193,10 +193,10 @@ def logits(model, inputs, **kw) -> torch.Tensor:
         return model(**inputs, **kw).logits
 
 
-def build_eas(arch: str, skip=(1, 2), seed: int = 0, **cfg) -> skipvlm.EASModel:
+def build_eas(arch: str, skip=(1, 2), seed: int = 0, dtype=torch.float32, **cfg) -> skipvlm.EASModel:
     """An EAS model on a tiny ``arch`` model with ``skip`` attentions skipped (fresh, identity adapters)."""
     config = skipvlm.EASConfig(skip_attention=list(skip), **cfg)
-    return skipvlm.get_eas_model(build_model(arch, seed=seed), config)
+    return skipvlm.get_eas_model(build_model(arch, seed=seed, dtype=dtype), config)
 
 
 def randomize_adapters(model: skipvlm.EASModel, seed: int = 1, std: float = 0.2) -> skipvlm.EASModel:

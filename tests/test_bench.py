@@ -3,9 +3,9 @@
 import torch
 
 import skipvlm
-from skipvlm.bench import PlanTiming, interleaved, measure_plans, timing_rows, timing_table
+from skipvlm.bench import PlanTiming, interleaved, measure_models, measure_plans, timing_rows, timing_table
 
-from conftest import build_model, make_inputs
+from conftest import build_eas, build_model, make_inputs
 
 
 def test_interleaved_alternates_and_counts():
@@ -34,6 +34,14 @@ def test_measure_plans_restores_the_plan_and_reports_kv_bytes():
     assert res["half"].kv_cache_bytes * 2 == res["none"].kv_cache_bytes > 0
     assert all(len(r.raw["prefill"]) == 1 and r.prefill_s > 0 for r in res.values())
     assert torch.isfinite(torch.tensor(res["none"].decode_s_per_token))
+
+
+def test_measure_models_times_each_model_with_its_own_plan():
+    models = {"stock": build_model("llama"), "eas": build_eas("llama", skip=(0, 2))}
+    res = measure_models(models, make_inputs("llama"), new_tokens=3, repeats=2, warmup=0)
+    assert res["eas"].plan == skipvlm.Plan(skip_attention=[0, 2]) and res["stock"].plan == skipvlm.Plan()
+    assert res["eas"].kv_cache_bytes * 2 == res["stock"].kv_cache_bytes > 0
+    assert all(len(r.raw["genN"]) == 2 for r in res.values())
 
 
 def test_timing_rows_survive_a_zero_measurement():

@@ -208,3 +208,17 @@ def test_per_example_merger_is_registered_and_holds_no_state_dict_entries():
     assert not any("pia_" in k for k in merged.state_dict())
     attention_keys = {k for k in keys_before if ".1.self_attn." in k or ".2.self_attn." in k}
     assert attention_keys and not attention_keys & set(merged.state_dict())
+
+
+def test_bf16_model_merges_in_its_dtype():
+    model = randomize_adapters(build_eas("llama", dtype=torch.bfloat16), std=0.05)
+    assert {p.dtype for p in model.adapters.parameters()} == {torch.bfloat16}
+    batch = make_inputs("llama", lengths=(7, 4))
+    model.calibrate([batch], progress=False)
+    assert model.adapters.replace["1"].calib_n.dtype == torch.long
+    model.adapters.use_calibration = True
+    forced = logits(model, batch).float()
+    merged = model.merge_and_unload("static")
+    assert {p.dtype for p in merged.parameters()} == {torch.bfloat16}
+    got = logits(merged, batch).float()
+    assert (got - forced).abs().max() < 0.1 * forced.abs().max()

@@ -20,7 +20,15 @@ from tqdm.auto import tqdm
 from skipvlm.plan import Plan
 from skipvlm.runtime import apply_plan, current_plan, kv_cache_bytes
 
-__all__ = ["PlanTiming", "interleaved", "measure_plans", "synchronize", "timing_rows", "timing_table"]
+__all__ = [
+    "PlanTiming",
+    "interleaved",
+    "measure_models",
+    "measure_plans",
+    "synchronize",
+    "timing_rows",
+    "timing_table",
+]
 
 
 def synchronize(device: torch.device | str) -> None:
@@ -110,48 +118,76 @@ def measure_plans(
         new_tokens: tokens to decode (>= 2).
         repeats, warmup, progress: as in :func:`interleaved`.
     """
+    original = current_plan(model)
+    try:
+        targets = {name: (model, functools.partial(apply_plan, model, plan)) for name, plan in plans.items()}
+        return _measure(targets, inputs, new_tokens, repeats, warmup, progress)
+    finally:
+        apply_plan(model, original)
+
+
+@torch.no_grad()
+def measure_models(
+    models: Mapping[str, nn.Module],
+    inputs: Mapping[str, torch.Tensor],
+    new_tokens: int = 16,
+    repeats: int = 5,
+    warmup: int = 1,
+    progress: bool = False,
+) -> dict[str, PlanTiming]:
+    """:func:`measure_plans` for several models as they are (e.g. unmerged adapters vs merged weights).
+
+    Each model's timing carries the plan it runs (:func:`~skipvlm.runtime.current_plan`).
+    """
+    return _measure({n: (m, None) for n, m in models.items()}, inputs, new_tokens, repeats, warmup, progress)
+
+
+def _measure(
+    targets: Mapping[str, tuple[nn.Module, Callable[[], Any] | None]],
+    inputs: Mapping[str, torch.Tensor],
+    new_tokens: int,
+    repeats: int,
+    warmup: int,
+    progress: bool,
+) -> dict[str, PlanTiming]:
+    """Time prefill, generate(1) and generate(n) of every (model, untimed setup) target, interleaved."""
     if new_tokens < 2:
         raise ValueError(f"new_tokens must be at least 2 to time decoding, got {new_tokens}")
-    original = current_plan(model)
-    device = next(model.parameters()).device
 
-    def generate(n: int) -> Callable[[], Any]:
+    def generate(model: nn.Module, n: int) -> Callable[[], Any]:
         return lambda: model.generate(
             **inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, return_dict_in_generate=True
         )
 
     fns: dict[str, Callable[[], Any]] = {}
     setup: dict[str, Callable[[], Any]] = {}
-    for name, plan in plans.items():
+    for name, (model, prepare) in targets.items():
         # logits for the last position only, as `generate` asks for them
-        fns[f"{name}/prefill"] = lambda: model(**inputs, use_cache=True, logits_to_keep=1)
-        fns[f"{name}/gen1"] = generate(1)
-        fns[f"{name}/genN"] = generate(new_tokens)
-        for part in ("prefill", "gen1", "genN"):  # switching plans is not part of what is timed
-            setup[f"{name}/{part}"] = functools.partial(apply_plan, model, plan)
-    try:
-        times = interleaved(
-            fns, repeats=repeats, warmup=warmup, device=device, progress=progress, setup=setup
+        fns[f"{name}/prefill"] = functools.partial(model, **inputs, use_cache=True, logits_to_keep=1)
+        fns[f"{name}/gen1"] = generate(model, 1)
+        fns[f"{name}/genN"] = generate(model, new_tokens)
+        if prepare is not None:  # e.g. switching plans: not part of what is timed
+            setup |= {f"{name}/{part}": prepare for part in ("prefill", "gen1", "genN")}
+    device = next(next(iter(targets.values()))[0].parameters()).device
+    times = interleaved(fns, repeats=repeats, warmup=warmup, device=device, progress=progress, setup=setup)
+    results = {}
+    for name, (model, prepare) in targets.items():
+        if prepare is not None:
+            prepare()
+        cache = generate(model, new_tokens)().past_key_values
+        gen1, gen_n = times[f"{name}/gen1"], times[f"{name}/genN"]
+        per_token = [(b - a) / (new_tokens - 1) for a, b in zip(gen1, gen_n, strict=True)]
+        results[name] = PlanTiming(
+            plan=current_plan(model),
+            prefill_s=statistics.median(times[f"{name}/prefill"]),
+            decode_s_per_token=max(statistics.median(per_token), 0.0),
+            kv_cache_bytes=kv_cache_bytes(cache),
+            raw={k.split("/", 1)[1]: v for k, v in times.items() if k.startswith(f"{name}/")},
         )
-        results = {}
-        for name, plan in plans.items():
-            apply_plan(model, plan)
-            cache = generate(new_tokens)().past_key_values
-            gen1, gen_n = times[f"{name}/gen1"], times[f"{name}/genN"]
-            per_token = [(b - a) / (new_tokens - 1) for a, b in zip(gen1, gen_n, strict=True)]
-            results[name] = PlanTiming(
-                plan=plan,
-                prefill_s=statistics.median(times[f"{name}/prefill"]),
-                decode_s_per_token=max(statistics.median(per_token), 0.0),
-                kv_cache_bytes=kv_cache_bytes(cache),
-                raw={k.split("/", 1)[1]: v for k, v in times.items() if k.startswith(f"{name}/")},
-            )
-    finally:
-        apply_plan(model, original)
     return results
 
 
-def _ratio(num: float, den: float) -> float:
+def ratio(num: float, den: float) -> float:
     """num / den, or NaN where noise left a non-positive denominator (never a ZeroDivisionError)."""
     return num / den if den > 0 else float("nan")
 
@@ -172,9 +208,9 @@ def timing_rows(results: Mapping[str, PlanTiming], baseline: str) -> list[dict[s
                 "decode_ms_per_token": r.decode_s_per_token * 1e3,
                 "decode_tokens_per_s": r.decode_tokens_per_s,
                 "kv_cache_bytes": r.kv_cache_bytes,
-                "prefill_speedup": _ratio(base.prefill_s, r.prefill_s),
-                "decode_speedup": _ratio(base.decode_s_per_token, r.decode_s_per_token),
-                "kv_ratio": _ratio(r.kv_cache_bytes, base.kv_cache_bytes),
+                "prefill_speedup": ratio(base.prefill_s, r.prefill_s),
+                "decode_speedup": ratio(base.decode_s_per_token, r.decode_s_per_token),
+                "kv_ratio": ratio(r.kv_cache_bytes, base.kv_cache_bytes),
             }
         )
     return rows
@@ -183,13 +219,13 @@ def timing_rows(results: Mapping[str, PlanTiming], baseline: str) -> list[dict[s
 def timing_table(rows: list[dict[str, Any]]) -> str:
     """A fixed-width text table of :func:`timing_rows` output."""
     head = (
-        f"{'plan':<18}{'prefill ms':>11}{'x':>6}{'decode ms/tok':>15}{'x':>6}"
+        f"{'plan':<22}{'prefill ms':>11}{'x':>6}{'decode ms/tok':>15}{'x':>6}"
         f"{'tok/s':>8}{'KV MiB':>9}{'x':>6}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['name']:<18}{r['prefill_ms']:>11.2f}{r['prefill_speedup']:>6.2f}"
+            f"{r['name']:<22}{r['prefill_ms']:>11.2f}{r['prefill_speedup']:>6.2f}"
             f"{r['decode_ms_per_token']:>15.2f}{r['decode_speedup']:>6.2f}{r['decode_tokens_per_s']:>8.1f}"
             f"{r['kv_cache_bytes'] / 2**20:>9.2f}{r['kv_ratio']:>6.2f}"
         )
