@@ -193,6 +193,22 @@ def logits(model, inputs, **kw) -> torch.Tensor:
         return model(**inputs, **kw).logits
 
 
+def greedy(model, inputs, steps: int, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy ``generate`` forced to ``steps`` tokens: (new tokens (B, steps), logits (B, steps, V))."""
+    with torch.no_grad():
+        out = model.generate(
+            **inputs,
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            **kw,
+        )
+    new = out.sequences[:, inputs["input_ids"].shape[1] :]
+    return new, torch.stack(out.logits, dim=1)
+
+
 def build_eas(arch: str, skip=(1, 2), seed: int = 0, dtype=torch.float32, **cfg) -> skipvlm.EASModel:
     """An EAS model on a tiny ``arch`` model with ``skip`` attentions skipped (fresh, identity adapters)."""
     config = skipvlm.EASConfig(skip_attention=list(skip), **cfg)

@@ -14,7 +14,7 @@ from skipvlm.merge import PLAN_KEY, PerExampleMerger
 from skipvlm.pia import PIABase, PIALayers
 from skipvlm.runtime import RemovedAttention
 
-from conftest import build_eas, logits, make_inputs, randomize_adapters
+from conftest import build_eas, greedy, logits, make_inputs, randomize_adapters
 
 ATOL = 1e-4
 EAS_ARCHS = ("llama", "llava", "qwen2")
@@ -27,18 +27,6 @@ def trained(arch: str, skip=(1, 2), **cfg) -> tuple[skipvlm.EASModel, dict]:
     batch = make_inputs(arch, lengths=(7, 4), seed=3)
     model.calibrate([batch, make_inputs(arch, lengths=(5,), seed=4)], progress=False)
     return model, batch
-
-
-def greedy(model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
-    with torch.no_grad():
-        out = model.generate(
-            **inputs,
-            max_new_tokens=DECODE_STEPS,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-    return out.sequences, torch.stack(out.logits, dim=1)
 
 
 def assert_no_adapters_left(model, skipped):
@@ -56,12 +44,12 @@ def test_per_example_merge_equals_unmerged(arch):
     model, _ = trained(arch)
     prompt = make_inputs(arch, lengths=(6,), seed=5)
     prefill = logits(model, prompt)
-    sequences, steps = greedy(model, prompt)
+    sequences, steps = greedy(model, prompt, DECODE_STEPS)
 
     merged = copy.deepcopy(model).merge_and_unload(mode="per_example")
     assert_no_adapters_left(merged, skipped=(1, 2))
     torch.testing.assert_close(logits(merged, prompt), prefill, rtol=0, atol=ATOL)
-    merged_sequences, merged_steps = greedy(merged, prompt)
+    merged_sequences, merged_steps = greedy(merged, prompt, DECODE_STEPS)
     assert torch.equal(merged_sequences, sequences)
     torch.testing.assert_close(merged_steps, steps, rtol=0, atol=ATOL)
 
@@ -82,7 +70,7 @@ def test_static_merge_equals_unmerged_with_calibration_means(arch):
     model, batch = trained(arch)
     model.adapters.use_calibration = True
     forced = logits(model, batch)
-    forced_sequences, forced_steps = greedy(model, batch)
+    forced_sequences, forced_steps = greedy(model, batch, DECODE_STEPS)
     model.adapters.use_calibration = False
     assert (logits(model, batch) - forced).abs().max() > 1e-4  # the means differ from each prompt's own
 
@@ -90,7 +78,7 @@ def test_static_merge_equals_unmerged_with_calibration_means(arch):
     assert_no_adapters_left(merged, skipped=(1, 2))
     assert get_decoder(merged).plan == skipvlm.Plan(skip_attention=[1, 2])
     torch.testing.assert_close(logits(merged, batch), forced, rtol=0, atol=ATOL)
-    sequences, steps = greedy(merged, batch)
+    sequences, steps = greedy(merged, batch, DECODE_STEPS)
     assert torch.equal(sequences, forced_sequences)
     torch.testing.assert_close(steps, forced_steps, rtol=0, atol=ATOL)
 

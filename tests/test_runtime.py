@@ -13,7 +13,7 @@ import skipvlm
 from skipvlm.arch import get_decoder, get_layers
 from skipvlm.runtime import SkipDecoder
 
-from conftest import ALL_ARCHS, VLM_ARCHS, build_model, logits, make_inputs, select_rows
+from conftest import ALL_ARCHS, VLM_ARCHS, build_model, greedy, logits, make_inputs, select_rows
 
 
 def zero_out(model, layer: int, module: str) -> torch.nn.Module:
@@ -195,27 +195,12 @@ def _greedy_without_cache(model, arch, inputs, steps):
     return torch.cat(tokens, dim=1), torch.stack(step_logits, dim=1)
 
 
-def _generate(model, inputs, steps, **kw):
-    with torch.no_grad():
-        out = model.generate(
-            **inputs,
-            max_new_tokens=steps,
-            min_new_tokens=steps,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-            **kw,
-        )
-    new = out.sequences[:, inputs["input_ids"].shape[1] :]
-    return new, torch.stack(out.logits, dim=1)
-
-
 @pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_cached_generation_equals_full_recompute(arch):
     model = build_model(arch)
     skipvlm.apply_plan(model, skipvlm.Plan(skip_attention=[0, 2], skip_mlp=[3]))
     inputs = make_inputs(arch, lengths=(6,))
-    tokens, step_logits = _generate(model, inputs, steps=6)
+    tokens, step_logits = greedy(model, inputs, steps=6)
     ref_tokens, ref_logits = _greedy_without_cache(model, arch, inputs, steps=6)
     assert torch.equal(tokens, ref_tokens)
     torch.testing.assert_close(step_logits, ref_logits, rtol=0, atol=1e-5)
@@ -226,9 +211,9 @@ def test_left_padded_batch_equals_one_by_one(arch):
     model = build_model(arch)
     skipvlm.apply_plan(model, skipvlm.Plan(skip_attention=[0], skip_mlp=[2]))
     batch = make_inputs(arch, lengths=(7, 3, 5), seed=1)
-    tokens, step_logits = _generate(model, batch, steps=5)
+    tokens, step_logits = greedy(model, batch, steps=5)
     for b in range(3):
-        one_tokens, one_logits = _generate(model, select_rows(arch, batch, b), steps=5)
+        one_tokens, one_logits = greedy(model, select_rows(arch, batch, b), steps=5)
         assert torch.equal(tokens[b], one_tokens[0])
         torch.testing.assert_close(step_logits[b], one_logits[0], rtol=0, atol=1e-4)
 
@@ -239,7 +224,7 @@ def test_image_anywhere_in_the_prompt(arch):
     skipvlm.apply_plan(model, skipvlm.Plan(skip_attention=[1]))
     for image_at in (0, 3, 6):
         inputs = make_inputs(arch, lengths=(6,), image_at=image_at)
-        tokens, _ = _generate(model, inputs, steps=3)
+        tokens, _ = greedy(model, inputs, steps=3)
         ref_tokens, _ = _greedy_without_cache(model, arch, inputs, steps=3)
         assert torch.equal(tokens, ref_tokens)
 
