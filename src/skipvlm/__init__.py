@@ -8,12 +8,14 @@ from skipvlm.eas import EASConfig, EASModel, get_eas_model
 from skipvlm.merge import export_merged, load_pretrained, merge_and_unload
 from skipvlm.plan import Plan
 from skipvlm.runtime import apply_plan, current_plan, kv_cache_bytes
+from skipvlm.search import Bandit
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "ArchFacts",
+    "Bandit",
     "EASConfig",
     "EASModel",
     "Plan",
