@@ -281,3 +281,56 @@ def test_gradient_checkpointing_with_adapters_gives_the_same_gradients():
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=0, atol=1e-6)
+
+
+# --- the other candidate kinds --------------------------------------------------------------------------
+
+
+def test_das_layer_adapter_starts_as_a_plain_layer_skip_and_refuses_to_merge():
+    base = build_model("llama")
+    inputs = make_inputs("llama", lengths=(6, 3))
+    plain = skipvlm.apply_plan(copy.deepcopy(base), skipvlm.Plan(skip_attention=[2], skip_mlp=[2]))
+    model = skipvlm.get_eas_model(base, skipvlm.EASConfig(skip_layers=[2]))
+    assert list(model.adapters.bottleneck) == ["2"] and "2" not in model.adapters.adapt
+    torch.testing.assert_close(logits(model, inputs), logits(plain, inputs), rtol=0, atol=0)
+    randomize_adapters(model)
+    assert (logits(model, inputs) - logits(plain, inputs)).abs().max() > 1e-3
+    model.calibrate([inputs], progress=False)
+    with pytest.raises(ValueError, match=r"layer\(s\) \[2\] are skipped whole with DAS.*ReLU"):
+        model.merge_and_unload("static")
+
+
+def test_mlp_skips_run_plainly_and_merge():
+    base = build_model("llama")
+    inputs = make_inputs("llama", lengths=(6, 3))
+    model = randomize_adapters(skipvlm.get_eas_model(base, skipvlm.EASConfig(skip_mlp=[1, 3])))
+    assert model.plan == skipvlm.Plan(skip_mlp=[1, 3]) and len(model.adapters.replace) == 0
+    model.calibrate([inputs], progress=False)
+    model.adapters.use_calibration = True
+    forced = logits(model, inputs)
+    merged = model.merge_and_unload("static")
+    torch.testing.assert_close(logits(merged, inputs), forced, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("kind", "replace", "bottleneck"), [("attention_or_mlp", 4, 0), ("mlp", 0, 0), ("layer", 0, 4)]
+)
+def test_supernets_of_every_candidate_kind_move_their_skips(kind, replace, bottleneck):
+    model = skipvlm.get_eas_model(build_model("llama"), skipvlm.EASConfig(supernet=True, candidates=kind))
+    adapters = model.adapters
+    assert (len(adapters.replace), len(adapters.adapt), len(adapters.bottleneck)) == (replace, 4, bottleneck)
+    plan = skipvlm.search.Candidates(kind, 4).plan([0, 3] if kind != "attention_or_mlp" else [0, 7])
+    model.set_plan(plan)
+    assert model.plan == plan
+    if kind == "layer":
+        assert model.eas_config.skip_layers == [0, 3] and model.eas_config.skip_attention == []
+    randomize_adapters(model)
+    out = logits(model, make_inputs("llama", lengths=(5,)))
+    assert torch.isfinite(out).all()
+
+
+def test_config_rejects_a_layer_listed_twice_across_kinds():
+    with pytest.raises(ValueError, match=r"skip_layers \[2\] also appear"):
+        skipvlm.EASConfig(skip_attention=[2], skip_layers=[2])
+    with pytest.raises(ValueError, match="candidates must be one of"):
+        skipvlm.EASConfig(candidates="heads")

@@ -50,11 +50,15 @@ class EASConfig:
 
     Args:
         skip_attention: layers whose self-attention is skipped and replaced by a replace-PIA.
-        replace_dim: bottleneck width d_r of the replace-PIA (the spec's default is 4 * adapt_dim).
+        skip_mlp: layers whose MLP is skipped (plainly: the MLP ablation of the search).
+        skip_layers: layers skipped whole and replaced by a DAS bottleneck adapter (the DAS baseline).
+        replace_dim: bottleneck width d_r of the replace-PIA (the spec's default is 4 * adapt_dim), also
+            the width of DAS bottleneck adapters.
         adapt_dim: bottleneck width d_a of the adapt-PIA on kept attentions.
         adapt_layers: ``"kept"`` puts an adapt-PIA on every layer whose attention runs; ``"none"`` none.
-        supernet: build both adapter kinds in every layer, so :meth:`EASModel.set_skip_attention` can
+        supernet: build the adapters of ``candidates`` in every layer, so :meth:`EASModel.set_plan` can
             move the skips anywhere (what the redundancy search trains).
+        candidates: what a supernet may skip: ``attention``, ``mlp``, ``attention_or_mlp`` or ``layer``.
         groups: block-diagonal groups G of the up-projections.
         scale: adapter scale s.
         temperature: router temperature tau.
@@ -69,12 +73,17 @@ class EASConfig:
     skip_attention: list[int] = field(
         default_factory=list, metadata={"help": "layers whose attention is skipped (0-based)"}
     )
+    skip_mlp: list[int] = field(default_factory=list, metadata={"help": "layers whose MLP is skipped"})
+    skip_layers: list[int] = field(
+        default_factory=list, metadata={"help": "layers skipped whole, with a DAS bottleneck adapter"}
+    )
     replace_dim: int = field(default=32, metadata={"help": "replace-PIA bottleneck width d_r"})
     adapt_dim: int = field(default=8, metadata={"help": "adapt-PIA bottleneck width d_a"})
     adapt_layers: str = field(
         default="kept", metadata={"help": "'kept': adapt-PIA on kept attentions; 'none'"}
     )
     supernet: bool = field(default=False, metadata={"help": "adapters in every layer, so skips can move"})
+    candidates: str = field(default="attention", metadata={"help": "what a supernet may skip"})
     groups: int = field(default=2, metadata={"help": "block-diagonal groups G of the up-projections"})
     scale: float = field(default=1.0, metadata={"help": "adapter output scale s"})
     temperature: float = field(default=10.0, metadata={"help": "router softmax temperature tau"})
@@ -83,7 +92,21 @@ class EASConfig:
     init_seed: int = field(default=0, metadata={"help": "seed of the adapters' initialisation"})
 
     def __post_init__(self) -> None:
-        self.skip_attention = list(Plan(skip_attention=self.skip_attention).skip_attention)
+        from skipvlm.search import CANDIDATE_KINDS
+
+        plan = Plan(skip_attention=self.skip_attention, skip_mlp=self.skip_mlp)
+        self.skip_attention, self.skip_mlp = list(plan.skip_attention), list(plan.skip_mlp)
+        self.skip_layers = list(Plan(skip_attention=self.skip_layers).skip_attention)
+        clash = sorted(set(self.skip_layers) & (set(self.skip_attention) | set(self.skip_mlp)))
+        if clash:
+            raise ValueError(
+                f"EASConfig.skip_layers {clash} also appear in skip_attention / skip_mlp; a layer skipped "
+                "whole is listed in skip_layers only"
+            )
+        if self.candidates not in CANDIDATE_KINDS:
+            raise ValueError(
+                f"EASConfig.candidates must be one of {CANDIDATE_KINDS}, got {self.candidates!r}"
+            )
         if self.adapt_layers not in ("kept", "none"):
             raise ValueError(f"EASConfig.adapt_layers must be 'kept' or 'none', got {self.adapt_layers!r}")
         for name in ("replace_dim", "adapt_dim", "groups"):
@@ -102,6 +125,28 @@ class EASConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def plan(self) -> Plan:
+        """The skip plan this config asks for."""
+        return Plan(
+            skip_attention=sorted({*self.skip_attention, *self.skip_layers}),
+            skip_mlp=sorted({*self.skip_mlp, *self.skip_layers}),
+        )
+
+    def adapter_layout(self, num_layers: int) -> tuple[list[int], list[int], list[int]]:
+        """(replace-PIA layers, adapt-PIA layers, DAS bottleneck layers) this config builds."""
+        everything = list(range(num_layers))
+        if self.supernet:
+            kind = self.candidates
+            replace = everything if kind in ("attention", "attention_or_mlp") else []
+            bottleneck = everything if kind == "layer" else []
+            adapt = everything
+        else:
+            replace = [i for i in self.skip_attention if i not in self.skip_mlp]
+            bottleneck = list(self.skip_layers)
+            plan = self.plan()
+            adapt = [i for i in everything if i not in plan.skip_attention]
+        return replace, adapt if self.adapt_layers == "kept" else [], bottleneck
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EASConfig:
@@ -138,7 +183,6 @@ class EASModel(nn.Module):
     def __init__(self, base_model: nn.Module, config: EASConfig):
         super().__init__()
         facts = arch_facts(base_model)
-        Plan(skip_attention=config.skip_attention).validate_for(facts.num_layers)
         self.base_model = base_model
         self.eas_config = config
         object.__setattr__(self, "facts", facts)
@@ -148,21 +192,15 @@ class EASModel(nn.Module):
         parent, name, decoder = decoder_slot(base_model, facts)
         if ADAPTERS in getattr(decoder, "_modules", {}):
             raise ValueError("this model already has EAS adapters; pass the plain base model")
-        plan = Plan(skip_attention=config.skip_attention)
+        plan = config.plan()
+        plan.validate_for(facts.num_layers)
         if isinstance(decoder, SkipDecoder):
-            decoder.plan = Plan(skip_attention=plan.skip_attention, skip_mlp=decoder.plan.skip_mlp)
+            decoder.plan = plan
         else:
             decoder = SkipDecoder(decoder, facts, plan)
             setattr(parent, name, decoder)
-        overlap = sorted(set(config.skip_attention) & set(decoder.plan.skip_mlp))
-        if overlap:
-            raise ValueError(f"layer(s) {overlap} skip both attention and MLP; a replace-PIA needs the MLP")
 
-        everything = range(facts.num_layers)
-        replace = list(everything) if config.supernet else config.skip_attention
-        adapt: list[int] = []
-        if config.adapt_layers == "kept":
-            adapt = [i for i in everything if config.supernet or i not in config.skip_attention]
+        replace, adapt, bottleneck = config.adapter_layout(facts.num_layers)
         reference = next(base_model.parameters())
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.init_seed)
@@ -172,6 +210,7 @@ class EASModel(nn.Module):
                 adapt,
                 config.replace_dim,
                 config.adapt_dim,
+                bottleneck_layers=bottleneck,
                 groups=config.groups,
                 scale=config.scale,
                 temperature=config.temperature,
@@ -207,7 +246,7 @@ class EASModel(nn.Module):
     @property
     def skip_attention(self) -> list[int]:
         """The layers whose attention is skipped now."""
-        return list(self.decoder.plan.skip_attention)
+        return list(self.plan.skip_attention)
 
     def projector(self) -> nn.Module:
         """The multimodal projector of the base model.
@@ -252,18 +291,27 @@ class EASModel(nn.Module):
             f"trainable%: {100 * trainable / max(total, 1):.4f}"
         )
 
+    @property
+    def plan(self) -> Plan:
+        """The skip plan the model runs now."""
+        return self.decoder.plan
+
     def set_skip_attention(self, layers: Iterable[int]) -> None:
-        """Move the skipped attentions to ``layers`` (the supernet's move during the search).
+        """Move the skipped attentions to ``layers`` (a supernet's move); see :meth:`set_plan`."""
+        self.set_plan(Plan(skip_attention=list(layers), skip_mlp=self.plan.skip_mlp))
+
+    def set_plan(self, plan: Plan) -> None:
+        """Run ``plan`` from now on: skipped attentions use their replace-PIA, layers skipped whole their
+        DAS adapter (or nothing), kept attentions their adapt-PIA.
 
         Raises:
             ValueError: an index is out of range, or a layer lacks the adapter it would need (build
-                with ``EASConfig(supernet=True)`` to be able to skip any layer).
+                with ``EASConfig(supernet=True, candidates=...)`` to be able to skip any layer).
         """
-        decoder = self.decoder
-        plan = Plan(skip_attention=list(layers), skip_mlp=decoder.plan.skip_mlp)
         plan.validate_for(self.facts.num_layers)
         adapters = self.adapters
-        missing = [i for i in plan.skip_attention if adapters.adapter(i, True) is None]
+        whole = sorted(set(plan.skip_attention) & set(plan.skip_mlp))
+        missing = [i for i in plan.skip_attention if i not in whole and adapters.adapter(i, True) is None]
         if self.eas_config.adapt_layers == "kept":
             missing += [
                 i
@@ -275,8 +323,11 @@ class EASModel(nn.Module):
                 f"layer(s) {sorted(missing)} have no adapter for that role; build the model with "
                 "EASConfig(supernet=True) to move skips anywhere"
             )
-        decoder.plan = plan
-        self.eas_config.skip_attention = list(plan.skip_attention)
+        self.decoder.plan = plan
+        cfg = self.eas_config
+        cfg.skip_layers = [i for i in whole if str(i) in adapters.bottleneck]
+        cfg.skip_attention = [i for i in plan.skip_attention if i not in cfg.skip_layers]
+        cfg.skip_mlp = [i for i in plan.skip_mlp if i not in cfg.skip_layers]
 
     @torch.no_grad()
     def calibrate(self, batches: Iterable[dict[str, Any]], progress: bool = True) -> int:

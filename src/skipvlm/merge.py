@@ -71,9 +71,22 @@ _MODEL_CLASSES = {
 
 
 def _active_adapters(adapters: PIALayers, plan: Plan, num_layers: int) -> dict[int, PIABase]:
-    """The adapter each layer runs under ``plan`` (a supernet's idle adapters are left out)."""
+    """The PIA each layer runs under ``plan`` (a supernet's idle adapters are left out).
+
+    Raises:
+        ValueError: a layer runs a DAS bottleneck adapter, which has a ReLU and cannot be merged.
+    """
+    whole = set(plan.skip_attention) & set(plan.skip_mlp)
+    das = sorted(i for i in whole if str(i) in adapters.bottleneck)
+    if das:
+        raise ValueError(
+            f"layer(s) {das} are skipped whole with DAS bottleneck adapters, which have a ReLU and so are "
+            "not affine: they cannot be folded into the weights; serve the model unmerged"
+        )
     active = {}
     for i in range(num_layers):
+        if i in whole:
+            continue
         adapter = adapters.adapter(i, i in plan.skip_attention)
         if adapter is not None:
             active[i] = adapter

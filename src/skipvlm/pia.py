@@ -27,6 +27,7 @@ __all__ = [
     "AdaptPIA",
     "AffineMap",
     "BlockDiagonalLinear",
+    "BottleneckAdapter",
     "FrozenPIA",
     "PIALayers",
     "ReplacePIA",
@@ -198,20 +199,41 @@ class ReplacePIA(PIABase):
         return x + self.scale * self._mix(w, h)
 
 
+class BottleneckAdapter(nn.Module):
+    """The DAS baseline's layer replacement ``A(x) = W_up ReLU(W_down x + b_down) + b_up`` (METHODS §3).
+
+    A layer skipped whole becomes ``h + A(N_in(h))``. ``W_up`` and ``b_up`` start at zero, so a fresh
+    adapter skips the layer plainly. The ReLU makes it non-affine: it cannot be merged into weights.
+    """
+
+    def __init__(self, hidden_size: int, rank: int, dropout: float = 0.0):
+        super().__init__()
+        self.down = _down_projection(hidden_size, rank)
+        self.up = nn.Linear(rank, hidden_size)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.dropout(torch.relu(self.down(x))))
+
+
 class PIALayers(nn.Module):
     """All the adapters of one model, keyed by decoder layer: what the skip runtime calls per layer.
 
     A layer whose attention is skipped uses its replace-PIA; a layer whose attention runs uses its
-    adapt-PIA (if it has one). Router weights ``w`` and pooled paths ``g`` come from the pooled prompt
-    vector, or from the calibration means when :attr:`use_calibration` is set; with :attr:`collecting`
-    set, every computed ``w`` / ``g`` is folded into those means.
+    adapt-PIA (if it has one); a layer skipped whole uses its DAS bottleneck adapter (if it has one).
+    Router weights ``w`` and pooled paths ``g`` come from the pooled prompt vector, or from the
+    calibration means when :attr:`use_calibration` is set; with :attr:`collecting` set, every computed
+    ``w`` / ``g`` is folded into those means.
 
     Args:
         hidden_size: C.
         replace_layers: layers that get a replace-PIA (every layer whose attention may be skipped).
         adapt_layers: layers that get an adapt-PIA.
         replace_dim / adapt_dim: bottleneck widths d_r and d_a.
-        **kwargs: groups, scale, temperature, dropout for both kinds.
+        bottleneck_layers: layers that get a DAS bottleneck adapter (width ``replace_dim``).
+        **kwargs: groups, scale, temperature, dropout for the PIAs.
     """
 
     def __init__(
@@ -221,6 +243,7 @@ class PIALayers(nn.Module):
         adapt_layers: list[int],
         replace_dim: int,
         adapt_dim: int,
+        bottleneck_layers: tuple[int, ...] = (),
         **kwargs,
     ):
         super().__init__()
@@ -228,6 +251,10 @@ class PIALayers(nn.Module):
             {str(i): ReplacePIA(hidden_size, replace_dim, **kwargs) for i in replace_layers}
         )
         self.adapt = nn.ModuleDict({str(i): AdaptPIA(hidden_size, adapt_dim, **kwargs) for i in adapt_layers})
+        dropout = kwargs.get("dropout", 0.0)
+        self.bottleneck = nn.ModuleDict(
+            {str(i): BottleneckAdapter(hidden_size, replace_dim, dropout) for i in bottleneck_layers}
+        )
         self.use_calibration = False
         self.collecting = False
 

@@ -306,8 +306,9 @@ class SkipDecoder(nn.Module):
         """One decoder layer under the plan: ``a = h + Attn(N_in(h))``, ``out = a + MLP(N_post(a))``.
 
         With adapters, a skipped attention whose layer has a replace-PIA gives
-        ``out = h + MLP(gamma_post * PIA(N_in(h)))`` (no second rms), and a kept attention reads
-        ``PIA(N_in(h))`` from its adapt-PIA (``shared/METHODS.md`` §2).
+        ``out = h + MLP(gamma_post * PIA(N_in(h)))`` (no second rms), a kept attention reads
+        ``PIA(N_in(h))`` from its adapt-PIA (``shared/METHODS.md`` §2), and a layer skipped whole with a
+        DAS bottleneck adapter gives ``out = h + A(N_in(h))`` (§3).
         """
         skipped = i in self._skip_attn
         weights = None
@@ -315,6 +316,11 @@ class SkipDecoder(nn.Module):
         if prompt is not None:
             adapters: PIALayers | None = self._modules.get(ADAPTERS)
             merger = self._modules.get(MERGER)
+            if skipped and i in self._skip_mlp:  # the whole layer: DAS's h + A(N_in(h)), or nothing
+                bottleneck = adapters.bottleneck._modules.get(str(i)) if adapters is not None else None
+                if bottleneck is not None:
+                    hidden = hidden + bottleneck(layer.input_layernorm(hidden))
+                return hidden, None
             if merger is not None and merger.covers(i):
                 if prompt.mask is not None:  # prefill: fold this example's adapter into the weights
                     merger.merge_layer(i, layer, pooled_prompt(layer.input_layernorm(hidden), prompt.mask))
