@@ -227,3 +227,74 @@ def randomize_adapters(model: skipvlm.EASModel, seed: int = 1, std: float = 0.2)
 @pytest.fixture(params=ALL_ARCHS)
 def arch(request) -> str:
     return request.param
+
+
+# --- a tiny multimodal world: a toy LLaVA checkpoint with its processor, and colour questions ----------
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
+TOY_WORDS = ["user", "assistant", ":", "what", "color", "is", "the", "square", "?", "red", "green", "blue"]
+
+
+def colour_examples(n: int, seed: int = 0, image_dir=None) -> list:
+    """``n`` 'what color is the square?' examples with solid-colour 16x16 images (saved if ``image_dir``)."""
+    import random
+
+    from PIL import Image
+
+    from skipvlm.data import ChatExample
+
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        name = rng.choice(sorted(COLOURS))
+        image = Image.new("RGB", (16, 16), COLOURS[name])
+        if image_dir is not None:
+            path = image_dir / f"{seed}_{i}.png"
+            image.save(path)
+            image = path
+        out.append(
+            ChatExample("what color is the square?", name, image, choices=sorted(COLOURS), id=f"{seed}-{i}")
+        )
+    return out
+
+
+def toy_parts(num_layers: int = 4):
+    """(model, processor) of a tiny random toy LLaVA over :data:`TOY_WORDS`."""
+    from skipvlm import toy
+
+    tokenizer = toy.build_tokenizer(TOY_WORDS)
+    config = toy.ToyConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=num_layers,
+        vision_hidden=16,
+        vision_layers=1,
+        image_size=16,
+        patch_size=4,
+    )
+    return toy.build_toy_model(tokenizer, config), toy.build_processor(tokenizer, config)
+
+
+@pytest.fixture(scope="session")
+def toy_dir(tmp_path_factory):
+    """A saved toy checkpoint folder (model + processor) and JSONL train / held-out / test files."""
+    import json
+
+    from skipvlm import toy
+
+    root = tmp_path_factory.mktemp("toy")
+    model, processor = toy_parts()
+    toy.save_toy(model, processor, root / "model")
+    images = root / "images"
+    images.mkdir()
+    for split, n, seed in (("train", 16, 0), ("heldout", 8, 1), ("test", 6, 2)):
+        with (root / f"{split}.jsonl").open("w") as f:
+            for ex in colour_examples(n, seed, images):
+                row = {
+                    "id": ex.id,
+                    "prompt": ex.prompt,
+                    "answer": ex.answer,
+                    "image": f"images/{ex.image.name}",
+                }
+                f.write(json.dumps(row) + "\n")
+    return root

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 import skipvlm
 from skipvlm.arch import get_decoder, get_layers
 from skipvlm.eas import ADAPTER_FILE, CONFIG_FILE
+from skipvlm.search import Candidates
 
 from conftest import build_eas, build_model, logits, make_inputs, randomize_adapters, select_rows
 
@@ -319,7 +320,7 @@ def test_supernets_of_every_candidate_kind_move_their_skips(kind, replace, bottl
     model = skipvlm.get_eas_model(build_model("llama"), skipvlm.EASConfig(supernet=True, candidates=kind))
     adapters = model.adapters
     assert (len(adapters.replace), len(adapters.adapt), len(adapters.bottleneck)) == (replace, 4, bottleneck)
-    plan = skipvlm.search.Candidates(kind, 4).plan([0, 3] if kind != "attention_or_mlp" else [0, 7])
+    plan = Candidates(kind, 4).plan([0, 3] if kind != "attention_or_mlp" else [0, 7])
     model.set_plan(plan)
     assert model.plan == plan
     if kind == "layer":

@@ -9,6 +9,7 @@ from skipvlm.merge import export_merged, load_pretrained, merge_and_unload
 from skipvlm.plan import Plan
 from skipvlm.runtime import apply_plan, current_plan, kv_cache_bytes
 from skipvlm.search import Bandit
+from skipvlm.train import SearchConfig, SearchResult, TrainConfig, search, train
 
 __version__ = "0.1.0"
 
@@ -19,6 +20,9 @@ __all__ = [
     "EASConfig",
     "EASModel",
     "Plan",
+    "SearchConfig",
+    "SearchResult",
+    "TrainConfig",
     "UnsupportedModelError",
     "__version__",
     "apply_plan",
@@ -29,4 +33,6 @@ __all__ = [
     "kv_cache_bytes",
     "load_pretrained",
     "merge_and_unload",
+    "search",
+    "train",
 ]

@@ -24,8 +24,6 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +33,7 @@ from torch import nn
 
 from skipvlm.arch import ArchFacts, arch_facts, decoder_slot, get_layers
 from skipvlm.eas import EASModel
+from skipvlm.io import atomic_dir
 from skipvlm.pia import (
     AffineMap,
     FrozenPIA,
@@ -358,22 +357,9 @@ def _fill_zero_biases(state: dict[str, torch.Tensor], prefix: str, layers: nn.Mo
 
 
 def _save_checkpoint(base: nn.Module, config: Any, state: dict[str, torch.Tensor], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    try:
+    with atomic_dir(path) as staging:
         base.save_pretrained(staging, state_dict=state)
         config.save_pretrained(staging)  # the stock config plus the switched-on biases and the plan
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-            staging.rename(path)
-            shutil.rmtree(old)
-        else:
-            staging.rename(path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     logger.info("exported the merged model to %s", path)
     return path
 

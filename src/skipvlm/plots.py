@@ -1,0 +1,73 @@
+"""PNG plots of what skipvlm measures (matplotlib, headless Agg backend)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from skipvlm.io import atomic_path
+
+__all__ = ["plot_preferences", "plot_tradeoff"]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_preferences(
+    trajectory: Sequence[Sequence[float]],
+    steps: Sequence[int],
+    arm_names: Sequence[str],
+    path: str | os.PathLike,
+    title: str = "bandit preferences (high = safe to skip)",
+) -> Path:
+    """Heat map of the bandit's preferences, arms x search updates, written atomically to ``path``.
+
+    Args:
+        trajectory: one row of preferences (one per arm) per update.
+        steps: the training step of each row.
+        arm_names: a label per arm.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, max(2.5, 0.25 * len(arm_names) + 1)))
+    data = [list(row) for row in trajectory] or [[0.0] * len(arm_names)]
+    image = ax.imshow(list(zip(*data, strict=True)), aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_yticks(range(len(arm_names)), labels=list(arm_names), fontsize=7)
+    if steps:
+        ticks = sorted({0, len(steps) - 1, *range(0, len(steps), max(1, len(steps) // 6))})
+        ax.set_xticks(ticks, labels=[str(steps[t]) for t in ticks])
+    ax.set_xlabel("training step")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label="preference H")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_tradeoff(
+    points: Sequence[dict], path: str | os.PathLike, x: str = "decode_ms_per_token", y: str = "accuracy"
+) -> Path:
+    """Scatter of methods, ``y`` against ``x`` (e.g. accuracy vs decode latency), labelled by ``name``."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for p in points:
+        if p.get(x) is None or p.get(y) is None:
+            continue
+        ax.scatter(p[x], p[y])
+        ax.annotate(p["name"], (p[x], p[y]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel(x.replace("_", " "))
+    ax.set_ylabel(y.replace("_", " "))
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,131 @@
+"""The tiny multimodal model skipvlm builds itself: a word-level tokenizer, a PIL image processor and a
+real ``LlavaForConditionalGeneration`` (CLIP-style tower + Llama text model), saved together as a normal
+Hugging Face checkpoint with a ``LlavaProcessor``, so that everything downstream (loading, collating,
+search, merging, export) goes through the same code path as a real checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers as tf
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+from skipvlm.io import atomic_dir
+
+__all__ = ["SPECIAL_TOKENS", "ToyConfig", "build_processor", "build_tokenizer", "build_toy_model", "save_toy"]
+
+PAD, BOS, EOS, UNK, IMAGE = "<pad>", "<s>", "</s>", "<unk>", "<image>"
+SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, IMAGE)
+
+
+@dataclass(frozen=True)
+class ToyConfig:
+    """Shapes of the toy model.
+
+    Args:
+        hidden_size / intermediate_size / num_layers / num_heads: the Llama text model.
+        vision_hidden / vision_layers: the CLIP-style vision tower.
+        image_size / patch_size: images are resized to ``image_size`` square; (image_size / patch_size)^2
+            visual tokens per image.
+    """
+
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_layers: int = 8
+    num_heads: int = 4
+    vision_hidden: int = 64
+    vision_layers: int = 2
+    image_size: int = 32
+    patch_size: int = 8
+
+    @property
+    def image_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+def build_tokenizer(words: Iterable[str]) -> tf.PreTrainedTokenizerFast:
+    """A lower-casing word-level tokenizer over ``words`` (plus the special tokens), left-padding.
+
+    Punctuation splits into its own tokens; unknown words map to ``<unk>``.
+    """
+    vocab: dict[str, int] = {}
+    for w in (*SPECIAL_TOKENS, *(w.lower() for w in words)):
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words with spaces
+    fast = tf.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK, padding_side="left"
+    )
+    # The image placeholder must split out of "<image><image>..." as the processor writes it.
+    fast.add_tokens([tf.AddedToken(IMAGE, special=True, normalized=False)], special_tokens=True)
+    return fast
+
+
+def build_processor(tokenizer: tf.PreTrainedTokenizerFast, config: ToyConfig) -> tf.LlavaProcessor:
+    """A ``LlavaProcessor`` with a PIL-based CLIP image processor at the toy's image size."""
+    size = config.image_size
+    images = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    return tf.LlavaProcessor(
+        image_processor=images,
+        tokenizer=tokenizer,
+        patch_size=config.patch_size,
+        vision_feature_select_strategy="default",  # LLaVA-1.5's: the CLS token is dropped
+        image_token=IMAGE,
+        num_additional_image_tokens=1,
+    )
+
+
+def build_toy_model(
+    tokenizer: tf.PreTrainedTokenizerFast, config: ToyConfig, seed: int = 0
+) -> tf.LlavaForConditionalGeneration:
+    """A randomly initialised LLaVA (CLIP-style tower + Llama) sized for ``tokenizer``'s vocabulary."""
+    vision = tf.CLIPVisionConfig(
+        hidden_size=config.vision_hidden,
+        intermediate_size=2 * config.vision_hidden,
+        num_hidden_layers=config.vision_layers,
+        num_attention_heads=2,
+        image_size=config.image_size,
+        patch_size=config.patch_size,
+    )
+    text = tf.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_heads,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    llava = tf.LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    llava.pad_token_id, llava.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    torch.manual_seed(seed)
+    model = tf.LlavaForConditionalGeneration(llava).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def save_toy(model: tf.PreTrainedModel, processor: tf.LlavaProcessor, path: str | os.PathLike) -> Path:
+    """Save model and processor together as one Hugging Face checkpoint folder (atomically)."""
+    with atomic_dir(path) as staging:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+    return Path(path)
