@@ -33,3 +33,99 @@ def test_version_and_usage_errors(capsys):
 def test_bad_arguments_give_a_clear_error_not_a_traceback(capsys):
     assert main(["demo", "--new-tokens", "1"]) == 2
     assert "new_tokens must be >= 2" in capsys.readouterr().err
+
+
+def test_search_train_merge_eval_end_to_end(toy_dir, tmp_path, capsys):
+    run, merged = tmp_path / "run", tmp_path / "merged"
+    common = ["--model", str(toy_dir / "model"), "--batch-size", "4"]
+    search = [
+        "search",
+        *common,
+        "--train",
+        str(toy_dir / "train.jsonl"),
+        "--heldout",
+        str(toy_dir / "heldout.jsonl"),
+    ]
+    search += [
+        "--k",
+        "2",
+        "--warmup-epochs",
+        "1",
+        "--search-epochs",
+        "2",
+        "--interval",
+        "1",
+        "--out",
+        str(run),
+    ]
+    assert main([*search, "--no-progress", "--lr", "0.01"]) == 0
+    plan = json.loads((run / "plan.json").read_text())
+    assert len(plan["skip_attention"]) == 2
+    assert (run / "preferences.png").is_file() and (run / "search_log.json").is_file()
+
+    train = ["train", *common, "--train", str(toy_dir / "train.jsonl"), "--plan", str(run / "plan.json")]
+    assert main([*train, "--epochs", "2", "--out", str(run), "--no-progress"]) == 0
+    assert (run / "adapters" / "adapter_model.safetensors").is_file()
+
+    assert (
+        main(
+            [
+                "merge",
+                "--model",
+                str(toy_dir / "model"),
+                "--adapters",
+                str(run / "adapters"),
+                "--out",
+                str(merged),
+            ]
+        )
+        == 0
+    )
+    assert (merged / "tokenizer.json").is_file()
+    assert (
+        json.loads((merged / "config.json").read_text())["skipvlm_plan"]["skip_attention"]
+        == plan["skip_attention"]
+    )
+
+    assert main(["eval", *common, "--data", str(toy_dir / "test.jsonl"), "--out", str(run)]) == 0
+    base_eval = json.loads((run / "eval.json").read_text())
+    evaluated = ["eval", "--model", str(merged), "--data", str(toy_dir / "test.jsonl"), "--out", str(run)]
+    assert main(evaluated) == 0
+    result = json.loads((run / "eval.json").read_text())
+    assert result["total"] == base_eval["total"] == 6 and 0 <= result["accuracy"] <= 1
+    assert "accuracy" in capsys.readouterr().out
+
+    unmerged = ["eval", *common, "--data", str(toy_dir / "test.jsonl"), "--adapters", str(run / "adapters")]
+    assert main([*unmerged, "--out", str(tmp_path / "u")]) == 0
+    same = json.loads((tmp_path / "u" / "eval.json").read_text())
+    assert [p["prediction"] for p in same["predictions"]] == [p["prediction"] for p in result["predictions"]]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--k", "9"], "k=9 is larger than the 4 'attention' candidates"),
+        (["--interval", "99"], "interval=99 is larger than the search phase"),
+    ],
+)
+def test_search_settings_are_checked_before_loading_the_model(
+    toy_dir, tmp_path, capsys, monkeypatch, extra, message
+):
+    import skipvlm.cli as cli
+
+    monkeypatch.setattr(cli, "_load_model", lambda *a: pytest.fail("loaded the model before checking"))
+    args = ["search", "--model", str(toy_dir / "model"), "--train", str(toy_dir / "train.jsonl")]
+    args += ["--heldout", str(toy_dir / "heldout.jsonl"), "--out", str(tmp_path), *extra]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_model_and_data_fail_clearly(toy_dir, tmp_path, capsys):
+    args = ["search", "--model", str(tmp_path / "nope"), "--train", str(toy_dir / "train.jsonl")]
+    assert main([*args, "--heldout", str(toy_dir / "heldout.jsonl"), "--out", str(tmp_path)]) == 2
+    assert "model folder" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x"}\n')
+    args = ["train", "--model", str(toy_dir / "model"), "--train", str(bad), "--out", str(tmp_path)]
+    assert main(args) == 2
+    assert "bad.jsonl:1: field 'answer' is missing" in capsys.readouterr().err

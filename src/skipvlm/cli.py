@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from skipvlm import __version__
 
@@ -38,6 +42,216 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0 if result["cached_equals_recompute"] else 1
 
 
+# --- options generated from the config dataclasses -------------------------------------------------------
+
+
+def _parse_layers(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got {text!r}") from err
+
+
+def _add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One ``--option`` per field of the dataclass ``cls``, typed and documented from the field."""
+    group = parser.add_argument_group(f"{cls.__name__} options")
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f"{f.metadata.get('help', '')} (default: {default})"
+        kind = str(f.type)
+        if kind == "bool":
+            group.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
+        elif kind.startswith("list"):
+            group.add_argument(flag, dest=f.name, type=_parse_layers, default=None, help=help_text)
+        elif kind in ("int", "float", "str"):
+            group.add_argument(
+                flag,
+                dest=f.name,
+                type={"int": int, "float": float, "str": str}[kind],
+                default=None,
+                help=help_text,
+            )
+
+
+def _config_from_args(cls: type, args: argparse.Namespace, **overrides):
+    """Build ``cls`` from the options the user gave (the rest keep their defaults)."""
+    given = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(cls)
+        if getattr(args, f.name, None) is not None
+    }
+    return cls(**{**given, **overrides})
+
+
+# --- search / train / eval / merge ---------------------------------------------------------------------
+
+
+def _device(args: argparse.Namespace) -> Any:
+    import torch
+
+    if args.device:
+        return torch.device(args.device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def _check_model_dir(path: str) -> Path:
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        what = "does not exist" if not folder.exists() else "has no config.json"
+        raise FileNotFoundError(f"model folder {folder} {what}; pass a locally saved Hugging Face checkpoint")
+    return folder
+
+
+def _model_facts(folder: Path):
+    """Architecture facts from config.json alone, to validate settings before loading any weights."""
+    import transformers
+
+    from skipvlm.arch import arch_facts
+
+    return arch_facts(transformers.AutoConfig.from_pretrained(folder, trust_remote_code=False))
+
+
+def _load_model(folder: Path, args: argparse.Namespace):
+    import torch
+
+    from skipvlm.merge import load_pretrained
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    return load_pretrained(folder, dtype=dtype).to(_device(args)).eval()
+
+
+def _batches(examples: list, collator, batch_size: int) -> list:
+    return [collator(examples[i : i + batch_size]) for i in range(0, len(examples), batch_size)]
+
+
+def _data(args: argparse.Namespace, attr: str) -> list:
+    from skipvlm.data import load_jsonl
+
+    return load_jsonl(getattr(args, attr), image_folder=args.image_folder)
+
+
+def _collator(folder: Path, args: argparse.Namespace):
+    from skipvlm.data import ChatCollator, load_processor
+
+    return ChatCollator(load_processor(folder), max_length=args.max_length)
+
+
+def _world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from skipvlm.eas import EASConfig
+    from skipvlm.train import SearchConfig, TrainConfig, search
+
+    folder = _check_model_dir(args.model)
+    train_ex, held_ex = _data(args, "train"), _data(args, "heldout")
+    config = _config_from_args(SearchConfig, args, train=_config_from_args(TrainConfig, args))
+    steps = math.ceil(math.ceil(len(train_ex) / args.batch_size) // _world() / config.train.grad_accum)
+    config.check_against(_model_facts(folder).num_layers, max(steps, 1))
+    collator = _collator(folder, args)
+    train_b, held_b = (
+        _batches(train_ex, collator, args.batch_size),
+        _batches(held_ex, collator, args.batch_size),
+    )
+    model = _load_model(folder, args)
+    result = search(
+        model,
+        train_b,
+        held_b,
+        config,
+        eas=_config_from_args(EASConfig, args),
+        out=args.out,
+        resume=args.resume,
+    )
+    names = ", ".join(f"{i}" for i in result.arms)
+    print(f"searched {config.candidates} candidates: skip {names} -> {Path(args.out) / 'plan.json'}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from skipvlm.eas import EASConfig
+    from skipvlm.plan import Plan
+    from skipvlm.train import TrainConfig, eas_config_for_plan, train
+
+    folder = _check_model_dir(args.model)
+    train_ex = _data(args, "train")
+    eas = _config_from_args(EASConfig, args)
+    if args.plan:
+        eas = eas_config_for_plan(Plan.load(args.plan), args.candidates, eas)
+    eas.plan().validate_for(_model_facts(folder).num_layers)
+    config = _config_from_args(TrainConfig, args)
+    collator = _collator(folder, args)
+    model = _load_model(folder, args)
+    trained = train(
+        model,
+        _batches(train_ex, collator, args.batch_size),
+        config,
+        eas=eas,
+        out=args.out,
+        resume=args.resume,
+    )
+    trainable, total = trained.trainable_parameters()
+    print(
+        f"trained {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%) with "
+        f"{trained.plan}; adapters -> {Path(args.out) / 'adapters'}"
+    )
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from skipvlm.eas import EASModel
+    from skipvlm.evaluate import evaluate
+    from skipvlm.io import atomic_write_text
+
+    folder = _check_model_dir(args.model)
+    examples = _data(args, "data")
+    collator = _collator(folder, args)
+    model = _load_model(folder, args)
+    if args.adapters:
+        model = EASModel.from_pretrained(model, args.adapters)
+        if args.merge != "none":
+            model = model.merge_and_unload(args.merge)
+    result = evaluate(model, collator, examples, args.batch_size, args.max_new_tokens)
+    print(f"accuracy {100 * result.accuracy:.2f}% ({result.correct}/{result.total}) on {args.data}")
+    if args.out:
+        path = atomic_write_text(Path(args.out) / "eval.json", json.dumps(result.to_dict(), indent=1) + "\n")
+        print(f"wrote {path}")
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from skipvlm.data import load_processor
+    from skipvlm.eas import EASModel
+
+    folder = _check_model_dir(args.model)
+    model = EASModel.from_pretrained(_load_model(folder, args), args.adapters)
+    path = model.export_merged(args.out)
+    load_processor(folder).save_pretrained(path)
+    print(f"merged {model.plan} into a stock checkpoint -> {path}")
+    return 0
+
+
+def _add_common(parser: argparse.ArgumentParser, data: tuple[str, ...]) -> None:
+    parser.add_argument("--model", required=True, help="a locally saved Hugging Face checkpoint folder")
+    for name in data:
+        parser.add_argument(
+            f"--{name}", required=True, help=f"{name} examples, JSON lines (prompt, answer, image)"
+        )
+    parser.add_argument("--image-folder", help="folder that relative image paths resolve against")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=None, help="longest example in tokens")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="skipvlm",
@@ -52,6 +266,48 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", help="folder to write showcase.json into")
     demo.set_defaults(func=_cmd_demo)
+
+    from skipvlm.eas import EASConfig
+    from skipvlm.train import SearchConfig, TrainConfig
+
+    srch = sub.add_parser("search", help="search which modules are redundant for a task (bandit)")
+    _add_common(srch, ("train", "heldout"))
+    srch.add_argument("--out", required=True, help="folder for plan.json, search_log.json, preferences.png")
+    srch.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    _add_config_args(srch, SearchConfig, skip=("train",))
+    _add_config_args(srch, TrainConfig, skip=("epochs", "calibrate"))
+    _add_config_args(
+        srch, EASConfig, skip=("skip_attention", "skip_mlp", "skip_layers", "supernet", "candidates")
+    )
+    srch.set_defaults(func=_cmd_search)
+
+    trn = sub.add_parser("train", help="fine-tune adapters for a plan")
+    _add_common(trn, ("train",))
+    trn.add_argument("--out", required=True, help="folder for adapters/ and train_log.json")
+    trn.add_argument("--plan", help="plan.json from `skipvlm search` (else use --skip-attention ...)")
+    trn.add_argument(
+        "--candidates", default="attention", help="the candidate kind the plan was searched over"
+    )
+    trn.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    _add_config_args(trn, TrainConfig)
+    _add_config_args(trn, EASConfig, skip=("supernet", "candidates"))
+    trn.set_defaults(func=_cmd_train)
+
+    ev = sub.add_parser("eval", help="accuracy of greedy answers (exact match / multiple choice)")
+    _add_common(ev, ("data",))
+    ev.add_argument("--adapters", help="adapters folder from `skipvlm train` (default: the model as saved)")
+    ev.add_argument("--merge", choices=["none", "static", "per_example"], default="none")
+    ev.add_argument("--max-new-tokens", type=int, default=16)
+    ev.add_argument("--out", help="folder to write eval.json (accuracy and every prediction) into")
+    ev.set_defaults(func=_cmd_eval)
+
+    mrg = sub.add_parser("merge", help="fold trained adapters into a stock checkpoint (static merge)")
+    mrg.add_argument("--model", required=True, help="the base checkpoint folder")
+    mrg.add_argument("--adapters", required=True, help="adapters folder from `skipvlm train`")
+    mrg.add_argument("--out", required=True, help="folder for the merged checkpoint")
+    mrg.add_argument("--device", help="cpu, cuda ... (default: cuda if available)")
+    mrg.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    mrg.set_defaults(func=_cmd_merge)
     return parser
 
 
@@ -59,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         print(f"skipvlm {args.command}: error: {e}", file=sys.stderr)
         return 2
 
