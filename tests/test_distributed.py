@@ -3,16 +3,9 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_ranks_keep_identical_preferences(tmp_path):
@@ -21,8 +14,8 @@ def test_two_ranks_keep_identical_preferences(tmp_path):
         sys.executable,
         "-m",
         "torch.distributed.run",
+        "--standalone",  # a local rendezvous on a port torchrun picks itself
         "--nproc_per_node=2",
-        f"--master_port={_free_port()}",
         str(script),
         str(tmp_path),
     ]

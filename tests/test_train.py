@@ -196,3 +196,21 @@ def test_eas_config_for_plan_maps_each_kind():
     assert cfg.skip_attention == [1, 2] and cfg.skip_mlp == [2] and cfg.skip_layers == []
     das = eas_config_for_plan(skipvlm.Plan(skip_attention=[3], skip_mlp=[3]), "layer")
     assert das.skip_layers == [3] and das.plan() == skipvlm.Plan(skip_attention=[3], skip_mlp=[3])
+
+
+def test_activation_checkpointing_and_bf16_autocast_options():
+    results = []
+    for checkpointing in (False, True):
+        model, batches, _ = data()
+        config = skipvlm.TrainConfig(
+            epochs=1, gradient_checkpointing=checkpointing, progress=False, calibrate=False
+        )
+        results.append(
+            adapters_of(skipvlm.train(model, batches, config, eas=skipvlm.EASConfig(skip_attention=[1])))
+        )
+    for k in results[0]:
+        torch.testing.assert_close(results[1][k], results[0][k], rtol=0, atol=1e-6)
+    model, batches, _ = data()
+    config = skipvlm.TrainConfig(epochs=1, precision="bf16", progress=False, calibrate=False)
+    trained = skipvlm.train(model, batches, config, eas=skipvlm.EASConfig(skip_attention=[1]))
+    assert all(torch.isfinite(v).all() for v in adapters_of(trained).values())
