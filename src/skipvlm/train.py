@@ -42,7 +42,7 @@ from skipvlm.plan import Plan
 from skipvlm.plots import plot_preferences
 from skipvlm.search import Bandit, Candidates
 
-__all__ = ["SearchConfig", "SearchResult", "TrainConfig", "eas_config_for_plan", "search", "train"]
+__all__ = ["SearchConfig", "SearchResult", "TrainConfig", "eas_config_for_plan", "fit", "search", "train"]
 
 logger = logging.getLogger(__name__)
 
@@ -239,7 +239,7 @@ class _Loop:
 
     def __init__(
         self,
-        model: EASModel,
+        model: nn.Module,
         cfg: TrainConfig,
         steps_per_epoch: int,
         epochs: int,
@@ -261,7 +261,7 @@ class _Loop:
         self.autocast_dtype = self._autocast_dtype()
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
         if cfg.gradient_checkpointing:
-            base = model.base_model
+            base = model.base_model if isinstance(model, EASModel) else model
             enable = (
                 getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable
             )
@@ -342,7 +342,7 @@ class _Loop:
         if self.checkpoint_dir is None or not self.procs.is_main:
             return
         tensors = {
-            f"model.{k}": v.detach().contiguous().cpu() for k, v in self.model.adapter_state_dict().items()
+            f"model.{k}": v.detach().contiguous().cpu() for k, v in _trainable_state(self.model).items()
         }
         state = self.optimizer.state_dict()
         for idx, slots in state["state"].items():
@@ -365,9 +365,10 @@ class _Loop:
             return None
         meta = json.loads((self.checkpoint_dir / "state.json").read_text())
         tensors = load_file(str(self.checkpoint_dir / "state.safetensors"))
-        self.model.load_adapter_state_dict(
+        _load_trainable(
+            self.model,
             {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")},
-            source=self.checkpoint_dir,
+            self.checkpoint_dir,
         )
         slots: dict[int, dict[str, torch.Tensor]] = {}
         for key, value in tensors.items():
@@ -383,6 +384,25 @@ class _Loop:
         self.step = int(meta["step"])
         logger.info("resumed from %s at step %d", self.checkpoint_dir, self.step)
         return meta["extra"]
+
+
+def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint keeps of the model: the adapters of an EAS model, else every trainable tensor."""
+    if isinstance(model, EASModel):
+        return model.adapter_state_dict()
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _load_trainable(model: nn.Module, state: dict[str, torch.Tensor], source: Any) -> None:
+    if isinstance(model, EASModel):
+        model.load_adapter_state_dict(state, source=source)
+        return
+    expected = _trainable_state(model)
+    if expected.keys() != state.keys():
+        raise ValueError(f"the checkpoint in {source} holds other tensors than this model trains")
+    with torch.no_grad():
+        for name, value in state.items():
+            expected[name].copy_(value)
 
 
 def _resume_guard(loop: _Loop, resume: bool, identity: dict[str, Any]) -> dict[str, Any] | None:
@@ -584,6 +604,68 @@ def _write_search(result: SearchResult, cands: Candidates, config: SearchConfig,
 # --- train ----------------------------------------------------------------------------------------------
 
 
+def fit(
+    model: nn.Module,
+    batches: Sequence[dict[str, Any]] | Iterable[dict[str, Any]],
+    config: TrainConfig | None = None,
+    out: str | os.PathLike | None = None,
+    resume: bool = False,
+    callback: Callback | None = None,
+    name: str = "fit",
+    identity: dict[str, Any] | None = None,
+) -> list[dict[str, float]]:
+    """Train whatever parameters of ``model`` require grad on ``batches`` (loss from their ``labels``).
+
+    The loop behind :func:`train`; also what trains full fine-tunes, LoRA models and the toy model.
+
+    Args:
+        model: any model whose forward returns ``.loss`` for a batch.
+        batches: model-ready batches (a list, or a DataLoader).
+        config: the :class:`TrainConfig` (``calibrate`` is not used here).
+        out: folder for the ``{name}_checkpoint``.
+        resume: continue from that checkpoint.
+        callback: called after every optimiser step with ``{"step", "loss", "phase"}``.
+        name: names the checkpoint folder and the progress bar.
+        identity: settings a resumed checkpoint must match (the config is always included).
+
+    Returns:
+        The loss history, one ``{"step", "loss", "lr"}`` per optimiser step.
+    """
+    config = config or TrainConfig()
+    out_dir = Path(out) if out is not None else None
+    device = next(model.parameters()).device
+    procs = _Dist(device)
+    train_batches = _Batches(batches, procs, config.shuffle, config.seed)
+    steps_per_epoch = math.ceil(train_batches.count / config.grad_accum)
+    loop = _Loop(model, config, steps_per_epoch, config.epochs, out_dir, name)
+    identity = {"train": asdict(config), "world": procs.world, **(identity or {})}
+    history: list[dict[str, float]] = []
+    torch.manual_seed(config.seed)
+    extra = _resume_guard(loop, resume, identity)
+    if extra is not None:
+        history = extra["history"]
+
+    model.train()
+    bar = tqdm(
+        total=loop.total_steps, initial=loop.step, desc=name, disable=not (config.progress and procs.is_main)
+    )
+    for epoch in range(loop.position()[0], config.epochs):
+        for group in loop.groups(train_batches, epoch):
+            loss = sum(loop.backward(b) for b in group) / len(group)
+            loop.update()
+            history.append({"step": loop.step, "loss": loss, "lr": loop.lr_at(loop.step - 1)})
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+            if config.checkpoint_every and loop.step % config.checkpoint_every == 0:
+                loop.save({"identity": identity, "history": history})
+            if callback is not None:
+                callback({"step": loop.step, "loss": loss, "phase": name})
+    bar.close()
+    loop.save({"identity": identity, "history": history})
+    model.eval()
+    return history
+
+
 def train(
     model: nn.Module,
     batches: Sequence[dict[str, Any]] | Iterable[dict[str, Any]],
@@ -609,42 +691,18 @@ def train(
         The trained :class:`EASModel` (in eval mode).
     """
     config = config or TrainConfig()
-    out_dir = Path(out) if out is not None else None
     eas_model = model if isinstance(model, EASModel) else get_eas_model(model, eas or EASConfig())
+    identity = {"eas": eas_model.eas_config.to_dict()}
+    history = fit(eas_model, batches, config, out, resume, callback, name="train", identity=identity)
     device = next(eas_model.parameters()).device
     procs = _Dist(device)
-    train_batches = _Batches(batches, procs, config.shuffle, config.seed)
-    steps_per_epoch = math.ceil(train_batches.count / config.grad_accum)
-    loop = _Loop(eas_model, config, steps_per_epoch, config.epochs, out_dir, "train")
-    identity = {"train": asdict(config), "eas": eas_model.eas_config.to_dict(), "world": procs.world}
-    history: list[dict[str, float]] = []
-    torch.manual_seed(config.seed)
-    extra = _resume_guard(loop, resume, identity)
-    if extra is not None:
-        history = extra["history"]
-
-    eas_model.train()
     show = config.progress and procs.is_main
-    bar = tqdm(total=loop.total_steps, initial=loop.step, desc="train", disable=not show)
-    for epoch in range(loop.position()[0], config.epochs):
-        for group in loop.groups(train_batches, epoch):
-            loss = sum(loop.backward(b) for b in group) / len(group)
-            loop.update()
-            history.append({"step": loop.step, "loss": loss, "lr": loop.lr_at(loop.step - 1)})
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}")
-            if config.checkpoint_every and loop.step % config.checkpoint_every == 0:
-                loop.save({"identity": identity, "history": history})
-            if callback is not None:
-                callback({"step": loop.step, "loss": loss, "phase": "train"})
-    bar.close()
-    loop.save({"identity": identity, "history": history})
-    eas_model.eval()
     if config.calibrate:
-        local = [b for b in train_batches.epoch(0)]
+        local = _Batches(batches, procs, shuffle=False, seed=config.seed).epoch(0)
         eas_model.calibrate((_to(b, device) for b in local), progress=show)
         _sync_calibration(eas_model, procs)
-    if out_dir is not None and procs.is_main:
+    if out is not None and procs.is_main:
+        out_dir = Path(out)
         eas_model.save_pretrained(out_dir / "adapters")
         log = {"config": asdict(config), "eas": eas_model.eas_config.to_dict(), "history": history}
         atomic_write_text(out_dir / "train_log.json", json.dumps(log, indent=1) + "\n")
