@@ -7,8 +7,8 @@ import pytest
 from skipvlm.cli import main
 
 
-def test_demo_runs_and_writes_its_measurements(tmp_path, capsys):
-    assert main(["demo", "--repeats", "2", "--new-tokens", "4", "--out", str(tmp_path)]) == 0
+def test_showcase_runs_and_writes_its_measurements(tmp_path, capsys):
+    assert main(["showcase", "--repeats", "2", "--new-tokens", "4", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "cached generation == full recompute under a skip plan: True" in out
     result = json.loads((tmp_path / "showcase.json").read_text())
@@ -31,7 +31,7 @@ def test_version_and_usage_errors(capsys):
 
 
 def test_bad_arguments_give_a_clear_error_not_a_traceback(capsys):
-    assert main(["demo", "--new-tokens", "1"]) == 2
+    assert main(["showcase", "--new-tokens", "1"]) == 2
     assert "new_tokens must be >= 2" in capsys.readouterr().err
 
 

@@ -14,14 +14,14 @@ from typing import Any
 from skipvlm import __version__
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
+def _cmd_showcase(args: argparse.Namespace) -> int:
     from skipvlm.bench import timing_table
     from skipvlm.io import atomic_write_text
     from skipvlm.showcase import ShowcaseConfig, run_showcase
 
     cfg = ShowcaseConfig(new_tokens=args.new_tokens, repeats=args.repeats, seed=args.seed)
     print(
-        "skipvlm demo: the skip runtime on a LLaVA-shaped model with random weights "
+        "skipvlm showcase: the skip runtime on a LLaVA-shaped model with random weights "
         f"(C={cfg.hidden_size}, L={cfg.num_layers}); timings are interleaved medians "
         f"over {cfg.repeats} rounds."
     )
@@ -40,6 +40,48 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print(f"wrote {path}")
     print(f"done in {result['seconds']:.1f}s")
     return 0 if result["cached_equals_recompute"] else 1
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from skipvlm.demo import DemoConfig, format_table, run_demo
+    from skipvlm.toy import DOWNSTREAM_FAMILIES
+
+    kw = {"seed": args.seed} | ({"model": args.model} if args.model else {})
+    config = DemoConfig.quick_config(**kw) if args.quick else DemoConfig(**kw)
+    out = Path(args.out)
+    if config.quick:
+        print(
+            "skipvlm demo --quick: a smoke run with less data and fewer steps; its numbers are not a result."
+        )
+    print(
+        f"skipvlm demo: adapting the toy LLaVA ({config.model}) to question families it was not trained "
+        f"on ({', '.join(DOWNSTREAM_FAMILIES)}); {config.train_examples} training examples, {config.epochs} "
+        f"epochs, seed {config.seed}. Every method gets the same data, steps and seed."
+    )
+    result = run_demo(config, out=out, progress=not args.no_progress)
+    print()
+    print(format_table(result))
+    print()
+    meta = result["meta"]
+    print(
+        f"accuracy on {config.test_examples} test questions; GMACs of one prefill "
+        f"({meta['prompt_tokens']} tokens, vision tower included); latency: batch 1, "
+        f"{config.new_tokens} decoded tokens, medians of {config.repeats} interleaved rounds on "
+        f"{meta['threads']} CPU threads."
+    )
+    print(f"wrote {out / 'results.json'}, {out / 'accuracy_vs_decode.png'}, {out / 'preferences.png'}")
+    print(f"done in {meta['seconds'] / 60:.1f} min")
+    return 0
+
+
+def _cmd_toy_pretrain(args: argparse.Namespace) -> int:
+    from skipvlm.toy import pretrain
+
+    info = pretrain(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    accuracy = ", ".join(f"{k} {100 * v:.0f}%" for k, v in info["val_accuracy"].items())
+    print(f"pretrained the toy model in {info['seconds'] / 60:.1f} min -> {args.out}")
+    print(f"validation accuracy: {accuracy}")
+    return 0
 
 
 # --- options generated from the config dataclasses -------------------------------------------------------
@@ -260,12 +302,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"skipvlm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="show the skip runtime end to end on a small model")
-    demo.add_argument("--new-tokens", type=int, default=16, help="tokens decoded per timing (default 16)")
-    demo.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds (default 5)")
+    demo = sub.add_parser("demo", help="compare adaptation methods end to end on the bundled toy world")
+    demo.add_argument("--quick", action="store_true", help="a smoke run in a few minutes (not a result)")
+    demo.add_argument(
+        "--out", default="runs/demo", help="folder for results.json and plots (default runs/demo)"
+    )
+    demo.add_argument("--model", help="toy checkpoint folder (default: the one shipped with skipvlm)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--out", help="folder to write showcase.json into")
+    demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     demo.set_defaults(func=_cmd_demo)
+
+    show = sub.add_parser(
+        "showcase", help="time the skip runtime on a LLaVA-shaped model with random weights"
+    )
+    show.add_argument("--new-tokens", type=int, default=16, help="tokens decoded per timing (default 16)")
+    show.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds (default 5)")
+    show.add_argument("--seed", type=int, default=0)
+    show.add_argument("--out", help="folder to write showcase.json into")
+    show.set_defaults(func=_cmd_showcase)
+
+    toy = sub.add_parser("toy", help="the bundled toy model")
+    toy_sub = toy.add_subparsers(dest="toy_command", required=True)
+    pre = toy_sub.add_parser("pretrain", help="build and pretrain the toy LLaVA from scratch on CPU")
+    pre.add_argument("--out", required=True, help="folder for the checkpoint")
+    pre.add_argument("--steps", type=int, default=6000)
+    pre.add_argument("--batch-size", type=int, default=32)
+    pre.add_argument("--lr", type=float, default=2e-3)
+    pre.add_argument("--seed", type=int, default=0)
+    pre.set_defaults(func=_cmd_toy_pretrain)
 
     from skipvlm.eas import EASConfig
     from skipvlm.train import SearchConfig, TrainConfig

@@ -255,7 +255,8 @@ def control_plan(candidates: Candidates, k: int, control: str, seed: int = 0) ->
     if not 1 <= k <= candidates.num_arms:
         raise ValueError(f"k={k} must be between 1 and the number of candidates ({candidates.num_arms})")
     if control == "random":
-        return candidates.plan(sorted(_random.Random(seed).sample(range(candidates.num_arms), k)))
+        rng = _random.Random(f"random-control-{seed}")
+        return candidates.plan(sorted(rng.sample(range(candidates.num_arms), k)))
     if control == "last_k":
         n = candidates.num_layers if candidates.kind == "attention_or_mlp" else candidates.num_arms
         if k > n:

@@ -6,9 +6,13 @@ search, merging, export) goes through the same code path as a real checkpoint.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import sys
+import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -18,7 +22,26 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 
 from skipvlm.io import atomic_dir
 
-__all__ = ["SPECIAL_TOKENS", "ToyConfig", "build_processor", "build_tokenizer", "build_toy_model", "save_toy"]
+__all__ = [
+    "DOWNSTREAM_FAMILIES",
+    "PRETRAIN_FAMILIES",
+    "SHIPPED",
+    "SPECIAL_TOKENS",
+    "ToyConfig",
+    "build_processor",
+    "build_tokenizer",
+    "build_toy_model",
+    "load_toy",
+    "pretrain",
+    "save_toy",
+]
+
+logger = logging.getLogger(__name__)
+
+# The base model learns these question families; the demo's downstream task is the others.
+PRETRAIN_FAMILIES = ("colors", "shapes", "colorat", "anycolor")
+DOWNSTREAM_FAMILIES = ("nocolor", "bothcolors", "missing")
+SHIPPED = Path(__file__).parent / "assets" / "toy-llava"  # the pretrained checkpoint in the repository
 
 PAD, BOS, EOS, UNK, IMAGE = "<pad>", "<s>", "</s>", "<unk>", "<image>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, IMAGE)
@@ -41,8 +64,8 @@ class ToyConfig:
     num_heads: int = 4
     vision_hidden: int = 64
     vision_layers: int = 2
-    image_size: int = 32
-    patch_size: int = 8
+    image_size: int = 48
+    patch_size: int = 16
 
     @property
     def image_tokens(self) -> int:
@@ -129,3 +152,88 @@ def save_toy(model: tf.PreTrainedModel, processor: tf.LlavaProcessor, path: str 
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
     return Path(path)
+
+
+def load_toy(path: str | os.PathLike = SHIPPED) -> tuple[tf.LlavaForConditionalGeneration, tf.LlavaProcessor]:
+    """The toy checkpoint at ``path`` (default: the one shipped with skipvlm) and its processor.
+
+    Raises:
+        FileNotFoundError: there is no checkpoint at ``path`` (make one with ``skipvlm toy pretrain``).
+    """
+    from skipvlm.data.chat import load_processor
+    from skipvlm.merge import load_pretrained
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"no toy checkpoint at {path}; build one with `skipvlm toy pretrain --out {path}`"
+        )
+    return load_pretrained(path).eval(), load_processor(path)
+
+
+def pretrain(
+    out: str | os.PathLike,
+    config: ToyConfig | None = None,
+    steps: int = 6000,
+    batch_size: int = 32,
+    lr: float = 2e-3,
+    seed: int = 0,
+    eval_examples: int = 150,
+    progress: bool = True,
+) -> dict:
+    """Build the toy LLaVA and train it from scratch on :data:`PRETRAIN_FAMILIES`; save it to ``out``.
+
+    Every parameter trains (vision tower, projector, Llama). Deterministic for ``seed`` on one machine.
+    The folder gets the checkpoint, its processor and ``pretrain.json`` (command, seed, settings and
+    the validation accuracy per question family, pretraining and downstream).
+
+    Returns:
+        The ``pretrain.json`` content.
+    """
+    from skipvlm.data.chat import ChatCollator
+    from skipvlm.data.synthetic import SyntheticBatches, SyntheticTask, vocabulary
+    from skipvlm.evaluate import evaluate
+    from skipvlm.train import TrainConfig, fit
+
+    config = config or ToyConfig()
+    start = time.perf_counter()
+    task = SyntheticTask(families=PRETRAIN_FAMILIES, image_size=config.image_size)
+    tokenizer = build_tokenizer(vocabulary(task.grid))
+    processor = build_processor(tokenizer, config)
+    model = build_toy_model(tokenizer, config, seed=seed)
+    collator = ChatCollator(processor)
+    batches = SyntheticBatches(task, collator, steps, batch_size, "train", seed)
+    train_config = TrainConfig(
+        epochs=1, lr=lr, warmup_ratio=0.05, shuffle=False, seed=seed, progress=progress
+    )
+    history = fit(model, batches, train_config, name="pretrain")
+    accuracy = {}
+    for family in (*PRETRAIN_FAMILIES, *DOWNSTREAM_FAMILIES):
+        examples = SyntheticTask(families=(family,), image_size=config.image_size).examples(
+            eval_examples, "val", seed
+        )
+        accuracy[family] = evaluate(
+            model, collator, examples, batch_size=50, max_new_tokens=3, progress=False
+        ).accuracy
+    info = {
+        "command": "skipvlm toy pretrain " + " ".join(sys.argv[3:])
+        if sys.argv[1:3] == ["toy", "pretrain"]
+        else None,
+        "seed": seed,
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "config": asdict(config),
+        "pretrain_families": list(PRETRAIN_FAMILIES),
+        "val_accuracy": accuracy,
+        "final_loss": sum(h["loss"] for h in history[-50:]) / min(50, len(history)),
+        "seconds": time.perf_counter() - start,
+        "torch": torch.__version__,
+        "transformers": tf.__version__,
+    }
+    with atomic_dir(out) as staging:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        (staging / "pretrain.json").write_text(json.dumps(info, indent=2) + "\n")
+    logger.info("pretrained the toy model in %.0fs: %s", info["seconds"], accuracy)
+    return info

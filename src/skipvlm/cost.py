@@ -1,0 +1,129 @@
+"""Analytic multiply-accumulate (MAC) counts per module for a plan and a prompt (``shared/METHODS.md`` §5).
+
+Counted from the config alone, so a 7B-shaped model costs nothing to account for:
+
+* attention: ``2 C^2 + 2 C C_kv`` per token (q, o and k, v; ``C_kv = kv_heads * head_dim``) plus
+  ``2 N^2 C`` for scores and values over a sequence of N tokens (causal masking ignored);
+* MLP: ``3 C F`` per token;
+* lm_head: ``C V`` per scored token;
+* the vision tower (CLIP-style: patch embedding, attention, two-layer MLP) and the LLaVA projector by
+  the same rules.
+
+A plan removes the attention and / or MLP terms of the layers it skips.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+from transformers import PretrainedConfig
+
+from skipvlm.arch import arch_facts
+from skipvlm.plan import Plan
+
+__all__ = ["CostReport", "count_macs"]
+
+
+@dataclass
+class CostReport:
+    """MACs per module of one forward over a prompt.
+
+    Attributes:
+        layers: per decoder layer, ``{"attention_proj", "attention_sdp", "mlp"}`` MACs.
+        vision / projector / lm_head / extra: the other modules' MACs (``extra``: e.g. unmerged adapters).
+    """
+
+    prompt_tokens: int
+    layers: list[dict[str, int]]
+    vision: int = 0
+    projector: int = 0
+    lm_head: int = 0
+    extra: int = 0
+    plan: Plan = field(default_factory=Plan)
+
+    @property
+    def attention(self) -> int:
+        return sum(layer["attention_proj"] + layer["attention_sdp"] for layer in self.layers)
+
+    @property
+    def mlp(self) -> int:
+        return sum(layer["mlp"] for layer in self.layers)
+
+    @property
+    def total(self) -> int:
+        return self.attention + self.mlp + self.vision + self.projector + self.lm_head + self.extra
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "plan": self.plan.to_dict(),
+            "total": self.total,
+            "attention": self.attention,
+            "mlp": self.mlp,
+            "vision": self.vision,
+            "projector": self.projector,
+            "lm_head": self.lm_head,
+            "extra": self.extra,
+            "layers": self.layers,
+        }
+
+
+def _vision_macs(vision: PretrainedConfig) -> int:
+    """A CLIP-style tower over one image: patch embedding, then attention + MLP per layer."""
+    c, f = vision.hidden_size, vision.intermediate_size
+    patches = (vision.image_size // vision.patch_size) ** 2
+    n = patches + 1  # the class token
+    embed = patches * c * vision.num_channels * vision.patch_size**2
+    per_layer = n * (4 * c * c + 2 * c * f) + 2 * n * n * c
+    return embed + vision.num_hidden_layers * per_layer
+
+
+def count_macs(
+    model_or_config: nn.Module | PretrainedConfig,
+    prompt_tokens: int,
+    plan: Plan | None = None,
+    images: int | None = None,
+    scored_tokens: int = 1,
+    extra_per_token: int = 0,
+) -> CostReport:
+    """MACs of one prefill forward over ``prompt_tokens`` tokens (visual tokens included).
+
+    Args:
+        model_or_config: a supported model or its config.
+        prompt_tokens: N, the decoder's sequence length.
+        plan: what is skipped (default: nothing).
+        images: images in the prompt, each run through the vision tower (default: 1 for a LLaVA model,
+            0 otherwise).
+        scored_tokens: positions the lm_head scores (1 for generation's prefill).
+        extra_per_token: MACs per token of modules outside the stock model (e.g. unmerged adapters).
+    """
+    facts = arch_facts(model_or_config)
+    plan = plan or Plan()
+    plan.validate_for(facts.num_layers)
+    config = getattr(model_or_config, "config", model_or_config)
+    c, f, n = facts.hidden_size, facts.intermediate_size, prompt_tokens
+    c_kv = facts.num_key_value_heads * facts.head_dim
+    c_q = facts.num_attention_heads * facts.head_dim
+    layers = []
+    for i in range(facts.num_layers):
+        attn = i not in plan.skip_attention
+        mlp = i not in plan.skip_mlp
+        layers.append(
+            {
+                "attention_proj": n * (2 * c * c_q + 2 * c * c_kv) if attn else 0,
+                "attention_sdp": 2 * n * n * c_q if attn else 0,
+                "mlp": n * 3 * c * f if mlp else 0,
+            }
+        )
+    report = CostReport(
+        n, layers, lm_head=scored_tokens * c * facts.vocab_size, plan=plan, extra=n * extra_per_token
+    )
+    if facts.model_type == "llava":
+        images = 1 if images is None else images
+        vision = config.vision_config
+        image_tokens = (vision.image_size // vision.patch_size) ** 2
+        report.vision = images * _vision_macs(vision)
+        report.projector = images * image_tokens * (vision.hidden_size * c + c * c)
+    return report

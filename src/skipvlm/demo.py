@@ -1,0 +1,305 @@
+"""The end-to-end demo: a paper-style comparison of adaptation methods on the bundled toy world.
+
+The shipped toy LLaVA was pretrained on some question families (:data:`~skipvlm.toy.PRETRAIN_FAMILIES`);
+the downstream task is the others (counting, left / right and above / below relations). Each method
+adapts the same base model with the same data, steps and seed, then is measured on the same test
+split: trainable parameters, MACs of a prefill, test accuracy, and prefill / decode latency (merged
+models where the method allows it; all latencies interleaved in one run).
+
+Methods: ``zero_shot`` (the base model), ``full_ft`` (LLM + projector), ``lora`` (the peft library, merged),
+``pia`` (adapters, nothing skipped), ``eas`` (k attentions found by the bandit, for two k), ``eas_random``
+and ``eas_last_k`` (the same k, chosen at random / the last k layers), ``mlp_skip`` (k MLPs found by
+the bandit) and ``das`` (whole layers found by the bandit, replaced by ReLU adapters; not mergeable).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import platform
+import shutil
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers as tf
+from torch import nn
+from tqdm.auto import tqdm
+
+from skipvlm.bench import measure_models
+from skipvlm.cost import count_macs
+from skipvlm.data.chat import ChatCollator
+from skipvlm.data.synthetic import SyntheticBatches, SyntheticTask
+from skipvlm.eas import EASConfig
+from skipvlm.evaluate import evaluate
+from skipvlm.io import atomic_write_text
+from skipvlm.plan import Plan
+from skipvlm.plots import plot_tradeoff
+from skipvlm.runtime import current_plan
+from skipvlm.search import Candidates, control_plan
+from skipvlm.toy import DOWNSTREAM_FAMILIES, SHIPPED, load_toy
+from skipvlm.train import SearchConfig, TrainConfig, eas_config_for_plan, fit, search, train
+
+__all__ = ["DemoConfig", "format_table", "run_demo"]
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("zero_shot", "full_ft", "lora", "pia", "eas", "eas_random", "eas_last_k", "mlp_skip", "das")
+
+
+@dataclass
+class DemoConfig:
+    """Sizes of the demo run. ``quick`` shrinks the data and the steps (a smoke run, not a result).
+
+    Args:
+        model: the toy checkpoint folder (default: the one shipped with skipvlm).
+        k: attentions skipped by EAS, for each of two runs; the first k is also used for the controls
+            and the MLP ablation.
+        das_layers: whole layers skipped by DAS.
+        train_examples / val_examples / test_examples: split sizes (val feeds the bandit only).
+        batch_size / epochs / lr: shared by every adapter method (full fine-tuning uses ``lr / 10``).
+        search_warmup_epochs / search_epochs / interval: the bandit search (METHODS §3).
+        new_tokens / repeats: decode tokens per latency measurement and interleaved rounds.
+        seed: one seed for data, initialisation and shuffling.
+    """
+
+    model: str = str(SHIPPED)
+    quick: bool = False
+    k: tuple[int, int] = (2, 3)
+    das_layers: int = 1
+    train_examples: int = 3072
+    val_examples: int = 64
+    test_examples: int = 300
+    batch_size: int = 16
+    epochs: int = 3
+    lr: float = 2e-3
+    search_warmup_epochs: int = 1
+    search_epochs: int = 1
+    interval: int = 8
+    new_tokens: int = 16
+    repeats: int = 7
+    seed: int = 0
+
+    @classmethod
+    def quick_config(cls, **kw: Any) -> DemoConfig:
+        """The ``--quick`` sizes: a quarter of the data, fewer epochs and timing rounds."""
+        return cls(quick=True, train_examples=512, test_examples=120, epochs=2, repeats=3, interval=4, **kw)
+
+
+def _trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _lora(base: nn.Module, rank: int = 8) -> nn.Module:
+    """The base model with LoRA on every projection of the language model (through peft)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets)
+    with warnings.catch_warnings():  # peft asks transformers a deprecated question; not ours to fix
+        warnings.simplefilter("ignore", FutureWarning)
+        return get_peft_model(base, config)
+
+
+def run_demo(config: DemoConfig, out: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run every method and measure it; returns the ``results.json`` content (also written to ``out``).
+
+    Raises:
+        FileNotFoundError: the toy checkpoint is missing.
+    """
+    start = time.perf_counter()
+    out_dir = Path(out) if out is not None else None
+    base, processor = load_toy(config.model)
+    base.requires_grad_(False)
+    collator = ChatCollator(processor)
+    image_size = base.config.vision_config.image_size
+    task = SyntheticTask(families=DOWNSTREAM_FAMILIES, image_size=image_size)
+    bs = config.batch_size
+    batches = SyntheticBatches(task, collator, config.train_examples // bs, bs, "train", config.seed)
+    batches = [batches[i] for i in range(len(batches))]  # collate once, reuse for every method
+    val = task.examples(config.val_examples, "val", config.seed)
+    heldout = [collator(val[i : i + bs]) for i in range(0, len(val), bs)]
+    test = task.examples(config.test_examples, "test", config.seed)
+    total_params = sum(p.numel() for p in base.parameters())
+    num_layers = base.config.text_config.num_hidden_layers
+    k1, k2 = config.k
+    tc = TrainConfig(epochs=config.epochs, lr=config.lr, seed=config.seed, progress=progress)
+    search_cfg = {
+        "warmup_epochs": config.search_warmup_epochs,
+        "search_epochs": config.search_epochs,
+        "interval": config.interval,
+        "train": TrainConfig(lr=config.lr, seed=config.seed, progress=progress),
+    }
+
+    rows: list[dict[str, Any]] = []
+    models: dict[str, nn.Module] = {}
+    trajectories: dict[str, Path] = {}
+    steps = tqdm(total=len(METHODS) + 1, desc="demo", disable=not progress)
+
+    def record(
+        method: str, model: nn.Module, trainable: int, k: int | None, merged: bool, **extra: Any
+    ) -> None:
+        name = method if k is None or method in ("pia",) else f"{method} k={k}"
+        models[name] = model
+        rows.append(
+            {
+                "name": name,
+                "method": method,
+                "k": k,
+                "trainable_params": trainable,
+                "trainable_pct": 100 * trainable / total_params,
+                "merged": merged,
+                **extra,
+            }
+        )
+
+    def fresh() -> nn.Module:
+        return copy.deepcopy(base)
+
+    def eas_method(method: str, cfg: EASConfig, k: int | None) -> None:
+        model = train(fresh(), batches, tc, eas=cfg)
+        trainable = model.trainable_parameters()[0]
+        das = bool(cfg.skip_layers)
+        unmerged_acc = evaluate(model, collator, test, bs, 3, progress=False).accuracy
+        final = model if das else model.merge_and_unload("static")
+        # DAS's ReLU adapters stay in the model: down and up projection per token per skipped layer
+        per_token = len(cfg.skip_layers) * 2 * base.config.text_config.hidden_size * cfg.replace_dim
+        record(
+            method,
+            final,
+            trainable,
+            k,
+            not das,
+            accuracy_unmerged=unmerged_acc,
+            adapter_macs_per_token=per_token,
+        )
+
+    def searched(kind: str, k: int, tag: str) -> Plan:
+        folder = out_dir / f"search_{tag}" if out_dir is not None else None
+        result = search(
+            fresh(), batches, heldout, SearchConfig(k=k, candidates=kind, **search_cfg), out=folder
+        )
+        if folder is not None:
+            trajectories[tag] = folder / "preferences.png"
+        return result.plan
+
+    # zero-shot: the base model itself
+    record("zero_shot", base, 0, None, True)
+    steps.update(1)
+    # full fine-tuning of the LLM and projector (the vision tower stays frozen)
+    full = fresh()
+    for name, p in full.named_parameters():
+        p.requires_grad_("vision_tower" not in name)
+    fit(
+        full,
+        batches,
+        TrainConfig(epochs=config.epochs, lr=config.lr / 10, seed=config.seed, progress=progress),
+        name="full_ft",
+    )
+    record("full_ft", full, _trainable(full), None, True)
+    steps.update(1)
+    # LoRA through peft, merged for inference
+    lora = _lora(fresh())
+    fit(lora, batches, tc, name="lora")
+    lora_trainable = _trainable(lora)
+    record("lora", lora.merge_and_unload(), lora_trainable, None, True)
+    steps.update(1)
+    # PIA adapters, nothing skipped
+    eas_method("pia", EASConfig(), None)
+    steps.update(1)
+    # EAS: k attentions found by the bandit, for two k
+    for k in (k1, k2):
+        plan = searched("attention", k, f"eas_k{k}")
+        eas_method("eas", eas_config_for_plan(plan, "attention"), k)
+    steps.update(2)
+    # controls of the same size
+    attention = Candidates("attention", num_layers)
+    eas_method(
+        "eas_random", eas_config_for_plan(control_plan(attention, k1, "random", config.seed), "attention"), k1
+    )
+    eas_method("eas_last_k", eas_config_for_plan(control_plan(attention, k1, "last_k"), "attention"), k1)
+    steps.update(2)
+    # the MLP ablation and DAS
+    eas_method("mlp_skip", eas_config_for_plan(searched("mlp", k1, f"mlp_k{k1}"), "mlp"), k1)
+    das_plan = searched("layer", config.das_layers, f"das_k{config.das_layers}")
+    eas_method("das", eas_config_for_plan(das_plan, "layer"), config.das_layers)
+    steps.update(2)
+    steps.close()
+
+    # accuracy, MACs and latency of every final model
+    prompt = collator([test[0]], train=False)
+    prompt_tokens = int(prompt["input_ids"].shape[1])
+    for row in tqdm(rows, desc="evaluating", disable=not progress, leave=False):
+        model = models[row["name"]]
+        row["accuracy"] = evaluate(model, collator, test, bs, 3, progress=False).accuracy
+        plan = current_plan(model) if not hasattr(model, "peft_config") else Plan()
+        row["skip_attention"], row["skip_mlp"] = list(plan.skip_attention), list(plan.skip_mlp)
+        whole = sorted(set(plan.skip_attention) & set(plan.skip_mlp)) if row["method"] == "das" else []
+        row["skip_layers"] = whole
+        macs = count_macs(
+            base.config, prompt_tokens, plan, extra_per_token=row.pop("adapter_macs_per_token", 0)
+        )
+        row["macs_g"] = macs.total / 1e9
+    timings = measure_models(
+        models, prompt, new_tokens=config.new_tokens, repeats=config.repeats, progress=progress
+    )
+    for row in rows:
+        t = timings[row["name"]]
+        row["prefill_ms"] = t.prefill_s * 1e3
+        row["decode_ms_per_token"] = t.decode_s_per_token * 1e3
+        row["kv_cache_bytes"] = t.kv_cache_bytes
+
+    result = {
+        "rows": rows,
+        "meta": {
+            "seed": config.seed,
+            "device": "cpu",
+            "quick": config.quick,
+            "config": {k: v for k, v in asdict(config).items()},
+            "prompt_tokens": prompt_tokens,
+            "downstream_families": list(DOWNSTREAM_FAMILIES),
+            "threads": torch.get_num_threads(),
+            "machine": platform.machine(),
+            "torch": torch.__version__,
+            "transformers": tf.__version__,
+            "seconds": time.perf_counter() - start,
+        },
+    }
+    if out_dir is not None:
+        atomic_write_text(out_dir / "results.json", json.dumps(result, indent=2) + "\n")
+        plot_tradeoff(rows, out_dir / "accuracy_vs_decode.png")
+        if f"eas_k{k1}" in trajectories:
+            shutil.copyfile(trajectories[f"eas_k{k1}"], out_dir / "preferences.png")
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The demo's results as a fixed-width table."""
+    head = (
+        f"{'method':<18}{'trainable':>11}{'%':>8}{'GMACs':>8}{'acc %':>8}{'prefill ms':>12}"
+        f"{'decode ms/tok':>15}{'merged':>8}  skipped"
+    )
+    lines = [head, "-" * (len(head) + 10)]
+    for r in result["rows"]:
+        skipped = (
+            f"layers {r['skip_layers']}"
+            if r["skip_layers"]
+            else " ".join(
+                part
+                for part in (
+                    f"attn {r['skip_attention']}" if r["skip_attention"] else "",
+                    f"mlp {r['skip_mlp']}" if r["skip_mlp"] else "",
+                )
+                if part
+            )
+        )
+        lines.append(
+            f"{r['name']:<18}{r['trainable_params']:>11,}{r['trainable_pct']:>8.2f}{r['macs_g']:>8.3f}"
+            f"{100 * r['accuracy']:>8.1f}{r['prefill_ms']:>12.2f}{r['decode_ms_per_token']:>15.2f}"
+            f"{'yes' if r['merged'] else 'no':>8}  {skipped or '-'}"
+        )
+    return "\n".join(lines)
