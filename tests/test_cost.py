@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import transformers as tf
@@ -22,11 +24,15 @@ def counted_linear_macs(model, inputs) -> int:
 
     def conv(module, args, out):
         nonlocal total
-        k = module.kernel_size[0] * module.kernel_size[1] * module.in_channels
+        k = math.prod(module.kernel_size) * module.in_channels
         total += out.numel() * k
 
     hooks = [m.register_forward_hook(linear) for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    hooks += [m.register_forward_hook(conv) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    hooks += [
+        m.register_forward_hook(conv)
+        for m in model.modules()
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))
+    ]
     with torch.no_grad():
         model(**inputs, logits_to_keep=1)
     for h in hooks:
@@ -34,19 +40,22 @@ def counted_linear_macs(model, inputs) -> int:
     return total
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "llava"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "llava", "qwen2_vl"])
 @pytest.mark.parametrize("plan", [skipvlm.Plan(), skipvlm.Plan(skip_attention=[0, 2], skip_mlp=[3])])
 def test_analytic_counts_match_counted_matmuls(arch, plan):
     model = skipvlm.apply_plan(build_model(arch), plan)
     inputs = make_inputs(arch, lengths=(6,))
     n = inputs["input_ids"].shape[1]
-    report = count_macs(model, n, plan)
+    report = count_macs(model, n, plan, image_patches=16)
     sdp = sum(layer["attention_sdp"] for layer in report.layers)
     vision_sdp = 0
     if arch == "llava":
         v = model.config.vision_config
         tokens = (v.image_size // v.patch_size) ** 2 + 1
         vision_sdp = v.num_hidden_layers * 2 * tokens * tokens * v.hidden_size
+    if arch == "qwen2_vl":
+        v = model.config.vision_config
+        vision_sdp = v.depth * 2 * 16 * 16 * v.embed_dim
     assert counted_linear_macs(model, inputs) == report.total - sdp - vision_sdp
 
 

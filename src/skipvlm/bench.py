@@ -17,14 +17,19 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from skipvlm.arch import arch_facts
 from skipvlm.plan import Plan
 from skipvlm.runtime import apply_plan, current_plan, kv_cache_bytes
 
 __all__ = [
     "PlanTiming",
+    "bench_table",
     "interleaved",
     "measure_models",
     "measure_plans",
+    "ratio",
+    "run_bench",
+    "skip_layers",
     "synchronize",
     "timing_rows",
     "timing_table",
@@ -228,5 +233,130 @@ def timing_table(rows: list[dict[str, Any]]) -> str:
             f"{r['name']:<22}{r['prefill_ms']:>11.2f}{r['prefill_speedup']:>6.2f}"
             f"{r['decode_ms_per_token']:>15.2f}{r['decode_speedup']:>6.2f}{r['decode_tokens_per_s']:>8.1f}"
             f"{r['kv_cache_bytes'] / 2**20:>9.2f}{r['kv_ratio']:>6.2f}"
+        )
+    return "\n".join(lines)
+
+
+# --- the method comparison of `skipvlm bench` -----------------------------------------------------------
+
+
+def skip_layers(num_layers: int, k: int) -> list[int]:
+    """The k attentions a benchmark skips: odd layers first (layer 0 kept), then even ones from the top."""
+    order = list(range(1, num_layers, 2)) + list(range(num_layers - 2, -1, -2))
+    if not 0 <= k <= num_layers:
+        raise ValueError(f"cannot skip {k} attentions of a {num_layers}-layer model")
+    return sorted(order[:k])
+
+
+def _lora_model(model: nn.Module, rank: int = 8) -> nn.Module:
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    targets = r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets)
+    with warnings.catch_warnings():  # peft asks transformers a deprecated question
+        warnings.simplefilter("ignore", FutureWarning)
+        return get_peft_model(model, config).eval()
+
+
+def _per_token_adapter_macs(model: nn.Module) -> int:
+    """MACs per token of branches outside the stock weights (unmerged LoRA / PIA), from their weights."""
+    total = 0
+    for name, p in model.named_parameters():
+        if p.ndim < 2:
+            continue
+        if "lora_" in name or (".pia_adapters." in name and ".router." not in name and ".pool." not in name):
+            total += p.numel()
+    return total
+
+
+@torch.no_grad()
+def run_bench(
+    model: nn.Module,
+    inputs: Mapping[str, torch.Tensor],
+    skips: list[int],
+    methods: list[str],
+    new_tokens: int = 32,
+    repeats: int = 7,
+    warmup: int = 1,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """Time the stock model against the alternatives a user would pick, interleaved in one run.
+
+    Methods: ``stock``; ``lora`` (PEFT LoRA r=8 on every projection, unmerged); ``pia`` (PIA adapters,
+    nothing skipped, unmerged: an adapter branch); ``eas`` (k attentions skipped, adapters merged with
+    the static merge, for every k in ``skips``); ``skip`` (the plain skip plan, no adapters). Each row
+    carries the medians, the speedups against ``stock``, and the roofline: the bound the removed work
+    allows (MACs for prefill; bytes read per token for decode) and measured / bound.
+    """
+    import copy
+
+    from skipvlm.cost import count_macs, decode_bytes
+    from skipvlm.eas import EASConfig, get_eas_model
+
+    unknown = sorted(set(methods) - {"stock", "lora", "pia", "eas", "skip"})
+    if unknown:
+        raise ValueError(f"unknown bench method(s) {unknown}; choose from stock, lora, pia, eas, skip")
+    num_layers = arch_facts(model).num_layers
+    prompt = int(inputs["input_ids"].shape[1])
+    models: dict[str, nn.Module] = {"stock": model}
+    if "lora" in methods:
+        models["lora (unmerged)"] = _lora_model(copy.deepcopy(model))
+    if "pia" in methods:
+        models["pia (unmerged)"] = _random_adapters(get_eas_model(copy.deepcopy(model), EASConfig()), inputs)
+    for k in skips:
+        plan = Plan(skip_attention=skip_layers(num_layers, k))
+        if "skip" in methods and k:
+            models[f"skip k={k}"] = apply_plan(copy.deepcopy(model), plan)
+        if "eas" in methods:
+            eas = get_eas_model(copy.deepcopy(model), EASConfig(skip_attention=list(plan.skip_attention)))
+            models[f"eas k={k} (merged)"] = _random_adapters(eas, inputs).merge_and_unload("static")
+    timings = measure_models(
+        models, inputs, new_tokens=new_tokens, repeats=repeats, warmup=warmup, progress=progress
+    )
+    rows = timing_rows(timings, baseline="stock")
+    stock_macs = count_macs(model, prompt).total
+    context = prompt + new_tokens // 2
+    stock_bytes = decode_bytes(model, Plan(), context)
+    for row in rows:
+        m = models[row["name"]]
+        plan = current_plan(m.get_base_model()) if hasattr(m, "peft_config") else current_plan(m)
+        extra = _per_token_adapter_macs(m)
+        macs = count_macs(model, prompt, plan, extra_per_token=extra).total
+        read = decode_bytes(model, plan, context) + extra * next(model.parameters()).element_size()
+        row["skipped_attentions"] = len(plan.skip_attention)
+        row["macs_g"] = macs / 1e9
+        row["prefill_bound"] = stock_macs / macs
+        row["decode_bound"] = stock_bytes / read
+        row["prefill_of_bound"] = row["prefill_speedup"] / row["prefill_bound"]
+        row["decode_of_bound"] = row["decode_speedup"] / row["decode_bound"]
+        row["generate_ms"] = statistics.median(timings[row["name"]].raw["genN"]) * 1e3
+    return rows
+
+
+def _random_adapters(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Non-zero adapters, calibrated on the prompt, as after training (speed does not depend on values)."""
+    gen = torch.Generator().manual_seed(0)
+    for p in model.adapters.parameters():
+        p.copy_((torch.randn(p.shape, generator=gen) * 0.02).to(p))
+    model.calibrate([dict(inputs)], progress=False)
+    return model.eval()
+
+
+def bench_table(rows: list[dict[str, Any]]) -> str:
+    """Medians, speedups against the stock model, and the roofline bounds, side by side."""
+    head = (
+        f"{'method':<20}{'prefill ms':>11}{'x':>6}{'bound':>7}{'of':>6}{'decode ms/tok':>15}{'x':>6}"
+        f"{'bound':>7}{'of':>6}{'tok/s':>8}{'KV MiB':>8}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['name']:<20}{r['prefill_ms']:>11.2f}{r['prefill_speedup']:>6.2f}"
+            f"{r['prefill_bound']:>7.2f}{100 * r['prefill_of_bound']:>5.0f}%{r['decode_ms_per_token']:>15.2f}"
+            f"{r['decode_speedup']:>6.2f}{r['decode_bound']:>7.2f}{100 * r['decode_of_bound']:>5.0f}%"
+            f"{r['decode_tokens_per_s']:>8.1f}"
+            f"{r['kv_cache_bytes'] / 2**20:>8.2f}"
         )
     return "\n".join(lines)

@@ -281,6 +281,125 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- cost / bench ------------------------------------------------------------------------------------------
+
+
+def _skip_plan(args: argparse.Namespace, num_layers: int):
+    """The plan of --skip-attention N (N attentions, the benchmark's pattern) or --skip-attention-layers."""
+    from skipvlm.bench import skip_layers
+    from skipvlm.plan import Plan
+
+    attention = list(args.skip_attention_layers or [])
+    if args.skip_attention:
+        attention = skip_layers(num_layers, args.skip_attention)
+    plan = Plan(skip_attention=attention, skip_mlp=list(args.skip_mlp_layers or []))
+    plan.validate_for(num_layers)
+    return plan
+
+
+def _preset_or_model(args: argparse.Namespace, device: str = "meta"):
+    import torch
+
+    from skipvlm import presets
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    if bool(args.preset) == bool(args.model):
+        raise ValueError("pass exactly one of --preset NAME or --model DIR")
+    if args.preset:
+        return args.preset, presets.build(args.preset, device=device, dtype=dtype)
+    folder = _check_model_dir(args.model)
+    if device == "meta":
+        import transformers
+
+        return folder.name, presets.build(
+            transformers.AutoConfig.from_pretrained(folder), device="meta", dtype=dtype
+        )
+    return folder.name, _load_model(folder, args)
+
+
+def _cmd_cost(args: argparse.Namespace) -> int:
+    from skipvlm.arch import arch_facts
+    from skipvlm.cost import count_macs
+    from skipvlm.io import atomic_write_text
+
+    name, model = _preset_or_model(args)
+    facts = arch_facts(model)
+    plan = _skip_plan(args, facts.num_layers)
+    base = count_macs(model, args.prompt_tokens, images=args.images)
+    cost = count_macs(model, args.prompt_tokens, plan, images=args.images)
+    removed = base.total - cost.total
+    print(
+        f"{name}: {facts.num_layers} layers, C={facts.hidden_size}, prompt {args.prompt_tokens} tokens; "
+        f"{plan}"
+    )
+    print(f"{'module':<14}{'stock GMACs':>14}{'plan GMACs':>14}")
+    for label in ("attention", "mlp", "vision", "projector", "lm_head"):
+        print(f"{label:<14}{getattr(base, label) / 1e9:>14.1f}{getattr(cost, label) / 1e9:>14.1f}")
+    print(f"{'total':<14}{base.total / 1e9:>14.1f}{cost.total / 1e9:>14.1f}")
+    print(f"the plan removes {removed / 1e9:.1f} GMACs = {100 * removed / base.total:.1f}% of the total")
+    if args.out:
+        data = {
+            "model": name,
+            "stock": base.to_dict(),
+            "plan": cost.to_dict(),
+            "removed_share": removed / base.total,
+        }
+        path = atomic_write_text(args.out, json.dumps(data, indent=1) + "\n")
+        print(f"wrote {path}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import platform
+
+    import torch
+    import transformers
+
+    from skipvlm.arch import arch_facts
+    from skipvlm.bench import bench_table, run_bench
+    from skipvlm.io import atomic_write_text
+
+    device = _device(args)
+    name, model = _preset_or_model(args, device=str(device))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    facts = arch_facts(model)
+    if facts.is_multimodal:
+        raise ValueError("skipvlm bench times text prompts; pass a text preset (e.g. llama-cpu, llama-2-7b)")
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, facts.vocab_size, (1, args.prompt_tokens), generator=gen).to(device)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    methods = [m for m in args.methods.split(",") if m]
+    rows = run_bench(model, inputs, args.skip, methods, args.new_tokens, args.repeats, progress=True)
+    print(
+        f"{name} on {device} ({args.dtype}), prompt {args.prompt_tokens}, {args.new_tokens} new tokens, "
+        f"{torch.get_num_threads()} threads, medians of {args.repeats} interleaved rounds"
+    )
+    print(bench_table(rows))
+    print(
+        "x: speedup against stock; bound: what the removed MACs (prefill) or bytes read per token "
+        "(decode) allow; of: measured / bound"
+    )
+    out = Path(args.out or Path("benchmarks/results") / f"bench_{name}_{device.type}.json")
+    meta = {
+        "model": name,
+        "device": str(device),
+        "dtype": args.dtype,
+        "machine": platform.machine(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "args": {k: str(v) for k, v in vars(args).items() if k != "func"},
+    }
+    atomic_write_text(out, json.dumps({"rows": rows, "meta": meta}, indent=1) + "\n")
+    from skipvlm.plots import plot_speedups
+
+    plot_speedups(rows, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
 def _add_common(parser: argparse.ArgumentParser, data: tuple[str, ...]) -> None:
     parser.add_argument("--model", required=True, help="a locally saved Hugging Face checkpoint folder")
     for name in data:
@@ -372,6 +491,36 @@ def build_parser() -> argparse.ArgumentParser:
     mrg.add_argument("--device", help="cpu, cuda ... (default: cuda if available)")
     mrg.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     mrg.set_defaults(func=_cmd_merge)
+
+    for cmd_name, func, help_text in (
+        ("cost", _cmd_cost, "analytic MACs per module for a plan (presets need no weights)"),
+        ("bench", _cmd_bench, "latency / KV cache of stock, LoRA, PIA and merged EAS, with roofline bounds"),
+    ):
+        cmd = sub.add_parser(cmd_name, help=help_text)
+        cmd.add_argument("--preset", help="a preset architecture (skipvlm.presets.names())")
+        cmd.add_argument("--model", help="or a local checkpoint folder")
+        cmd.add_argument("--prompt-tokens", type=int, default=512)
+        cmd.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+        cmd.add_argument("--out", help="JSON file to write")
+        cmd.set_defaults(func=func)
+        if cmd_name == "cost":
+            cmd.add_argument("--skip-attention", type=int, default=0, help="skip this many attentions")
+            cmd.add_argument(
+                "--skip-attention-layers", type=_parse_layers, help="or these layers, e.g. 3,5,7"
+            )
+            cmd.add_argument("--skip-mlp-layers", type=_parse_layers, help="MLPs to skip, e.g. 4,6")
+            cmd.add_argument(
+                "--images", type=int, default=None, help="images in the prompt (default 1 for VLMs)"
+            )
+        else:
+            cmd.add_argument(
+                "--skip", type=_parse_layers, default=[0, 4, 6], help="k values for EAS (default 0,4,6)"
+            )
+            cmd.add_argument("--methods", default="stock,lora,pia,eas", help="stock, lora, pia, eas, skip")
+            cmd.add_argument("--new-tokens", type=int, default=32)
+            cmd.add_argument("--repeats", type=int, default=7)
+            cmd.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+            cmd.add_argument("--device", help="cpu, cuda ... (default: cuda if available)")
     return parser
 
 

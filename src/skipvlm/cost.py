@@ -23,7 +23,7 @@ from transformers import PretrainedConfig
 from skipvlm.arch import arch_facts
 from skipvlm.plan import Plan
 
-__all__ = ["CostReport", "count_macs"]
+__all__ = ["CostReport", "count_macs", "decode_bytes"]
 
 
 @dataclass
@@ -80,6 +80,18 @@ def _vision_macs(vision: PretrainedConfig) -> int:
     return embed + vision.num_hidden_layers * per_layer
 
 
+def _qwen_vision_macs(vision: PretrainedConfig, patches: int) -> int:
+    """Qwen2-VL's tower over one image of ``patches`` 14x14 patches: 3-D patch embedding, full-attention
+    blocks, then the 2x2 patch merger into the text hidden size."""
+    e = vision.embed_dim
+    f = int(e * vision.mlp_ratio)
+    patch_in = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    merge = vision.spatial_merge_size**2
+    per_block = patches * (4 * e * e + 2 * e * f) + 2 * patches * patches * e
+    merger = patches // merge * (merge * e * merge * e + merge * e * vision.hidden_size)
+    return patches * e * patch_in + vision.depth * per_block + merger
+
+
 def count_macs(
     model_or_config: nn.Module | PretrainedConfig,
     prompt_tokens: int,
@@ -87,6 +99,7 @@ def count_macs(
     images: int | None = None,
     scored_tokens: int = 1,
     extra_per_token: int = 0,
+    image_patches: int = 1024,
 ) -> CostReport:
     """MACs of one prefill forward over ``prompt_tokens`` tokens (visual tokens included).
 
@@ -94,10 +107,11 @@ def count_macs(
         model_or_config: a supported model or its config.
         prompt_tokens: N, the decoder's sequence length.
         plan: what is skipped (default: nothing).
-        images: images in the prompt, each run through the vision tower (default: 1 for a LLaVA model,
-            0 otherwise).
+        images: images in the prompt, each run through the vision tower (default: 1 for a multimodal
+            model, 0 otherwise).
         scored_tokens: positions the lm_head scores (1 for generation's prefill).
         extra_per_token: MACs per token of modules outside the stock model (e.g. unmerged adapters).
+        image_patches: Qwen2-VL only: 14x14 patches per image (default 1024, a 448x448 image).
     """
     facts = arch_facts(model_or_config)
     plan = plan or Plan()
@@ -120,10 +134,40 @@ def count_macs(
     report = CostReport(
         n, layers, lm_head=scored_tokens * c * facts.vocab_size, plan=plan, extra=n * extra_per_token
     )
+    images = (1 if facts.is_multimodal else 0) if images is None else images
     if facts.model_type == "llava":
-        images = 1 if images is None else images
         vision = config.vision_config
         image_tokens = (vision.image_size // vision.patch_size) ** 2
         report.vision = images * _vision_macs(vision)
         report.projector = images * image_tokens * (vision.hidden_size * c + c * c)
+    elif facts.model_type in ("qwen2_vl", "qwen2_5_vl") and images:
+        report.vision = images * _qwen_vision_macs(config.vision_config, image_patches)
     return report
+
+
+def decode_bytes(model: nn.Module, plan: Plan | None = None, context_tokens: int = 0) -> int:
+    """Bytes one decoded token reads: the weights that run (every decoder weight of a kept module, the
+    final norm and the lm_head; one embedding row) plus the KV cache of ``context_tokens`` tokens.
+
+    The decode roofline: on a memory-bound device, decode time is proportional to this.
+    """
+    from skipvlm.arch import get_layers
+
+    facts = arch_facts(model)
+    plan = plan or Plan()
+    layers = get_layers(model, facts)
+    total = 0
+    for i, layer in enumerate(layers):
+        for name, module in layer.named_children():
+            if (name == facts.attention_name and i in plan.skip_attention) or (
+                name == facts.mlp_name and i in plan.skip_mlp
+            ):
+                continue
+            total += sum(p.numel() * p.element_size() for p in module.parameters())
+    head = model.get_output_embeddings()
+    total += sum(p.numel() * p.element_size() for p in head.parameters())
+    embed = model.get_input_embeddings().weight
+    total += embed.shape[1] * embed.element_size()
+    kept = facts.num_layers - len(plan.skip_attention)
+    kv_per_token = 2 * facts.num_key_value_heads * facts.head_dim * embed.element_size()
+    return total + kept * kv_per_token * context_tokens

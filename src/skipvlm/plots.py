@@ -8,7 +8,7 @@ from pathlib import Path
 
 from skipvlm.io import atomic_path
 
-__all__ = ["plot_preferences", "plot_tradeoff"]
+__all__ = ["plot_preferences", "plot_speedups", "plot_tradeoff"]
 
 
 def _pyplot():
@@ -66,6 +66,31 @@ def plot_tradeoff(
     ax.set_xlabel(x.replace("_", " "))
     ax.set_ylabel(y.replace("_", " "))
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_speedups(rows: Sequence[dict], path: str | os.PathLike) -> Path:
+    """Measured prefill / decode speedups of skip plans and their roofline bounds, vs skipped modules."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    points = sorted(
+        (r for r in rows if r["name"].startswith("eas") or r["name"] == "stock"),
+        key=lambda r: r["skipped_attentions"],
+    )
+    k = [r["skipped_attentions"] for r in points]
+    for key, style in (("prefill", "o-"), ("decode", "s-")):
+        ax.plot(k, [r[f"{key}_speedup"] for r in points], style, label=f"{key} measured")
+        ax.plot(
+            k, [r[f"{key}_bound"] for r in points], style.replace("-", "--"), alpha=0.5, label=f"{key} bound"
+        )
+    ax.set_xlabel("skipped attentions")
+    ax.set_ylabel("speedup vs stock")
+    ax.grid(alpha=0.3)
+    ax.legend()
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)

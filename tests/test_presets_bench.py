@@ -1,0 +1,102 @@
+"""Presets of real shapes, `skipvlm cost`, and `skipvlm bench` with its roofline columns."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import skipvlm
+from skipvlm import presets
+from skipvlm.bench import bench_table, run_bench, skip_layers
+from skipvlm.cli import main
+from skipvlm.cost import decode_bytes
+
+from conftest import build_model, make_inputs
+
+
+@pytest.mark.parametrize(
+    ("name", "billions"),
+    [
+        ("llava-1.5-7b", 7.06),
+        ("llava-1.5-13b", 13.35),
+        ("llama-2-7b", 6.74),
+        ("qwen2-vl-2b", 2.21),
+        ("qwen2-vl-7b", 8.29),
+    ],
+)
+def test_presets_have_the_published_sizes_on_the_meta_device(name, billions):
+    model = presets.build(name)
+    assert next(model.parameters()).device.type == "meta"
+    assert sum(p.numel() for p in model.parameters()) / 1e9 == pytest.approx(billions, abs=0.02)
+    assert skipvlm.arch_facts(model).num_layers in (28, 32, 40)
+
+
+def test_unknown_preset_lists_the_known_ones():
+    with pytest.raises(ValueError, match=r"llava-1\.5-7b"):
+        presets.get("llava-2")
+
+
+def test_cost_cli_reproduces_the_eas_paper_share(capsys, tmp_path):
+    out = tmp_path / "cost.json"
+    args = ["cost", "--preset", "llava-1.5-7b", "--prompt-tokens", "749", "--skip-attention", "12"]
+    assert main([*args, "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    share = json.loads(out.read_text())["removed_share"]
+    assert abs(100 * share - 12.0) < 1.0 and f"{100 * share:.1f}%" in text
+    assert main(["cost", "--preset", "llava-1.5-7b", "--skip-attention", "40"]) == 2
+
+
+def test_decode_bytes_drop_by_the_skipped_weights_and_cache():
+    model = build_model("llama")
+    attn = sum(p.numel() * 4 for p in model.model.layers[1].self_attn.parameters())
+    kv = 2 * 2 * 8 * 4 * 10  # k and v, 2 kv heads x head_dim 8, fp32, 10 tokens
+    full, skipped = (
+        decode_bytes(model, context_tokens=10),
+        decode_bytes(model, skipvlm.Plan(skip_attention=[1]), 10),
+    )
+    assert full - skipped == attn + kv
+
+
+def test_skip_pattern():
+    assert skip_layers(12, 6) == [1, 3, 5, 7, 9, 11]
+    assert skip_layers(8, 6) == [1, 3, 4, 5, 6, 7]
+    with pytest.raises(ValueError):
+        skip_layers(4, 5)
+
+
+def test_run_bench_compares_every_method_with_bounds():
+    model = build_model("llama")
+    rows = run_bench(
+        model, make_inputs("llama", lengths=(12,)), [0, 2], ["stock", "lora", "pia", "eas", "skip"], 4, 2
+    )
+    names = [r["name"] for r in rows]
+    assert names == [
+        "stock",
+        "lora (unmerged)",
+        "pia (unmerged)",
+        "eas k=0 (merged)",
+        "skip k=2",
+        "eas k=2 (merged)",
+    ]
+    by = {r["name"]: r for r in rows}
+    assert by["stock"]["prefill_bound"] == by["stock"]["decode_bound"] == 1.0
+    assert by["lora (unmerged)"]["prefill_bound"] < 1.0 and by["pia (unmerged)"]["decode_bound"] < 1.0
+    assert (
+        by["eas k=2 (merged)"]["decode_bound"] > 1.0
+        and by["eas k=2 (merged)"]["kv_cache_bytes"] * 2 == by["stock"]["kv_cache_bytes"]
+    )
+    assert by["eas k=2 (merged)"]["skipped_attentions"] == 2
+    assert "bound" in bench_table(rows)
+    assert skipvlm.current_plan(model) == skipvlm.Plan()  # the stock model is left alone
+
+
+def test_bench_cli_writes_json_and_plot(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    args = ["bench", "--preset", "llama-cpu", "--prompt-tokens", "16", "--new-tokens", "3", "--repeats", "1"]
+    assert main([*args, "--skip", "0,2", "--methods", "stock,eas", "--device", "cpu", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert [r["name"] for r in data["rows"]] == ["stock", "eas k=0 (merged)", "eas k=2 (merged)"]
+    assert data["meta"]["torch"] == torch.__version__ and out.with_suffix(".png").is_file()
+    assert "decode ms/tok" in capsys.readouterr().out
