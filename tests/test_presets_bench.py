@@ -88,6 +88,12 @@ def test_run_bench_compares_every_method_with_bounds():
         and by["eas k=2 (merged)"]["kv_cache_bytes"] * 2 == by["stock"]["kv_cache_bytes"]
     )
     assert by["eas k=2 (merged)"]["skipped_attentions"] == 2
+    assert (
+        by["eas k=2 (merged)"]["weight_bytes"]
+        < by["stock"]["weight_bytes"]
+        < by["lora (unmerged)"]["weight_bytes"]
+    )
+    assert by["stock"]["peak_memory_bytes"] is None and by["stock"]["generate_ms"] > 0  # CPU: no peak memory
     assert "bound" in bench_table(rows)
     assert skipvlm.current_plan(model) == skipvlm.Plan()  # the stock model is left alone
 
@@ -100,3 +106,21 @@ def test_bench_cli_writes_json_and_plot(tmp_path, capsys):
     assert [r["name"] for r in data["rows"]] == ["stock", "eas k=0 (merged)", "eas k=2 (merged)"]
     assert data["meta"]["torch"] == torch.__version__ and out.with_suffix(".png").is_file()
     assert "decode ms/tok" in capsys.readouterr().out
+
+
+def test_bench_cli_times_a_local_llava_checkpoint_with_an_image(toy_dir, tmp_path):
+    out = tmp_path / "bench.json"
+    args = [
+        "bench",
+        "--model",
+        str(toy_dir / "model"),
+        "--prompt-tokens",
+        "24",
+        "--new-tokens",
+        "3",
+        "--repeats",
+        "1",
+    ]
+    assert main([*args, "--skip", "0,2", "--methods", "stock,eas", "--device", "cpu", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert rows[2]["name"] == "eas k=2 (merged)" and rows[2]["prefill_bound"] > 1.0

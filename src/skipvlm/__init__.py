@@ -3,6 +3,7 @@
 The public API. See ``shared/METHODS.md`` for the mathematics of each method and README.md for use.
 """
 
+from skipvlm import presets
 from skipvlm.arch import SUPPORTED_MODEL_TYPES, ArchFacts, UnsupportedModelError, arch_facts
 from skipvlm.eas import EASConfig, EASModel, get_eas_model
 from skipvlm.merge import export_merged, load_pretrained, merge_and_unload
@@ -33,6 +34,7 @@ __all__ = [
     "kv_cache_bytes",
     "load_pretrained",
     "merge_and_unload",
+    "presets",
     "search",
     "train",
 ]

@@ -284,6 +284,9 @@ def run_bench(
 ) -> list[dict[str, Any]]:
     """Time the stock model against the alternatives a user would pick, interleaved in one run.
 
+    Rows also hold the end-to-end ``generate`` time, the weight bytes and, on CUDA, the peak memory of
+    one ``generate``.
+
     Methods: ``stock``; ``lora`` (PEFT LoRA r=8 on every projection, unmerged); ``pia`` (PIA adapters,
     nothing skipped, unmerged: an adapter branch); ``eas`` (k attentions skipped, adapters merged with
     the static merge, for every k in ``skips``); ``skip`` (the plain skip plan, no adapters). Each row
@@ -332,7 +335,21 @@ def run_bench(
         row["prefill_of_bound"] = row["prefill_speedup"] / row["prefill_bound"]
         row["decode_of_bound"] = row["decode_speedup"] / row["decode_bound"]
         row["generate_ms"] = statistics.median(timings[row["name"]].raw["genN"]) * 1e3
+        row["weight_bytes"] = sum(p.numel() * p.element_size() for p in m.parameters())
+        row["peak_memory_bytes"] = _peak_memory(m, inputs, new_tokens)
     return rows
+
+
+def _peak_memory(model: nn.Module, inputs: Mapping[str, torch.Tensor], new_tokens: int) -> int | None:
+    """Peak device memory of one ``generate`` on CUDA (weights included); ``None`` on other devices."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device)
 
 
 def _random_adapters(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> nn.Module:

@@ -364,11 +364,25 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     facts = arch_facts(model)
-    if facts.is_multimodal:
-        raise ValueError("skipvlm bench times text prompts; pass a text preset (e.g. llama-cpu, llama-2-7b)")
+    if facts.model_type not in ("llama", "mistral", "qwen2", "llava"):
+        raise ValueError(
+            f"skipvlm bench builds prompts for Llama / Mistral / Qwen2 / LLaVA, not {facts.model_type}"
+        )
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, facts.vocab_size, (1, args.prompt_tokens), generator=gen).to(device)
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    ids = torch.randint(3, min(facts.vocab_size, 30000), (1, args.prompt_tokens), generator=gen)
+    inputs = {"input_ids": ids}
+    if facts.model_type == "llava":  # one image: its tokens after the first text token, random pixels
+        vision = model.config.vision_config
+        image_tokens = (vision.image_size // vision.patch_size) ** 2
+        if image_tokens + 2 > args.prompt_tokens:
+            raise ValueError(f"--prompt-tokens must exceed the {image_tokens} image tokens of one image")
+        ids[0, 1 : 1 + image_tokens] = facts.image_token_id
+        size = vision.image_size
+        inputs["pixel_values"] = torch.randn(1, 3, size, size, generator=gen).to(
+            next(model.parameters()).dtype
+        )
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
     methods = [m for m in args.methods.split(",") if m]
     rows = run_bench(model, inputs, args.skip, methods, args.new_tokens, args.repeats, progress=True)
     print(
