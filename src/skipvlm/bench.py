@@ -24,6 +24,7 @@ from skipvlm.runtime import apply_plan, current_plan, kv_cache_bytes
 __all__ = [
     "PlanTiming",
     "bench_table",
+    "format_rows",
     "interleaved",
     "measure_models",
     "measure_plans",
@@ -221,20 +222,37 @@ def timing_rows(results: Mapping[str, PlanTiming], baseline: str) -> list[dict[s
     return rows
 
 
+def format_rows(rows: list[dict[str, Any]], columns: list[tuple]) -> str:
+    """A fixed-width text table: one ``(header, width, cell)`` per column, numbers right-aligned.
+
+    The first column, and any given as ``(header, width, cell, "<")``, is left-aligned.
+    """
+
+    def fit(i: int, column: tuple, text: str) -> str:
+        left = i == 0 or column[3:] == ("<",)
+        return f"{text:<{column[1]}}" if left else f"{text:>{column[1]}}"
+
+    head = "".join(fit(i, c, c[0]) for i, c in enumerate(columns))
+    lines = [head, "-" * len(head)]
+    lines += ["".join(fit(i, c, c[2](r)) for i, c in enumerate(columns)) for r in rows]
+    return "\n".join(lines)
+
+
 def timing_table(rows: list[dict[str, Any]]) -> str:
     """A fixed-width text table of :func:`timing_rows` output."""
-    head = (
-        f"{'plan':<22}{'prefill ms':>11}{'x':>6}{'decode ms/tok':>15}{'x':>6}"
-        f"{'tok/s':>8}{'KV MiB':>9}{'x':>6}"
+    return format_rows(
+        rows,
+        [
+            ("plan", 22, lambda r: r["name"]),
+            ("prefill ms", 11, lambda r: f"{r['prefill_ms']:.2f}"),
+            ("x", 6, lambda r: f"{r['prefill_speedup']:.2f}"),
+            ("decode ms/tok", 15, lambda r: f"{r['decode_ms_per_token']:.2f}"),
+            ("x", 6, lambda r: f"{r['decode_speedup']:.2f}"),
+            ("tok/s", 8, lambda r: f"{r['decode_tokens_per_s']:.1f}"),
+            ("KV MiB", 9, lambda r: f"{r['kv_cache_bytes'] / 2**20:.2f}"),
+            ("x", 6, lambda r: f"{r['kv_ratio']:.2f}"),
+        ],
     )
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(
-            f"{r['name']:<22}{r['prefill_ms']:>11.2f}{r['prefill_speedup']:>6.2f}"
-            f"{r['decode_ms_per_token']:>15.2f}{r['decode_speedup']:>6.2f}{r['decode_tokens_per_s']:>8.1f}"
-            f"{r['kv_cache_bytes'] / 2**20:>9.2f}{r['kv_ratio']:>6.2f}"
-        )
-    return "\n".join(lines)
 
 
 # --- the method comparison of `skipvlm bench` -----------------------------------------------------------
@@ -363,17 +381,19 @@ def _random_adapters(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> nn
 
 def bench_table(rows: list[dict[str, Any]]) -> str:
     """Medians, speedups against the stock model, and the roofline bounds, side by side."""
-    head = (
-        f"{'method':<20}{'prefill ms':>11}{'x':>6}{'bound':>7}{'of':>6}{'decode ms/tok':>15}{'x':>6}"
-        f"{'bound':>7}{'of':>6}{'tok/s':>8}{'KV MiB':>8}"
+    return format_rows(
+        rows,
+        [
+            ("method", 20, lambda r: r["name"]),
+            ("prefill ms", 11, lambda r: f"{r['prefill_ms']:.2f}"),
+            ("x", 6, lambda r: f"{r['prefill_speedup']:.2f}"),
+            ("bound", 7, lambda r: f"{r['prefill_bound']:.2f}"),
+            ("of", 6, lambda r: f"{100 * r['prefill_of_bound']:.0f}%"),
+            ("decode ms/tok", 15, lambda r: f"{r['decode_ms_per_token']:.2f}"),
+            ("x", 6, lambda r: f"{r['decode_speedup']:.2f}"),
+            ("bound", 7, lambda r: f"{r['decode_bound']:.2f}"),
+            ("of", 6, lambda r: f"{100 * r['decode_of_bound']:.0f}%"),
+            ("tok/s", 8, lambda r: f"{r['decode_tokens_per_s']:.1f}"),
+            ("KV MiB", 8, lambda r: f"{r['kv_cache_bytes'] / 2**20:.2f}"),
+        ],
     )
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(
-            f"{r['name']:<20}{r['prefill_ms']:>11.2f}{r['prefill_speedup']:>6.2f}"
-            f"{r['prefill_bound']:>7.2f}{100 * r['prefill_of_bound']:>5.0f}%{r['decode_ms_per_token']:>15.2f}"
-            f"{r['decode_speedup']:>6.2f}{r['decode_bound']:>7.2f}{100 * r['decode_of_bound']:>5.0f}%"
-            f"{r['decode_tokens_per_s']:>8.1f}"
-            f"{r['kv_cache_bytes'] / 2**20:>8.2f}"
-        )
-    return "\n".join(lines)

@@ -30,7 +30,7 @@ import transformers as tf
 from torch import nn
 from tqdm.auto import tqdm
 
-from skipvlm.bench import measure_models
+from skipvlm.bench import format_rows, measure_models
 from skipvlm.cost import count_macs
 from skipvlm.data.chat import ChatCollator
 from skipvlm.data.synthetic import SyntheticBatches, SyntheticTask
@@ -277,29 +277,29 @@ def run_demo(config: DemoConfig, out: str | Path | None = None, progress: bool =
     return result
 
 
+def _skipped(r: dict[str, Any]) -> str:
+    if r["skip_layers"]:
+        return f"layers {r['skip_layers']}"
+    parts = [
+        f"attn {r['skip_attention']}" if r["skip_attention"] else "",
+        f"mlp {r['skip_mlp']}" if r["skip_mlp"] else "",
+    ]
+    return " ".join(p for p in parts if p) or "-"
+
+
 def format_table(result: dict[str, Any]) -> str:
     """The demo's results as a fixed-width table."""
-    head = (
-        f"{'method':<18}{'trainable':>11}{'%':>8}{'GMACs':>8}{'acc %':>8}{'prefill ms':>12}"
-        f"{'decode ms/tok':>15}{'merged':>8}  skipped"
+    return format_rows(
+        result["rows"],
+        [
+            ("method", 18, lambda r: r["name"]),
+            ("trainable", 11, lambda r: f"{r['trainable_params']:,}"),
+            ("%", 8, lambda r: f"{r['trainable_pct']:.2f}"),
+            ("GMACs", 8, lambda r: f"{r['macs_g']:.3f}"),
+            ("acc %", 8, lambda r: f"{100 * r['accuracy']:.1f}"),
+            ("prefill ms", 12, lambda r: f"{r['prefill_ms']:.2f}"),
+            ("decode ms/tok", 15, lambda r: f"{r['decode_ms_per_token']:.2f}"),
+            ("merged", 8, lambda r: "yes" if r["merged"] else "no"),
+            ("  skipped", 30, lambda r: f"  {_skipped(r)}", "<"),
+        ],
     )
-    lines = [head, "-" * (len(head) + 10)]
-    for r in result["rows"]:
-        skipped = (
-            f"layers {r['skip_layers']}"
-            if r["skip_layers"]
-            else " ".join(
-                part
-                for part in (
-                    f"attn {r['skip_attention']}" if r["skip_attention"] else "",
-                    f"mlp {r['skip_mlp']}" if r["skip_mlp"] else "",
-                )
-                if part
-            )
-        )
-        lines.append(
-            f"{r['name']:<18}{r['trainable_params']:>11,}{r['trainable_pct']:>8.2f}{r['macs_g']:>8.3f}"
-            f"{100 * r['accuracy']:>8.1f}{r['prefill_ms']:>12.2f}{r['decode_ms_per_token']:>15.2f}"
-            f"{'yes' if r['merged'] else 'no':>8}  {skipped or '-'}"
-        )
-    return "\n".join(lines)
