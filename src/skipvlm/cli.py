@@ -174,9 +174,36 @@ def _batches(examples: list, collator, batch_size: int) -> list:
 
 
 def _data(args: argparse.Namespace, attr: str) -> list:
-    from skipvlm.data import load_jsonl
+    """Examples from the data file of ``--<attr>`` in ``--format``; bad rows reported (and skipped)."""
+    from skipvlm.data import formats, load_jsonl
 
-    return load_jsonl(getattr(args, attr), image_folder=args.image_folder)
+    path = getattr(args, attr)
+    common = {"on_bad_row": args.on_bad_row, "max_chars": args.max_chars}
+    if args.format == "jsonl":
+        return load_jsonl(path, image_folder=args.image_folder)
+    if args.format == "llava":
+        report = formats.load_llava(path, image_folder=args.image_folder, **common)
+    elif args.format == "scienceqa":
+        if not args.scienceqa_splits:
+            raise ValueError("--format scienceqa needs --scienceqa-splits pid_splits.json")
+        split = {"train": "train", "heldout": "val", "data": "test"}[attr] if not args.split else args.split
+        report = formats.load_scienceqa(
+            path, args.scienceqa_splits, split, args.image_folder, fmt=args.scienceqa_format, **common
+        )
+    else:
+        report = formats.load_hf_dataset(
+            path,
+            split=args.split,
+            image_column=args.image_column,
+            question_column=args.question_column,
+            answer_column=args.answer_column,
+            choices_column=args.choices_column,
+            **common,
+        )
+    print(report.summary(), file=sys.stderr)
+    if not report.examples:
+        raise ValueError(f"{path}: no usable examples")
+    return report.examples
 
 
 def _collator(folder: Path, args: argparse.Namespace):
@@ -261,10 +288,21 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         model = EASModel.from_pretrained(model, args.adapters)
         if args.merge != "none":
             model = model.merge_and_unload(args.merge)
-    result = evaluate(model, collator, examples, args.batch_size, args.max_new_tokens)
-    print(f"accuracy {100 * result.accuracy:.2f}% ({result.correct}/{result.total}) on {args.data}")
+    if args.format == "scienceqa":
+        from skipvlm.evaluate import generate_answers
+        from skipvlm.scoring import SCIENCEQA_COLUMNS, score_scienceqa
+
+        answers = generate_answers(model, collator, examples, args.batch_size, args.max_new_tokens)
+        data = score_scienceqa(examples, answers)
+        acc = data["accuracy"]
+        print("  ".join(f"{c:>6}" for c in SCIENCEQA_COLUMNS))
+        print("  ".join(f"{acc[c]:>6.2f}" if acc[c] is not None else f"{'-':>6}" for c in SCIENCEQA_COLUMNS))
+    else:
+        result = evaluate(model, collator, examples, args.batch_size, args.max_new_tokens, metric=args.metric)
+        data = result.to_dict()
+        print(f"accuracy {100 * result.accuracy:.2f}% ({result.correct}/{result.total}) on {args.data}")
     if args.out:
-        path = atomic_write_text(Path(args.out) / "eval.json", json.dumps(result.to_dict(), indent=1) + "\n")
+        path = atomic_write_text(Path(args.out) / "eval.json", json.dumps(data, indent=1) + "\n")
         print(f"wrote {path}")
     return 0
 
@@ -421,6 +459,25 @@ def _add_common(parser: argparse.ArgumentParser, data: tuple[str, ...]) -> None:
             f"--{name}", required=True, help=f"{name} examples, JSON lines (prompt, answer, image)"
         )
     parser.add_argument("--image-folder", help="folder that relative image paths resolve against")
+    parser.add_argument(
+        "--format",
+        choices=["jsonl", "llava", "scienceqa", "hf"],
+        default="jsonl",
+        help="data format (default jsonl)",
+    )
+    parser.add_argument(
+        "--on-bad-row", choices=["skip", "fail"], default="skip", help="skip (and list) or stop"
+    )
+    parser.add_argument("--max-chars", type=int, default=None, help="rows longer than this are bad")
+    parser.add_argument("--split", help="dataset split (scienceqa / hf)")
+    parser.add_argument(
+        "--scienceqa-splits", help="ScienceQA pid_splits.json (the data file is problems.json)"
+    )
+    parser.add_argument("--scienceqa-format", choices=["QCM-A", "QCM-ALE"], default="QCM-A")
+    parser.add_argument("--image-column", default="image", help="hf: image column")
+    parser.add_argument("--question-column", default="question", help="hf: question column")
+    parser.add_argument("--answer-column", default="answer", help="hf: answer column")
+    parser.add_argument("--choices-column", default=None, help="hf: options column (multiple choice)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=None, help="longest example in tokens")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -495,6 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--adapters", help="adapters folder from `skipvlm train` (default: the model as saved)")
     ev.add_argument("--merge", choices=["none", "static", "per_example"], default="none")
     ev.add_argument("--max-new-tokens", type=int, default=16)
+    ev.add_argument("--metric", choices=["exact", "vqa"], default="exact", help="short-answer matching")
     ev.add_argument("--out", help="folder to write eval.json (accuracy and every prediction) into")
     ev.set_defaults(func=_cmd_eval)
 

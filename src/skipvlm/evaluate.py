@@ -101,8 +101,10 @@ def evaluate(
     batch_size: int = 8,
     max_new_tokens: int = 16,
     progress: bool = True,
+    metric: str = "exact",
 ) -> EvalResult:
-    """Accuracy of greedy answers: multiple choice for examples with ``choices``, exact match otherwise.
+    """Accuracy of greedy answers: multiple choice for examples with ``choices``, else ``metric``
+    (``exact``: normalised exact match; ``vqa``: VQA-style normalisation, number words as digits).
 
     Raises:
         ValueError: ``examples`` is empty.
@@ -112,9 +114,13 @@ def evaluate(
     answers = generate_answers(model, collator, examples, batch_size, max_new_tokens, progress)
     rows, correct = [], 0
     for ex, pred in zip(examples, answers, strict=True):
-        if ex.choices:
+        if ex.choices:  # the option the prediction names must be the option the answer names
             picked = choice_index(pred, ex.choices)
-            ok = picked is not None and normalize_answer(ex.choices[picked]) == normalize_answer(ex.answer)
+            ok = picked is not None and picked == choice_index(ex.answer, ex.choices)
+        elif metric == "vqa":
+            from skipvlm.scoring import vqa_match
+
+            ok = vqa_match(pred, ex.answer)
         else:
             ok = normalize_answer(pred) == normalize_answer(ex.answer)
         correct += ok

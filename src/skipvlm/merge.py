@@ -381,6 +381,13 @@ def load_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json; pass a folder written by export_merged")
+    if not any(path.glob("*.safetensors")):
+        pickled = sorted(p.name for p in (*path.glob("*.bin"), *path.glob("*.pt"), *path.glob("*.pth")))
+        what = f"only pickled weights ({', '.join(pickled)})" if pickled else "no weights"
+        raise ValueError(
+            f"{path} has {what}; skipvlm loads safetensors only and never unpickles a checkpoint (it can run "
+            "code). Convert it where you trust it: model.save_pretrained(dir) writes safetensors"
+        )
     kwargs.update(trust_remote_code=False, use_safetensors=True)
     config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
     facts = arch_facts(config)

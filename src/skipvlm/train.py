@@ -287,8 +287,16 @@ class _Loop:
         return self.cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - self.warmup_steps) / span))
 
     def backward(self, batch: dict[str, Any]) -> float:
-        with self.autocast():
-            loss = self.model(**_to(batch, self.device)).loss
+        try:
+            with self.autocast():
+                loss = self.model(**_to(batch, self.device)).loss
+        except torch.OutOfMemoryError as err:
+            shape = tuple(batch["input_ids"].shape) if "input_ids" in batch else "?"
+            raise RuntimeError(
+                f"out of memory on a batch of shape {shape} (batch size x tokens) at step {self.step}: lower "
+                "the batch size and raise TrainConfig.grad_accum (--grad-accum) to keep the effective batch, "
+                "or turn on gradient_checkpointing / precision='bf16'"
+            ) from err
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"the training loss is {loss.item()} at step {self.step}; lower TrainConfig.lr or use fp32"
