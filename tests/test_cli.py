@@ -127,5 +127,8 @@ def test_missing_model_and_data_fail_clearly(toy_dir, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "x"}\n')
     args = ["train", "--model", str(toy_dir / "model"), "--train", str(bad), "--out", str(tmp_path)]
-    assert main(args) == 2
-    assert "bad.jsonl:1: field 'answer' is missing" in capsys.readouterr().err
+    assert main(args) == 2  # the only row is bad: skipped, listed, and nothing is left to train on
+    err = capsys.readouterr().err
+    assert "bad.jsonl row 1: the answer is empty" in err and "no usable examples" in err
+    assert main([*args, "--on-bad-row", "fail"]) == 2
+    assert "bad.jsonl row 1: the answer is empty (pass on_bad_row='skip'" in capsys.readouterr().err

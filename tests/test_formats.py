@@ -335,3 +335,19 @@ def test_lmms_eval_bridge_registers_and_generates(toy_dir, monkeypatch):
     assert skipvlm.current_plan(model.model) == skipvlm.Plan(skip_attention=[1, 2])
     with pytest.raises(NotImplementedError):
         model.loglikelihood([request])
+
+
+def test_chat_jsonl_reports_bad_rows_by_line(tmp_path, images):
+    from skipvlm.data.formats import load_chat_jsonl
+
+    rows = [
+        {"prompt": "what color?", "answer": "red", "image": "good.png"},
+        {"prompt": "what color?", "answer": "red", "image": "corrupt.png"},
+        {"answer": "red"},
+        {"prompt": "what color?", "answer": ""},
+    ]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    report = load_chat_jsonl(path, image_folder=images)
+    assert len(report.examples) == 1 and [b.row for b in report.skipped] == [2, 3, 4]
+    assert "unreadable" in report.skipped[0].reason and "prompt" in report.skipped[1].reason

@@ -175,13 +175,13 @@ def _batches(examples: list, collator, batch_size: int) -> list:
 
 def _data(args: argparse.Namespace, attr: str) -> list:
     """Examples from the data file of ``--<attr>`` in ``--format``; bad rows reported (and skipped)."""
-    from skipvlm.data import formats, load_jsonl
+    from skipvlm.data import formats
 
     path = getattr(args, attr)
     common = {"on_bad_row": args.on_bad_row, "max_chars": args.max_chars}
     if args.format == "jsonl":
-        return load_jsonl(path, image_folder=args.image_folder)
-    if args.format == "llava":
+        report = formats.load_chat_jsonl(path, image_folder=args.image_folder, **common)
+    elif args.format == "llava":
         report = formats.load_llava(path, image_folder=args.image_folder, **common)
     elif args.format == "scienceqa":
         if not args.scienceqa_splits:

@@ -21,7 +21,15 @@ from PIL import Image
 
 from skipvlm.data.chat import ChatExample
 
-__all__ = ["BadRow", "BadRowError", "LoadReport", "load_hf_dataset", "load_llava", "load_scienceqa"]
+__all__ = [
+    "BadRow",
+    "BadRowError",
+    "LoadReport",
+    "load_chat_jsonl",
+    "load_hf_dataset",
+    "load_llava",
+    "load_scienceqa",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +117,53 @@ def _open(path: str | os.PathLike) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
     return path
+
+
+# --- skipvlm's own JSON lines ---------------------------------------------------------------------------
+
+
+def load_chat_jsonl(
+    path: str | os.PathLike,
+    image_folder: str | os.PathLike | None = None,
+    on_bad_row: str = "skip",
+    max_chars: int | None = None,
+) -> LoadReport:
+    """JSON lines of ``{"prompt", "answer", "image"?, "choices"?, "id"?}`` (the format of ``load_jsonl``),
+    with bad rows reported and skipped (or fatal) like every other loader."""
+    path = _open(path)
+    folder = Path(image_folder) if image_folder is not None else path.parent
+    check = _Checker(str(path), on_bad_row, max_chars)
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                check.bad(line_no, f"not valid JSON ({err.msg})")
+                continue
+            if (
+                not isinstance(row, dict)
+                or not isinstance(row.get("prompt"), str)
+                or not row["prompt"].strip()
+            ):
+                check.bad(line_no, "field 'prompt' is missing or empty")
+                continue
+            choices = row.get("choices")
+            if choices is not None and not (
+                isinstance(choices, list) and all(isinstance(c, str) for c in choices)
+            ):
+                check.bad(line_no, "field 'choices' must be a list of strings")
+                continue
+            image = row.get("image")
+            if image is not None:
+                image = check.image(line_no, image if Path(image).is_absolute() else folder / image)
+                if image is None:
+                    continue
+            answer = row.get("answer") if isinstance(row.get("answer"), str) else ""
+            rid = str(row.get("id", f"{path.name}:{line_no}"))
+            check.add(line_no, ChatExample(row["prompt"], answer, image, choices, rid))
+    return check.report
 
 
 # --- LLaVA conversations --------------------------------------------------------------------------------
