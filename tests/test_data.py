@@ -64,10 +64,10 @@ def test_load_jsonl_resolves_images_and_reports_bad_rows(tmp_path):
     assert rows[0].choices == ["red", "blue"] and rows[1].id == "d.jsonl:3"
 
     path.write_text(json.dumps(good) + "\n" + json.dumps({"prompt": "x"}) + "\n")
-    with pytest.raises(ValueError, match=r"d\.jsonl:2: field 'answer' is missing or empty"):
-        load_jsonl(path)
+    with pytest.raises(ValueError, match=r"d\.jsonl row 2: the answer is empty"):
+        load_jsonl(path, image_folder=tmp_path / "pics")
     path.write_text("{oops\n")
-    with pytest.raises(ValueError, match=r"d\.jsonl:1: not valid JSON"):
+    with pytest.raises(ValueError, match=r"d\.jsonl row 1: not valid JSON"):
         load_jsonl(path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_jsonl(tmp_path / "nope.jsonl")

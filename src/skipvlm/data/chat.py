@@ -8,17 +8,15 @@ generation batches hold the prompt only. Both are left-padded.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
-__all__ = ["IGNORE_INDEX", "ChatCollator", "ChatExample", "load_jsonl", "load_processor"]
+__all__ = ["IGNORE_INDEX", "ChatCollator", "ChatExample", "load_processor"]
 
 IGNORE_INDEX = -100
 # Token-aligned processor outputs: padded like input_ids. Everything else is concatenated on dim 0.
@@ -43,51 +41,6 @@ class ChatExample:
     choices: list[str] | None = None
     id: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
-
-
-def load_jsonl(path: str | os.PathLike, image_folder: str | os.PathLike | None = None) -> list[ChatExample]:
-    """Read examples from a JSON-lines file with ``prompt``, ``answer`` and optional ``image``, ``choices``,
-    ``id`` fields. Relative image paths resolve against ``image_folder`` (default: the file's folder).
-
-    Raises:
-        FileNotFoundError: the file does not exist.
-        ValueError: a row is not valid JSON or misses a field; the message names the file and line.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {path} does not exist")
-    folder = Path(image_folder) if image_folder is not None else path.parent
-    examples = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: not valid JSON ({err.msg})") from err
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: each line must be a JSON object")
-            for key in ("prompt", "answer"):
-                if not isinstance(row.get(key), str) or not row[key].strip():
-                    raise ValueError(f"{where}: field {key!r} is missing or empty")
-            image = row.get("image")
-            if image is not None:
-                image = Path(image) if Path(image).is_absolute() else folder / image
-            choices = row.get("choices")
-            if choices is not None and not (
-                isinstance(choices, list) and all(isinstance(c, str) for c in choices)
-            ):
-                raise ValueError(f"{where}: field 'choices' must be a list of strings")
-            examples.append(
-                ChatExample(
-                    row["prompt"], row["answer"], image, choices, str(row.get("id", f"{path.name}:{line_no}"))
-                )
-            )
-    if not examples:
-        raise ValueError(f"data file {path} holds no examples")
-    return examples
 
 
 def load_processor(path: str | os.PathLike) -> Any:

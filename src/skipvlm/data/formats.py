@@ -27,6 +27,7 @@ __all__ = [
     "LoadReport",
     "load_chat_jsonl",
     "load_hf_dataset",
+    "load_jsonl",
     "load_llava",
     "load_scienceqa",
 ]
@@ -164,6 +165,20 @@ def load_chat_jsonl(
             rid = str(row.get("id", f"{path.name}:{line_no}"))
             check.add(line_no, ChatExample(row["prompt"], answer, image, choices, rid))
     return check.report
+
+
+def load_jsonl(path: str | os.PathLike, image_folder: str | os.PathLike | None = None) -> list[ChatExample]:
+    """The examples of a JSON-lines file; the first bad row raises :class:`BadRowError` naming file and row.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        BadRowError: a row is malformed.
+        ValueError: the file holds no examples.
+    """
+    examples = load_chat_jsonl(path, image_folder, on_bad_row="fail").examples
+    if not examples:
+        raise ValueError(f"data file {path} holds no examples")
+    return examples
 
 
 # --- LLaVA conversations --------------------------------------------------------------------------------
