@@ -236,7 +236,7 @@ def run_demo(config: DemoConfig, out: str | Path | None = None, progress: bool =
     for row in tqdm(rows, desc="evaluating", disable=not progress, leave=False):
         model = models[row["name"]]
         row["accuracy"] = evaluate(model, collator, test, bs, 3, progress=False).accuracy
-        plan = current_plan(model) if not hasattr(model, "peft_config") else Plan()
+        plan = current_plan(model)
         row["skip_attention"], row["skip_mlp"] = list(plan.skip_attention), list(plan.skip_mlp)
         whole = sorted(set(plan.skip_attention) & set(plan.skip_mlp)) if row["method"] == "das" else []
         row["skip_layers"] = whole
