@@ -210,3 +210,10 @@ def test_bf16_model_merges_in_its_dtype():
     assert {p.dtype for p in merged.parameters()} == {torch.bfloat16}
     got = logits(merged, batch).float()
     assert (got - forced).abs().max() < 0.1 * forced.abs().max()
+
+
+def test_a_merged_model_says_its_adapters_are_gone(tmp_path):
+    model, _ = trained("llama")
+    model.merge_and_unload("static")
+    with pytest.raises(ValueError, match="already merged by merge_and_unload"):
+        model.export_merged(tmp_path / "m")

@@ -240,7 +240,10 @@ class EASModel(nn.Module):
         """The adapters, keyed by layer (``adapters.replace`` / ``adapters.adapt``)."""
         adapters = self.decoder._modules.get(ADAPTERS)
         if adapters is None:
-            raise ValueError("the adapters of this model were merged (merge_and_unload); nothing to train")
+            raise ValueError(
+                "the adapters of this model were already merged by merge_and_unload; train, save or "
+                "export_merged before merging"
+            )
         return adapters
 
     @property
