@@ -522,6 +522,10 @@ def search(
         trajectory, evals = extra["trajectory"], extra["evals"]
     warmup_steps = config.warmup_epochs * steps_per_epoch
 
+    def resume_state() -> dict[str, Any]:
+        """What a checkpoint needs besides the loop's own state (built only when saving)."""
+        return {"identity": identity, "bandit": bandit.state_dict(), "trajectory": trajectory, "evals": evals}
+
     def score(subsets: list[list[int]]) -> list[float]:
         nonlocal evals
         batch = _to(held_local[evals % len(held_local)], device)
@@ -565,18 +569,12 @@ def search(
                 )
             bar.update(1)
             bar.set_postfix(loss=f"{last_loss:.3f}", phase=phase, top_k=",".join(map(str, bandit.top_k())))
-            extra_state = {
-                "identity": identity,
-                "bandit": bandit.state_dict(),
-                "trajectory": trajectory,
-                "evals": evals,
-            }
             if tc.checkpoint_every and loop.step % tc.checkpoint_every == 0:
-                loop.save(extra_state)
+                loop.save(resume_state())
             if callback is not None:
                 callback({"step": loop.step, "loss": last_loss, "phase": phase})
     bar.close()
-    loop.save({"identity": identity, "bandit": bandit.state_dict(), "trajectory": trajectory, "evals": evals})
+    loop.save(resume_state())
 
     arms = bandit.top_k()
     plan = cands.plan(arms)
