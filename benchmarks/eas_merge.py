@@ -13,10 +13,8 @@ from __future__ import annotations
 import argparse
 import copy
 
-import torch
-
 import skipvlm
-from skipvlm.bench import measure_models, ratio, timing_rows, timing_table
+from skipvlm.bench import measure_models, random_adapters, ratio, timing_rows, timing_table
 
 from common import add_model_args, describe, llama_and_prompt, write_results
 
@@ -30,11 +28,9 @@ def main() -> None:
     skip = list(range(1, args.layers, 2))[: args.skip]
 
     plain = skipvlm.apply_plan(copy.deepcopy(base), skipvlm.Plan(skip_attention=skip))
-    unmerged = skipvlm.get_eas_model(copy.deepcopy(base), skipvlm.EASConfig(skip_attention=skip)).eval()
-    with torch.no_grad():  # non-zero adapters, as after training
-        for q in unmerged.adapters.parameters():
-            q.normal_(0, 0.02)
-    unmerged.calibrate([inputs], progress=False)
+    # non-zero adapters, calibrated, as after training
+    eas = skipvlm.get_eas_model(copy.deepcopy(base), skipvlm.EASConfig(skip_attention=skip))
+    unmerged = random_adapters(eas, inputs)
     static = copy.deepcopy(unmerged).merge_and_unload("static")
     per_example = copy.deepcopy(unmerged).merge_and_unload("per_example")
     models = {

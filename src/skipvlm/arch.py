@@ -21,6 +21,7 @@ __all__ = [
     "decoder_slot",
     "get_decoder",
     "get_layers",
+    "model_class",
 ]
 
 
@@ -210,3 +211,27 @@ def get_layers(model: nn.Module, facts: ArchFacts | None = None) -> nn.ModuleLis
     if not isinstance(layers, nn.ModuleList):
         raise _unsupported(f"{type(model).__name__}'s decoder has no `layers` list")
     return layers
+
+
+# The transformers class of each supported model_type (what loaders and presets instantiate; never code
+# from a checkpoint).
+_MODEL_CLASSES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "llava": "LlavaForConditionalGeneration",
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+}
+
+
+def model_class(config: PretrainedConfig) -> type:
+    """The transformers generation-model class for a supported config.
+
+    Raises:
+        UnsupportedModelError: the architecture is not supported.
+    """
+    import transformers
+
+    facts = arch_facts(config)
+    return getattr(transformers, _MODEL_CLASSES[facts.model_type])

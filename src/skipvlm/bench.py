@@ -26,8 +26,10 @@ __all__ = [
     "bench_table",
     "format_rows",
     "interleaved",
+    "lora_model",
     "measure_models",
     "measure_plans",
+    "random_adapters",
     "ratio",
     "run_bench",
     "skip_layers",
@@ -266,12 +268,15 @@ def skip_layers(num_layers: int, k: int) -> list[int]:
     return sorted(order[:k])
 
 
-def _lora_model(model: nn.Module, rank: int = 8) -> nn.Module:
+LORA_TARGETS = r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+def lora_model(model: nn.Module, rank: int = 8, targets: str = LORA_TARGETS) -> nn.Module:
+    """``model`` with PEFT LoRA (alpha = 2 r, no dropout) on the projections matching ``targets``."""
     import warnings
 
     from peft import LoraConfig, get_peft_model
 
-    targets = r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
     config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets)
     with warnings.catch_warnings():  # peft asks transformers a deprecated question
         warnings.simplefilter("ignore", FutureWarning)
@@ -323,16 +328,16 @@ def run_bench(
     prompt = int(inputs["input_ids"].shape[1])
     models: dict[str, nn.Module] = {"stock": model}
     if "lora" in methods:
-        models["lora (unmerged)"] = _lora_model(copy.deepcopy(model))
+        models["lora (unmerged)"] = lora_model(copy.deepcopy(model))
     if "pia" in methods:
-        models["pia (unmerged)"] = _random_adapters(get_eas_model(copy.deepcopy(model), EASConfig()), inputs)
+        models["pia (unmerged)"] = random_adapters(get_eas_model(copy.deepcopy(model), EASConfig()), inputs)
     for k in skips:
         plan = Plan(skip_attention=skip_layers(num_layers, k))
         if "skip" in methods and k:
             models[f"skip k={k}"] = apply_plan(copy.deepcopy(model), plan)
         if "eas" in methods:
             eas = get_eas_model(copy.deepcopy(model), EASConfig(skip_attention=list(plan.skip_attention)))
-            models[f"eas k={k} (merged)"] = _random_adapters(eas, inputs).merge_and_unload("static")
+            models[f"eas k={k} (merged)"] = random_adapters(eas, inputs).merge_and_unload("static")
     timings = measure_models(
         models, inputs, new_tokens=new_tokens, repeats=repeats, warmup=warmup, progress=progress
     )
@@ -370,7 +375,8 @@ def _peak_memory(model: nn.Module, inputs: Mapping[str, torch.Tensor], new_token
     return torch.cuda.max_memory_allocated(device)
 
 
-def _random_adapters(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> nn.Module:
+@torch.no_grad()
+def random_adapters(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> nn.Module:
     """Non-zero adapters, calibrated on the prompt, as after training (speed does not depend on values)."""
     gen = torch.Generator().manual_seed(0)
     for p in model.adapters.parameters():

@@ -165,7 +165,7 @@ def _load_model(folder: Path, args: argparse.Namespace):
 
     from skipvlm.merge import load_pretrained
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    dtype = getattr(torch, args.dtype)  # the --dtype choices are torch dtype names
     return load_pretrained(folder, dtype=dtype).to(_device(args)).eval()
 
 
@@ -340,7 +340,7 @@ def _preset_or_model(args: argparse.Namespace, device: str = "meta"):
 
     from skipvlm import presets
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    dtype = getattr(torch, args.dtype)  # the --dtype choices are torch dtype names
     if bool(args.preset) == bool(args.model):
         raise ValueError("pass exactly one of --preset NAME or --model DIR")
     if args.preset:

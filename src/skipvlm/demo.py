@@ -20,7 +20,6 @@ import logging
 import platform
 import shutil
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ import transformers as tf
 from torch import nn
 from tqdm.auto import tqdm
 
-from skipvlm.bench import format_rows, measure_models
+from skipvlm.bench import format_rows, lora_model, measure_models
 from skipvlm.cost import count_macs
 from skipvlm.data.chat import ChatCollator
 from skipvlm.data.synthetic import SyntheticBatches, SyntheticTask
@@ -94,15 +93,8 @@ def _trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def _lora(base: nn.Module, rank: int = 8) -> nn.Module:
-    """The base model with LoRA on every projection of the language model (through peft)."""
-    from peft import LoraConfig, get_peft_model
-
-    targets = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets)
-    with warnings.catch_warnings():  # peft asks transformers a deprecated question; not ours to fix
-        warnings.simplefilter("ignore", FutureWarning)
-        return get_peft_model(base, config)
+# LoRA on every projection of the language model (the vision tower has projections of the same names)
+_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
 def run_demo(config: DemoConfig, out: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
@@ -203,7 +195,7 @@ def run_demo(config: DemoConfig, out: str | Path | None = None, progress: bool =
     record("full_ft", full, _trainable(full), None, True)
     steps.update(1)
     # LoRA through peft, merged for inference
-    lora = _lora(fresh())
+    lora = lora_model(fresh(), targets=_LORA_TARGETS)
     fit(lora, batches, tc, name="lora")
     lora_trainable = _trainable(lora)
     record("lora", lora.merge_and_unload(), lora_trainable, None, True)

@@ -31,7 +31,7 @@ import torch
 import transformers
 from torch import nn
 
-from skipvlm.arch import ArchFacts, arch_facts, decoder_slot, get_layers
+from skipvlm.arch import ArchFacts, arch_facts, decoder_slot, get_layers, model_class
 from skipvlm.eas import EASModel
 from skipvlm.io import atomic_dir
 from skipvlm.pia import (
@@ -57,16 +57,6 @@ PLAN_KEY = "skipvlm_plan"  # attribute of an exported checkpoint's config: the s
 # Sub-modules of a decoder layer that each adapter kind folds into.
 _REPLACE_TARGETS = ("mlp.gate_proj", "mlp.up_proj")
 _ADAPT_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-
-# Classes `load_pretrained` may instantiate, by config model_type (never code from the checkpoint).
-_MODEL_CLASSES = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "llava": "LlavaForConditionalGeneration",
-    "qwen2_vl": "Qwen2VLForConditionalGeneration",
-    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-}
 
 
 def _active_adapters(adapters: PIALayers, plan: Plan, num_layers: int) -> dict[int, PIABase]:
@@ -391,8 +381,7 @@ def load_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
     kwargs.update(trust_remote_code=False, use_safetensors=True)
     config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
     facts = arch_facts(config)
-    cls = getattr(transformers, _MODEL_CLASSES[facts.model_type])
-    model = cls.from_pretrained(path, **kwargs)
+    model = model_class(config).from_pretrained(path, **kwargs)
     stored = getattr(model.config, PLAN_KEY, None)
     if stored:
         plan = Plan.from_dict(stored)

@@ -17,6 +17,8 @@ import torch
 import transformers as tf
 from torch import nn
 
+from skipvlm.arch import model_class
+
 __all__ = ["PRESETS", "build", "get", "names"]
 
 
@@ -117,13 +119,6 @@ def get(name: str) -> tf.PretrainedConfig:
     return PRESETS[name]()
 
 
-_CLASSES = {
-    "llava": tf.LlavaForConditionalGeneration,
-    "qwen2_vl": tf.Qwen2VLForConditionalGeneration,
-    "llama": tf.LlamaForCausalLM,
-}
-
-
 def build(
     name_or_config: str | tf.PretrainedConfig,
     device: str | torch.device = "meta",
@@ -139,7 +134,7 @@ def build(
         seed: seed of the random weights.
     """
     config = get(name_or_config) if isinstance(name_or_config, str) else name_or_config
-    cls = _CLASSES[config.model_type]
+    cls = model_class(config)
     torch.manual_seed(seed)
     with torch.device(device):
         model = cls(config)
