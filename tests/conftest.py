@@ -209,6 +209,24 @@ def greedy(model, inputs, steps: int, **kw) -> tuple[torch.Tensor, torch.Tensor]
     return new, torch.stack(out.logits, dim=1)
 
 
+def greedy_without_cache(model, inputs, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full recompute of the whole sequence for every new token."""
+    inputs = dict(inputs)
+    tokens, step_logits = [], []
+    for _ in range(steps):
+        with torch.no_grad():
+            last = model(**inputs, use_cache=False).logits[:, -1]
+        nxt = last.argmax(-1, keepdim=True)
+        tokens.append(nxt)
+        step_logits.append(last)
+        inputs["input_ids"] = torch.cat([inputs["input_ids"], nxt], dim=1)
+        inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(nxt)], dim=1)
+        if "mm_token_type_ids" in inputs:
+            mm = inputs["mm_token_type_ids"]
+            inputs["mm_token_type_ids"] = torch.cat([mm, torch.zeros_like(nxt, dtype=mm.dtype)], dim=1)
+    return torch.cat(tokens, dim=1), torch.stack(step_logits, dim=1)
+
+
 def build_eas(arch: str, skip=(1, 2), seed: int = 0, dtype=torch.float32, **cfg) -> skipvlm.EASModel:
     """An EAS model on a tiny ``arch`` model with ``skip`` attentions skipped (fresh, identity adapters)."""
     config = skipvlm.EASConfig(skip_attention=list(skip), **cfg)

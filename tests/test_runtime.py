@@ -13,7 +13,16 @@ import skipvlm
 from skipvlm.arch import get_decoder, get_layers
 from skipvlm.runtime import SkipDecoder
 
-from conftest import ALL_ARCHS, VLM_ARCHS, build_model, greedy, logits, make_inputs, select_rows
+from conftest import (
+    ALL_ARCHS,
+    VLM_ARCHS,
+    build_model,
+    greedy,
+    greedy_without_cache,
+    logits,
+    make_inputs,
+    select_rows,
+)
 
 
 def zero_out(model, layer: int, module: str) -> torch.nn.Module:
@@ -177,31 +186,13 @@ def test_user_cache_without_config_is_sized_and_marked():
 # --- generation -------------------------------------------------------------------------------------------
 
 
-def _greedy_without_cache(model, arch, inputs, steps):
-    """Full recompute of the whole sequence for every new token."""
-    inputs = dict(inputs)
-    tokens, step_logits = [], []
-    for _ in range(steps):
-        with torch.no_grad():
-            last = model(**inputs, use_cache=False).logits[:, -1]
-        nxt = last.argmax(-1, keepdim=True)
-        tokens.append(nxt)
-        step_logits.append(last)
-        inputs["input_ids"] = torch.cat([inputs["input_ids"], nxt], dim=1)
-        inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(nxt)], dim=1)
-        if "mm_token_type_ids" in inputs:
-            mm = inputs["mm_token_type_ids"]
-            inputs["mm_token_type_ids"] = torch.cat([mm, torch.zeros_like(nxt, dtype=mm.dtype)], dim=1)
-    return torch.cat(tokens, dim=1), torch.stack(step_logits, dim=1)
-
-
 @pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_cached_generation_equals_full_recompute(arch):
     model = build_model(arch)
     skipvlm.apply_plan(model, skipvlm.Plan(skip_attention=[0, 2], skip_mlp=[3]))
     inputs = make_inputs(arch, lengths=(6,))
     tokens, step_logits = greedy(model, inputs, steps=6)
-    ref_tokens, ref_logits = _greedy_without_cache(model, arch, inputs, steps=6)
+    ref_tokens, ref_logits = greedy_without_cache(model, inputs, steps=6)
     assert torch.equal(tokens, ref_tokens)
     torch.testing.assert_close(step_logits, ref_logits, rtol=0, atol=1e-5)
 
@@ -225,7 +216,7 @@ def test_image_anywhere_in_the_prompt(arch):
     for image_at in (0, 3, 6):
         inputs = make_inputs(arch, lengths=(6,), image_at=image_at)
         tokens, _ = greedy(model, inputs, steps=3)
-        ref_tokens, _ = _greedy_without_cache(model, arch, inputs, steps=3)
+        ref_tokens, _ = greedy_without_cache(model, inputs, steps=3)
         assert torch.equal(tokens, ref_tokens)
 
 

@@ -8,8 +8,9 @@ from skipvlm.arch import SUPPORTED_MODEL_TYPES, ArchFacts, UnsupportedModelError
 from skipvlm.eas import EASConfig, EASModel, get_eas_model
 from skipvlm.merge import export_merged, load_pretrained, merge_and_unload
 from skipvlm.plan import Plan
-from skipvlm.runtime import apply_plan, current_plan, kv_cache_bytes
+from skipvlm.runtime import apply_plan, current_plan, exit_layers, kv_cache_bytes, use_plan
 from skipvlm.search import Bandit
+from skipvlm.tokens import DyVTEConfig, DyVTERouters, VTWCalibration, calibrate_vtw, train_dyvte
 from skipvlm.train import SearchConfig, SearchResult, TrainConfig, search, train
 
 __version__ = "0.1.0"
@@ -18,6 +19,8 @@ __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "ArchFacts",
     "Bandit",
+    "DyVTEConfig",
+    "DyVTERouters",
     "EASConfig",
     "EASModel",
     "Plan",
@@ -25,10 +28,13 @@ __all__ = [
     "SearchResult",
     "TrainConfig",
     "UnsupportedModelError",
+    "VTWCalibration",
     "__version__",
     "apply_plan",
     "arch_facts",
+    "calibrate_vtw",
     "current_plan",
+    "exit_layers",
     "export_merged",
     "get_eas_model",
     "kv_cache_bytes",
@@ -37,4 +43,6 @@ __all__ = [
     "presets",
     "search",
     "train",
+    "train_dyvte",
+    "use_plan",
 ]

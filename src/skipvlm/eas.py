@@ -199,6 +199,7 @@ class EASModel(nn.Module):
         else:
             decoder = SkipDecoder(decoder, facts, plan)
             setattr(parent, name, decoder)
+        decoder.watch_inputs(base_model)
 
         replace, adapt, bottleneck = config.adapter_layout(facts.num_layers)
         reference = next(base_model.parameters())
@@ -301,7 +302,7 @@ class EASModel(nn.Module):
 
     def set_skip_attention(self, layers: Iterable[int]) -> None:
         """Move the skipped attentions to ``layers`` (a supernet's move); see :meth:`set_plan`."""
-        self.set_plan(Plan(skip_attention=list(layers), skip_mlp=self.plan.skip_mlp))
+        self.set_plan(self.plan.with_skips(skip_attention=list(layers)))
 
     def set_plan(self, plan: Plan) -> None:
         """Run ``plan`` from now on: skipped attentions use their replace-PIA, layers skipped whole their

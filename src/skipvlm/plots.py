@@ -8,7 +8,7 @@ from pathlib import Path
 
 from skipvlm.io import atomic_path
 
-__all__ = ["plot_preferences", "plot_speedups", "plot_tradeoff"]
+__all__ = ["plot_kl_curve", "plot_preferences", "plot_speedups", "plot_tradeoff"]
 
 
 def _pyplot():
@@ -18,6 +18,14 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(plt, fig, path: str | os.PathLike) -> Path:
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return Path(path)
 
 
 def plot_preferences(
@@ -45,11 +53,7 @@ def plot_preferences(
     ax.set_xlabel("training step")
     ax.set_title(title)
     fig.colorbar(image, ax=ax, label="preference H")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def plot_tradeoff(
@@ -66,11 +70,7 @@ def plot_tradeoff(
     ax.set_xlabel(x.replace("_", " "))
     ax.set_ylabel(y.replace("_", " "))
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def plot_speedups(rows: Sequence[dict], path: str | os.PathLike) -> Path:
@@ -91,8 +91,29 @@ def plot_speedups(rows: Sequence[dict], path: str | os.PathLike) -> Path:
     ax.set_ylabel("speedup vs stock")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
+
+
+def plot_kl_curve(
+    kl: dict[int, float],
+    eta: float,
+    chosen: int | None,
+    path: str | os.PathLike,
+    title: str = "VTW calibration",
+) -> Path:
+    """KL(p_K || p_full) against the exit layer K, with the threshold eta and the chosen layer."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    layers = sorted(kl)
+    # A log axis cannot show 0; clamp to a floor far below any threshold worth choosing.
+    floor = min([v for v in kl.values() if v > 0] + [eta]) / 100
+    ax.semilogy(layers, [max(kl[k], floor) for k in layers], "o-", label="mean KL(p_K || p_full)")
+    ax.axhline(eta, color="gray", linestyle="--", label=f"eta = {eta:g}")
+    if chosen is not None and chosen in kl:
+        ax.axvline(chosen, color="tab:red", alpha=0.5, label=f"chosen K = {chosen}")
+    ax.set_xlabel("exit layer K (visual tokens withdrawn before it)")
+    ax.set_ylabel("KL at the last prompt token")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(plt, fig, path)

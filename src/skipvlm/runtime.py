@@ -22,6 +22,7 @@ import functools
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,8 +35,18 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from skipvlm.arch import ArchFacts, arch_facts, decoder_slot
 from skipvlm.pia import PIALayers, pooled_prompt
 from skipvlm.plan import Plan
+from skipvlm.tokens.exit import Frame, TokenExit, exit_state
+from skipvlm.tokens.layout import gather_tokens
 
-__all__ = ["RemovedAttention", "SkipDecoder", "apply_plan", "current_plan", "kv_cache_bytes"]
+__all__ = [
+    "RemovedAttention",
+    "SkipDecoder",
+    "apply_plan",
+    "current_plan",
+    "exit_layers",
+    "kv_cache_bytes",
+    "use_plan",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +54,8 @@ logger = logging.getLogger(__name__)
 ADAPTERS = "pia_adapters"  # a PIALayers: adapters that run as branches (trainable)
 MERGER = "pia_merger"  # a per-example merger: rewrites layer weights at each prefill, runs no branch
 _CACHE_STATE = "skipvlm_router_state"  # attribute of a DynamicCache: the router state frozen at prefill
+_INPUT_IDS = "_skipvlm_input_ids"  # SkipDecoder attribute: input_ids of the running top-level forward
+_INPUT_HOOKS = "_skipvlm_input_hooks"  # SkipDecoder attribute: the hooks that set it
 
 
 class RemovedAttention(nn.Module):
@@ -125,9 +138,61 @@ class SkipDecoder(nn.Module):
                 f"layer(s) {removed} had their attention removed by a merge, so the plan must keep "
                 "skipping them; reload the base model to run those attentions again"
             )
+        routers = None
+        if plan.exits_tokens:
+            if not self.facts.is_multimodal:
+                raise ValueError(
+                    f"a {self.facts.model_type} model has no visual tokens; visual-token exit (VTW, FastV, "
+                    "DyVTE) needs a multimodal model such as LLaVA or Qwen2-VL"
+                )
+            if plan.dyvte is not None:
+                routers = self._load_routers(plan)
         object.__setattr__(self, "_plan", plan)
         object.__setattr__(self, "_skip_attn", frozenset(plan.skip_attention))
         object.__setattr__(self, "_skip_mlp", frozenset(plan.skip_mlp))
+        object.__setattr__(self, "_routers", routers)
+
+    def _load_routers(self, plan: Plan) -> Any:
+        from skipvlm.tokens.dyvte import WEIGHTS_NAME, DyVTERouters
+
+        loaded = self.__dict__.setdefault("_router_cache", {})
+        weights = Path(plan.dyvte) / WEIGHTS_NAME
+        key = (plan.dyvte, weights.stat().st_mtime_ns if weights.is_file() else None)  # re-read if re-saved
+        if key not in loaded:
+            routers = DyVTERouters.load(plan.dyvte)
+            routers.check_model(self.facts)
+            loaded[key] = routers
+        routers = loaded[key]
+        attends = [i for i in range(self.facts.num_layers) if i not in plan.skip_attention]
+        if not attends or attends[0] >= routers.layers[0]:
+            raise ValueError(
+                f"the DyVTE routers may exit at layer {routers.layers[0]}, but no attention runs before it "
+                "under this plan; keep an earlier attention or train routers for later layers"
+            )
+        return routers
+
+    def watch_inputs(self, model: nn.Module) -> None:
+        """Let this decoder see the ``input_ids`` given to ``model`` (the top-level model that holds it).
+
+        A LLaVA-style model hands its text model embeddings only; visual-token exit needs the ids to find
+        the image tokens. Idempotent; :meth:`unwrap` removes the hooks.
+        """
+        if self.__dict__.get(_INPUT_HOOKS) or not self.facts.is_multimodal:
+            return
+        path = self.facts.decoder_path
+        hooks = (
+            model.register_forward_pre_hook(functools.partial(_remember_ids, path=path), with_kwargs=True),
+            model.register_forward_hook(
+                functools.partial(_forget_ids, path=path), with_kwargs=True, always_call=True
+            ),
+        )
+        object.__setattr__(self, _INPUT_HOOKS, hooks)
+
+    @property
+    def last_exit_layers(self) -> list[int] | None:
+        """Per example of the last prefill, the first layer that ran without its visual tokens (the
+        number of layers where none left); None when the plan withdraws no tokens."""
+        return self.__dict__.get("_last_exit_layers")
 
     def removed_attention(self) -> list[int]:
         """Layers whose attention weights were freed by a merge (see :class:`RemovedAttention`)."""
@@ -161,6 +226,8 @@ class SkipDecoder(nn.Module):
                 f"layer(s) {self.removed_attention()} had their attention removed by a merge, so this "
                 "model cannot run as the stock model; keep its plan, or reload the base model"
             )
+        for handle in self.__dict__.pop(_INPUT_HOOKS, None) or ():
+            handle.remove()
         for name, child in self.named_children():
             if name not in (ADAPTERS, MERGER):
                 setattr(self.base, name, child)
@@ -283,6 +350,75 @@ class SkipDecoder(nn.Module):
             )
         return _Prompt(mask=mask.to(embeds.device, torch.bool), state=state)
 
+    # --- visual-token exit ---------------------------------------------------------------------
+
+    def _policy(self) -> Any:
+        plan = self._plan
+        if plan.visual_exit_layer is not None:
+            from skipvlm.tokens.vtw import VTW
+
+            return VTW(plan.visual_exit_layer)
+        if plan.fastv_layer is not None:
+            from skipvlm.tokens.fastv import FastV
+
+            return FastV(plan.fastv_layer, plan.fastv_ratio, plan.fastv_source, self.facts)
+        from skipvlm.tokens.dyvte import DyVTE
+
+        reference = self.embed_tokens.weight
+        return DyVTE(self._routers.to(reference.device), plan.dyvte_threshold)
+
+    def _token_exit(
+        self,
+        frame: Frame,
+        cache: Cache | None,
+        ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | dict | None,
+        embeds: torch.Tensor,
+    ) -> TokenExit | None:
+        """The token exit of this forward, or None when the plan withdraws no visual token."""
+        state = exit_state(cache)
+        decoding = cache is not None and cache.get_seq_length() > 0
+        if not self._plan.exits_tokens:
+            if decoding and state is not None:
+                raise ValueError(
+                    "this KV cache was filled under a plan that withdrew visual tokens; start a new cache "
+                    "after changing the plan"
+                )
+            if cache is not None:
+                cache.__dict__.pop("skipvlm_token_exit", None)
+            object.__setattr__(self, "_last_exit_layers", None)
+            return None
+        if isinstance(attention_mask, dict):
+            raise ValueError(
+                "visual-token exit builds its own masks from the 2-D (batch, length) attention_mask; pass "
+                "that instead of prepared masks"
+            )
+        common = dict(
+            frame=frame,
+            num_layers=self.facts.num_layers,
+            attends=[i not in self._skip_attn for i in range(self.facts.num_layers)],
+            cache=cache,
+            attention_mask=attention_mask,
+            masks=lambda mask, hidden, view: self._masks(mask, hidden, view, None),
+            rotary=self.rotary_emb,
+        )
+        if decoding:
+            if state is None:
+                raise ValueError(
+                    "this KV cache was filled without visual-token exit; start a new cache after changing "
+                    "the plan"
+                )
+            return TokenExit(policy=None, visual=None, **common) if state.segments else None
+        if ids is None or tuple(ids.shape) != tuple(embeds.shape[:2]):
+            raise ValueError(
+                "visual-token exit finds the image tokens from input_ids; call the model with input_ids "
+                "(not inputs_embeds), or apply the plan with skipvlm.apply_plan on the full model"
+            )
+        visual = ids == self.facts.image_token_id
+        if self.facts.video_token_id is not None:
+            visual |= ids == self.facts.video_token_id
+        return TokenExit(policy=self._policy(), visual=visual.to(embeds.device), **common)
+
     # --- the layer loop --------------------------------------------------------------------------
 
     def _checkpointing_enabled(self) -> bool:
@@ -382,34 +518,56 @@ class SkipDecoder(nn.Module):
         prompt = None
         if ADAPTERS in self._modules or MERGER in self._modules:
             prompt = self._prompt(attention_mask, inputs_embeds, cache)
-        masks = self._masks(attention_mask, inputs_embeds, cache, text_ids)
         hidden = inputs_embeds
-        position_embeddings = self.rotary_emb(hidden, rope_ids)
+        frame = Frame(
+            None,
+            None,
+            text_ids,
+            rope_ids,
+            self.rotary_emb(hidden, rope_ids),
+            lambda: self._masks(attention_mask, inputs_embeds, cache, text_ids),
+        )
+        ids = input_ids if input_ids is not None else self.__dict__.get(_INPUT_IDS)
+        tokens = self._token_exit(frame, cache, ids, attention_mask, inputs_embeds)
+        pooling = prompt.mask if prompt is not None else None
 
         layer_types = self.facts.layer_types
         want_hidden = output_hidden_states or getattr(self.config, "output_hidden_states", False)
         all_hidden: list[torch.Tensor] | None = [] if want_hidden else None
         all_attn: list[torch.Tensor | None] | None = [] if output_attentions else None
         for i, layer in enumerate(self.layers[: self.facts.num_layers]):
+            watch = contextlib.nullcontext()
+            if tokens is not None:
+                hidden = tokens.before_layer(i, hidden)
+                if tokens.frame is not frame:
+                    frame = tokens.frame
+                    if pooling is not None and frame.index is not None:  # adapters pool over kept tokens
+                        prompt.mask = gather_tokens(pooling, frame.index) & frame.mask
+                watch = tokens.watch(i, layer)
             if all_hidden is not None:
-                all_hidden.append(hidden)
+                all_hidden.append(tokens.expand(hidden) if tokens is not None else hidden)
             run = functools.partial(
                 self._layer,
                 i,
                 layer,
-                masks[layer_types[i]],
-                text_ids,
+                frame.attention_mask(layer_types[i]) if i not in self._skip_attn else None,
+                frame.text_ids,
                 cache,
-                position_embeddings,
+                frame.position_embeddings,
                 kwargs,
                 prompt,
             )
-            if checkpointing:
-                hidden, weights = torch.utils.checkpoint.checkpoint(run, hidden, use_reentrant=False)
-            else:
-                hidden, weights = run(hidden)
+            with watch:
+                if checkpointing:
+                    hidden, weights = torch.utils.checkpoint.checkpoint(run, hidden, use_reentrant=False)
+                else:
+                    hidden, weights = run(hidden)
             if all_attn is not None and i not in self._skip_attn:
                 all_attn.append(weights)
+        if tokens is not None:
+            hidden = tokens.expand(hidden)
+            if not tokens.decoding:
+                object.__setattr__(self, "_last_exit_layers", list(tokens.state.exit_layers))
         hidden = self.norm(hidden)
         if all_hidden is not None:
             all_hidden.append(hidden)
@@ -419,6 +577,23 @@ class SkipDecoder(nn.Module):
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
             attentions=tuple(all_attn) if all_attn is not None else None,
         )
+
+
+def _remember_ids(model: nn.Module, args: tuple, kwargs: dict, path: str) -> None:
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    decoder = model.get_submodule(path)
+    decoder.__dict__[_INPUT_IDS] = ids if isinstance(ids, torch.Tensor) else None
+
+
+def _forget_ids(model: nn.Module, args: tuple, kwargs: dict, output: Any, path: str) -> None:
+    model.get_submodule(path).__dict__.pop(_INPUT_IDS, None)
+
+
+def exit_layers(model: nn.Module) -> list[int] | None:
+    """Per example of the last prefill, the first decoder layer that ran without (some of) its visual
+    tokens; the number of layers for an example that kept them all. None if the plan withdraws none."""
+    decoder = model.decoder if hasattr(model, "set_plan") else decoder_slot(model, arch_facts(model))[2]
+    return decoder.last_exit_layers if isinstance(decoder, SkipDecoder) else None
 
 
 def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
@@ -453,8 +628,11 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
             setattr(parent, name, decoder.unwrap())
         else:
             decoder.plan = plan
+            decoder.watch_inputs(model)
     elif not plan.is_empty:
-        setattr(parent, name, SkipDecoder(decoder, facts, plan))
+        decoder = SkipDecoder(decoder, facts, plan)
+        setattr(parent, name, decoder)
+        decoder.watch_inputs(model)
     logger.debug("applied %s to %s", plan, type(model).__name__)
     return model
 
@@ -475,3 +653,16 @@ def kv_cache_bytes(cache: Cache | None) -> int:
             if isinstance(t, torch.Tensor):
                 total += t.numel() * t.element_size()
     return total
+
+
+@contextlib.contextmanager
+def use_plan(model: nn.Module, plan: Plan) -> Iterator[nn.Module]:
+    """Run ``model`` (a transformers model or an :class:`~skipvlm.EASModel`) under ``plan`` in the block,
+    then put its previous plan back."""
+    setter = getattr(model, "set_plan", None)
+    previous = model.plan if setter is not None else current_plan(model)
+    (setter or functools.partial(apply_plan, model))(plan)
+    try:
+        yield model
+    finally:
+        (setter or functools.partial(apply_plan, model))(previous)

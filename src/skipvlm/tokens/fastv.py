@@ -1,0 +1,134 @@
+"""FastV: keep the visual tokens that receive the most attention, from one layer on.
+
+``shared/METHODS.md`` §4. Ranked by the attention they receive at layer K-1 from the last prompt token
+(or, as an option, from every text token), averaged over heads; the top ``1 - R`` of each example's
+visual tokens stay from layer K on. The attention row is recomputed from that layer's own q and k
+projections (captured while it runs, so no projection runs twice), and the rest of the model keeps its
+attention kernel: nothing is switched to eager attention.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["FastV", "received_attention"]
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def received_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """Attention each position receives, averaged over heads and over the chosen queries.
+
+    Args:
+        q: (B, T, H, D) query projections (before RoPE).
+        k: (B, T, H_kv, D) key projections (before RoPE).
+        cos, sin: (B, T, D) rotary tables of the positions.
+        queries: (B, T) bool, the query positions to average over.
+        keys: (B, T) bool, the positions that may be attended (real tokens).
+        scaling: the attention's score scale (1 / sqrt(D)).
+
+    Returns:
+        (B, T) fp32: mean attention received from the chosen queries (causal: a query sees itself and
+        what precedes it).
+    """
+    batch, length, heads = q.shape[:3]
+    group = heads // k.shape[2]
+    cos, sin = cos[:, :, None].float(), sin[:, :, None].float()  # (B, T, 1, D)
+    q = q.float() * cos + _rotate_half(q.float()) * sin
+    k = k.float() * cos + _rotate_half(k.float()) * sin
+    rows, cols = queries.nonzero(as_tuple=True)
+    total = torch.zeros(batch, length, device=q.device)
+    # One query row at a time per example keeps memory at (H, T) even when every text token asks.
+    k_heads = k.repeat_interleave(group, dim=2).transpose(1, 2)  # (B, H, T, D)
+    for b in rows.unique().tolist():
+        pos = cols[rows == b]  # the query positions of example b
+        scores = torch.einsum("qhd,htd->qht", q[b, pos], k_heads[b]) * scaling  # (Q, H, T)
+        visible = keys[b][None, :] & (
+            torch.arange(length, device=q.device)[None, :] <= pos[:, None]
+        )  # (Q, T)
+        scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
+        total[b] = scores.softmax(-1).mean(dim=(0, 1))
+    return total
+
+
+class FastV:
+    """Runtime policy of ``Plan(fastv_layer=K, fastv_ratio=R, fastv_source=...)``."""
+
+    def __init__(self, layer: int, ratio: float, source: str, facts: Any):
+        self.layer = layer
+        self.ratio = ratio
+        self.source = source
+        self.facts = facts
+        self._captured: dict[str, torch.Tensor] = {}
+        self._scaling: float | None = None
+
+    @contextlib.contextmanager
+    def watch(self, i: int, layer: nn.Module) -> Iterator[None]:
+        if i != self.layer - 1:
+            yield
+            return
+        attention = layer.self_attn
+        self._scaling = float(getattr(attention, "scaling", self.facts.head_dim**-0.5))
+
+        def capture(name: str):
+            def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+                self._captured[name] = output
+
+            return hook
+
+        handles = [
+            attention.q_proj.register_forward_hook(capture("q")),
+            attention.k_proj.register_forward_hook(capture("k")),
+        ]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def keep(self, i: int, run: Any, hidden: torch.Tensor) -> torch.Tensor | None:
+        if i != self.layer:
+            return None
+        q, k = self._captured.pop("q", None), self._captured.pop("k", None)
+        if q is None or k is None:
+            raise RuntimeError(
+                f"FastV needs the attention of layer {i - 1} to run at prefill, and it did not; keep that "
+                "layer's attention"
+            )
+        batch, length = q.shape[:2]
+        d = self.facts.head_dim
+        q = q.view(batch, length, -1, d)  # (B, T', H, D)
+        k = k.view(batch, length, -1, d)  # (B, T', H_kv, D)
+        cos, sin = run.frame.position_embeddings
+        real = run.in_layout(run.real)  # (B, T') real tokens of the layout
+        if self.source == "last":
+            queries = torch.zeros_like(real)
+            queries[:, -1] = True
+        else:
+            queries = real & ~run.visual_in_layout()
+        cos, sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
+        scores = received_attention(q, k, cos, sin, queries, real, self._scaling)  # (B, T')
+        scores = run.to_original(scores, 0.0)  # (B, T)
+        visual = run.visual & run.keep
+        count = visual.sum(1)  # (B,)
+        keep_count = torch.floor((1.0 - self.ratio) * count.double() + 0.5).long()
+        ranked = scores.masked_fill(~visual, float("-inf")).argsort(dim=1, descending=True, stable=True)
+        order = torch.arange(ranked.shape[1], device=ranked.device).expand_as(ranked)
+        rank = torch.empty_like(ranked).scatter_(1, ranked, order)  # (B, T): rank of each position
+        return ~visual | (rank < keep_count[:, None])

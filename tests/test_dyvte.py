@@ -1,0 +1,104 @@
+"""DyVTE: routers train on a frozen tiny model, save and load, and exit per example at inference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import skipvlm
+from skipvlm.arch import arch_facts
+from skipvlm.data import ChatCollator
+from skipvlm.tokens.dyvte import after_image, router_features
+
+from conftest import (
+    IMAGE_TOKEN,
+    build_model,
+    colour_examples,
+    greedy,
+    logits,
+    make_inputs,
+    select_rows,
+    toy_parts,
+)
+
+
+def test_routers_train_on_a_frozen_model_and_round_trip(tmp_path):
+    model, processor = toy_parts(num_layers=4)
+    frozen = {k: v.clone() for k, v in model.state_dict().items()}
+    config = skipvlm.DyVTEConfig(steps=60, batch_size=4, layers_per_batch=3, max_new_tokens=3)
+    routers = skipvlm.train_dyvte(
+        model, colour_examples(8), ChatCollator(processor), config, output_dir=tmp_path / "r", progress=False
+    )
+    report = routers.report
+    assert routers.layers == [1, 2, 3]
+    assert report["samples"] == 2 * 3 * 4  # two batches, three layers each, four examples
+    assert sum(v["total"] for v in report["exit_labels_per_layer"].values()) == report["samples"]
+    assert report["final_loss"] < 0.69  # below the loss of a router that knows nothing (ln 2)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in frozen.items())  # the model is frozen
+
+    loaded = skipvlm.DyVTERouters.load(tmp_path / "r")
+    assert loaded.report == report
+    for (name, a), b in zip(routers.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+    skipvlm.apply_plan(model, skipvlm.Plan(dyvte=str(tmp_path / "r"), dyvte_threshold=0.5))
+    batch = ChatCollator(processor)(colour_examples(3, seed=5), train=False)
+    with torch.no_grad():
+        model(**batch)
+    exits = skipvlm.exit_layers(model)
+    assert len(exits) == 3 and all(e in (1, 2, 3, 4) for e in exits)
+
+
+def _routers_with_mixed_exits(model, batch, tmp_path):
+    """Random routers, and a threshold at which the examples of ``batch`` exit at different layers."""
+    facts = arch_facts(model)
+    signature = {"model_type": facts.model_type, "num_layers": 4, "hidden_size": facts.hidden_size}
+    torch.manual_seed(0)
+    routers = skipvlm.DyVTERouters(facts.hidden_size, skipvlm.DyVTEConfig(layers=[1, 2, 3]), signature)
+    with torch.no_grad():
+        states = model(**batch, output_hidden_states=True).hidden_states  # input of layer l at [l]
+        visual = batch["input_ids"] == IMAGE_TOKEN
+        after = after_image(visual, batch["attention_mask"].bool())
+        probs = torch.stack([torch.sigmoid(routers(i, router_features(states[i], after))) for i in (1, 2, 3)])
+
+    def exits(threshold: float) -> list[int]:
+        return [next((i + 1 for i in range(3) if probs[i, b] > threshold), 4) for b in range(probs.shape[1])]
+
+    threshold = max(sorted(probs.flatten().tolist()), key=lambda t: len(set(exits(t - 1e-6)))) - 1e-6
+    routers.save(tmp_path / "routers")
+    return threshold, exits(threshold)
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2_vl"])
+def test_each_example_exits_at_its_own_layer_and_batches_like_one_by_one(arch, tmp_path):
+    model = build_model(arch)
+    batch = make_inputs(arch, lengths=(7, 3, 5, 6), seed=6)
+    threshold, expected = _routers_with_mixed_exits(model, batch, tmp_path)
+    assert len(set(expected)) > 1, "the fixture should make the examples exit at different layers"
+    skipvlm.apply_plan(model, skipvlm.Plan(dyvte=str(tmp_path / "routers"), dyvte_threshold=threshold))
+    tokens, step_logits = greedy(model, batch, steps=4)
+    assert skipvlm.exit_layers(model) == expected
+    for b in range(4):
+        one_tokens, one_logits = greedy(model, select_rows(arch, batch, b), steps=4)
+        assert skipvlm.exit_layers(model) == [expected[b]]
+        assert torch.equal(tokens[b], one_tokens[0])
+        torch.testing.assert_close(step_logits[b], one_logits[0], rtol=0, atol=1e-4)
+    # Threshold 1 never exits: the base model.
+    skipvlm.apply_plan(model, skipvlm.Plan(dyvte=str(tmp_path / "routers"), dyvte_threshold=1.0))
+    expected_logits = logits(skipvlm.apply_plan(build_model(arch), skipvlm.Plan()), batch)
+    torch.testing.assert_close(logits(model, batch), expected_logits, rtol=0, atol=0)
+
+
+def test_routers_for_another_model_or_a_missing_folder_are_refused(tmp_path):
+    model = build_model("llava")
+    batch = make_inputs("llava")
+    _routers_with_mixed_exits(model, batch, tmp_path)
+    with pytest.raises(ValueError, match=r"trained for another model \(num_layers: routers 4 vs model 6\)"):
+        skipvlm.apply_plan(build_model("llava", num_layers=6), skipvlm.Plan(dyvte=str(tmp_path / "routers")))
+    with pytest.raises(FileNotFoundError, match="no DyVTE routers at"):
+        skipvlm.apply_plan(model, skipvlm.Plan(dyvte=str(tmp_path / "nowhere")))
+    with pytest.raises(ValueError, match="no attention runs before it"):
+        skipvlm.apply_plan(model, skipvlm.Plan(skip_attention=[0], dyvte=str(tmp_path / "routers")))
+    (tmp_path / "routers" / "dyvte_config.json").write_text("{broken")
+    with pytest.raises(ValueError, match="not a readable DyVTE router folder"):
+        skipvlm.DyVTERouters.load(tmp_path / "routers")
