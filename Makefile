@@ -37,6 +37,7 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/skip_runtime.py
 	$(PY) benchmarks/eas_merge.py
+	$(PY) benchmarks/token_exit.py
 	$(VENV)/bin/skipvlm bench --preset llama-cpu --skip 0,4,6,8 --methods stock,lora,pia,eas --device cpu
 
 clean:

@@ -132,3 +132,60 @@ def test_missing_model_and_data_fail_clearly(toy_dir, tmp_path, capsys):
     assert "bad.jsonl row 1: the answer is empty" in err and "no usable examples" in err
     assert main([*args, "--on-bad-row", "fail"]) == 2
     assert "bad.jsonl row 1: the answer is empty (pass on_bad_row='skip'" in capsys.readouterr().err
+
+
+def test_token_exit_commands_end_to_end(toy_dir, tmp_path, capsys):
+    model = ["--model", str(toy_dir / "model")]
+    image = str(toy_dir / "images" / sorted(p.name for p in (toy_dir / "images").iterdir())[0])
+    ask = [
+        "generate",
+        *model,
+        "--prompt",
+        "what color is the square?",
+        "--image",
+        image,
+        "--max-new-tokens",
+        "3",
+    ]
+    assert main(ask) == 0
+    plain = capsys.readouterr()
+    assert main([*ask, "--visual-exit-layer", "2", "--skip-attention-layers", "3"]) == 0
+    exited = capsys.readouterr()
+    assert "visual tokens left at layer 2" in exited.err
+    assert '"skip_attention": [3]' in exited.err and '"visual_exit_layer": 2' in exited.err
+    assert plain.out.strip() and exited.out.strip()
+
+    data = ["--data", str(toy_dir / "heldout.jsonl"), "--batch-size", "4"]
+    args = [
+        "calibrate-vtw",
+        *model,
+        *data,
+        "--out",
+        str(tmp_path / "vtw"),
+        "--eta",
+        "1e9",
+        "--min-layer",
+        "2",
+    ]
+    assert main(args) == 0
+    assert "VTW exit layer 2 of 4" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "vtw" / "vtw_calibration.json").read_text())
+    assert saved["layer"] == 2 and saved["num_examples"] == 8
+    assert json.loads((tmp_path / "vtw" / "plan.json").read_text())["visual_exit_layer"] == 2
+    assert (tmp_path / "vtw" / "vtw_kl.png").is_file()
+    assert main([*ask, "--plan", str(tmp_path / "vtw" / "plan.json")]) == 0
+    assert "visual tokens left at layer 2" in capsys.readouterr().err
+
+    routers = tmp_path / "routers"
+    train = ["train-dyvte", *model, "--train", str(toy_dir / "train.jsonl"), "--out", str(routers)]
+    assert main([*train, "--steps", "5", "--layers", "1,2", "--max-new-tokens", "2"]) == 0
+    assert "trained routers for layers [1, 2] on" in capsys.readouterr().out
+    assert main([*ask, "--dyvte", str(routers), "--dyvte-threshold", "0"]) == 0
+    assert "visual tokens left at layer 1" in capsys.readouterr().err
+
+    assert main([*ask, "--dyvte", str(tmp_path / "nowhere")]) == 2
+    assert "no DyVTE routers at" in capsys.readouterr().err
+    assert main([*ask, "--visual-exit-layer", "9"]) == 2
+    assert "visual_exit_layer is 9, but the model has 4 decoder layers" in capsys.readouterr().err
+    assert main(["generate", *model, "--prompt", "x", "--image", str(tmp_path / "none.png")]) == 2
+    assert "no image at" in capsys.readouterr().err

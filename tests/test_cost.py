@@ -84,3 +84,35 @@ def test_llava_7b_anchor_from_the_eas_paper():
     for k, paper in ((8, 8.0), (12, 12.0)):
         removed = base.total - count_macs(config, 749, skipvlm.Plan(skip_attention=list(range(k)))).total
         assert abs(100 * removed / base.total - paper) < 1.0
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize(
+    "plan",
+    [
+        skipvlm.Plan(visual_exit_layer=2),
+        skipvlm.Plan(fastv_layer=1, fastv_ratio=0.5),
+        skipvlm.Plan(skip_attention=[3], skip_mlp=[0], visual_exit_layer=1),
+    ],
+)
+def test_token_exit_counts_match_the_work_the_runtime_does(arch, plan):
+    test_analytic_counts_match_counted_matmuls(arch, plan)
+    n = make_inputs(arch, lengths=(6,))["input_ids"].shape[1]
+    report = count_macs(build_model(arch), n, plan, image_patches=16)
+    visual = 16 if arch == "llava" else 4
+    start = plan.visual_exit_layer or plan.fastv_layer
+    dropped = visual if plan.visual_exit_layer else visual // 2
+    assert [layer["tokens"] for layer in report.layers] == [n if i < start else n - dropped for i in range(4)]
+    assert report.total < count_macs(build_model(arch), n, plan.skips_only(), image_patches=16).total
+
+
+def test_dyvte_is_counted_at_the_exit_layer_given():
+    model = build_model("llava")
+    plan = skipvlm.Plan(dyvte="routers")
+    assert count_macs(model, 40, plan).total == count_macs(model, 40).total
+    assert (
+        count_macs(model, 40, plan, exit_layer=2).total
+        == count_macs(model, 40, skipvlm.Plan(visual_exit_layer=2)).total
+    )
+    with pytest.raises(ValueError, match="16 visual tokens do not fit in a 10-token prompt"):
+        count_macs(model, 10)

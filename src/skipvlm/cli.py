@@ -330,7 +330,12 @@ def _skip_plan(args: argparse.Namespace, num_layers: int):
     attention = list(args.skip_attention_layers or [])
     if args.skip_attention:
         attention = skip_layers(num_layers, args.skip_attention)
-    plan = Plan(skip_attention=attention, skip_mlp=list(args.skip_mlp_layers or []))
+    tokens = {
+        name: getattr(args, name)
+        for name in ("visual_exit_layer", "fastv_layer", "fastv_ratio")
+        if getattr(args, name, None) is not None
+    }
+    plan = Plan(skip_attention=attention, skip_mlp=list(args.skip_mlp_layers or []), **tokens)
     plan.validate_for(num_layers)
     return plan
 
@@ -564,6 +569,10 @@ def build_parser() -> argparse.ArgumentParser:
     mrg.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     mrg.set_defaults(func=_cmd_merge)
 
+    from skipvlm import cli_tokens
+
+    cli_tokens.register(sub)
+
     for cmd_name, func, help_text in (
         ("cost", _cmd_cost, "analytic MACs per module for a plan (presets need no weights)"),
         ("bench", _cmd_bench, "latency / KV cache of stock, LoRA, PIA and merged EAS, with roofline bounds"),
@@ -584,6 +593,11 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument(
                 "--images", type=int, default=None, help="images in the prompt (default 1 for VLMs)"
             )
+            cmd.add_argument(
+                "--visual-exit-layer", type=int, help="VTW: visual tokens leave before this layer"
+            )
+            cmd.add_argument("--fastv-layer", type=int, help="FastV: keep the top visual tokens from here")
+            cmd.add_argument("--fastv-ratio", type=float, help="FastV: fraction of visual tokens dropped")
         else:
             cmd.add_argument(
                 "--skip", type=_parse_layers, default=[0, 4, 6], help="k values for EAS (default 0,4,6)"

@@ -9,11 +9,14 @@ Counted from the config alone, so a 7B-shaped model costs nothing to account for
 * the vision tower (CLIP-style: patch embedding, attention, two-layer MLP) and the LLaVA projector by
   the same rules.
 
-A plan removes the attention and / or MLP terms of the layers it skips.
+A plan removes the attention and / or MLP terms of the layers it skips, and from its visual-token exit
+layer on, the layers run on the tokens that remain (VTW: text only; FastV: text plus the kept visual
+tokens; DyVTE: text only from the ``exit_layer`` given, since its exit is decided per example).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +34,9 @@ class CostReport:
     """MACs per module of one forward over a prompt.
 
     Attributes:
-        layers: per decoder layer, ``{"attention_proj", "attention_sdp", "mlp"}`` MACs.
+        layers: per decoder layer, the tokens it runs on and its ``{"attention_proj", "attention_sdp",
+            "mlp"}`` MACs.
+        visual_tokens: visual tokens among the prompt's.
         vision / projector / lm_head / extra: the other modules' MACs (``extra``: e.g. unmerged adapters).
     """
 
@@ -42,6 +47,7 @@ class CostReport:
     lm_head: int = 0
     extra: int = 0
     plan: Plan = field(default_factory=Plan)
+    visual_tokens: int = 0
 
     @property
     def attention(self) -> int:
@@ -58,6 +64,7 @@ class CostReport:
     def to_dict(self) -> dict[str, Any]:
         return {
             "prompt_tokens": self.prompt_tokens,
+            "visual_tokens": self.visual_tokens,
             "plan": self.plan.to_dict(),
             "total": self.total,
             "attention": self.attention,
@@ -100,6 +107,8 @@ def count_macs(
     scored_tokens: int = 1,
     extra_per_token: int = 0,
     image_patches: int = 1024,
+    visual_tokens: int | None = None,
+    exit_layer: int | None = None,
 ) -> CostReport:
     """MACs of one prefill forward over ``prompt_tokens`` tokens (visual tokens included).
 
@@ -112,6 +121,13 @@ def count_macs(
         scored_tokens: positions the lm_head scores (1 for generation's prefill).
         extra_per_token: MACs per token of modules outside the stock model (e.g. unmerged adapters).
         image_patches: Qwen2-VL only: 14x14 patches per image (default 1024, a 448x448 image).
+        visual_tokens: visual tokens among the ``prompt_tokens`` (default: what ``images`` images
+            give: (image_size / patch_size)^2 each for LLaVA, image_patches / 4 for Qwen2-VL).
+        exit_layer: DyVTE only: the layer its visual tokens left at (e.g. a measured
+            :func:`skipvlm.exit_layers`); without it a DyVTE plan is counted as keeping them.
+
+    Raises:
+        ValueError: more visual tokens than prompt tokens.
     """
     facts = arch_facts(model_or_config)
     plan = plan or Plan()
@@ -120,21 +136,44 @@ def count_macs(
     c, f, n = facts.hidden_size, facts.intermediate_size, prompt_tokens
     c_kv = facts.num_key_value_heads * facts.head_dim
     c_q = facts.num_attention_heads * facts.head_dim
+    images = (1 if facts.is_multimodal else 0) if images is None else images
+    if visual_tokens is None:
+        visual_tokens = 0
+        if facts.model_type == "llava":
+            vision = config.vision_config
+            visual_tokens = images * (vision.image_size // vision.patch_size) ** 2
+        elif facts.model_type in ("qwen2_vl", "qwen2_5_vl"):
+            visual_tokens = images * image_patches // config.vision_config.spatial_merge_size**2
+    if visual_tokens > n:
+        raise ValueError(
+            f"{visual_tokens} visual tokens do not fit in a {n}-token prompt; raise prompt_tokens (it counts "
+            "the visual tokens) or pass visual_tokens"
+        )
+    start, dropped = facts.num_layers, 0  # from layer `start` on, `dropped` visual tokens are gone
+    if plan.visual_exit_layer is not None:
+        start, dropped = plan.visual_exit_layer, visual_tokens
+    elif plan.fastv_layer is not None:
+        kept = math.floor((1.0 - plan.fastv_ratio) * visual_tokens + 0.5)
+        start, dropped = plan.fastv_layer, visual_tokens - kept
+    elif plan.dyvte is not None and exit_layer is not None:
+        start, dropped = exit_layer, visual_tokens
     layers = []
     for i in range(facts.num_layers):
         attn = i not in plan.skip_attention
         mlp = i not in plan.skip_mlp
+        m = n - dropped if i >= start else n
         layers.append(
             {
-                "attention_proj": n * (2 * c * c_q + 2 * c * c_kv) if attn else 0,
-                "attention_sdp": 2 * n * n * c_q if attn else 0,
-                "mlp": n * 3 * c * f if mlp else 0,
+                "tokens": m,
+                "attention_proj": m * (2 * c * c_q + 2 * c * c_kv) if attn else 0,
+                "attention_sdp": 2 * m * m * c_q if attn else 0,
+                "mlp": m * 3 * c * f if mlp else 0,
             }
         )
     report = CostReport(
         n, layers, lm_head=scored_tokens * c * facts.vocab_size, plan=plan, extra=n * extra_per_token
     )
-    images = (1 if facts.is_multimodal else 0) if images is None else images
+    report.visual_tokens = visual_tokens
     if facts.model_type == "llava":
         vision = config.vision_config
         image_tokens = (vision.image_size // vision.patch_size) ** 2

@@ -140,6 +140,20 @@ class Plan:
                 "cache layer would hold the whole sequence; keep an attention below the exit layer"
             )
 
+    def __repr__(self) -> str:
+        # Only what differs from the stock model (FastV's ratio and source only with FastV on).
+        shown = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value == f.default or (
+                f.name.startswith("fastv_") and f.name != "fastv_layer" and not self.fastv_layer
+            ):
+                continue
+            if f.name == "dyvte_threshold" and not self.dyvte:
+                continue
+            shown.append(f"{f.name}={value!r}")
+        return f"Plan({', '.join(shown)})"
+
     @property
     def is_empty(self) -> bool:
         """True when the plan changes nothing."""

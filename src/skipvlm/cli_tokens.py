@@ -1,0 +1,178 @@
+"""``skipvlm generate``, ``calibrate-vtw`` and ``train-dyvte``: the inference-side subcommands.
+
+Kept apart from :mod:`skipvlm.cli` (which registers them) because they share the plan options: any
+skip plan, with or without adapters, plus one visual-token exit method (``shared/METHODS.md`` §4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["register"]
+
+_TOKEN_OPTIONS = (
+    "visual_exit_layer",
+    "fastv_layer",
+    "fastv_ratio",
+    "fastv_source",
+    "dyvte",
+    "dyvte_threshold",
+)
+
+
+def _plan_of(model: Any) -> Any:
+    from skipvlm.runtime import current_plan
+
+    return model.plan if hasattr(model, "set_plan") else current_plan(model)
+
+
+def _model_with_plan(args: argparse.Namespace) -> Any:
+    """The checkpoint of ``--model`` (with ``--adapters``), running the plan the options describe."""
+    from skipvlm import cli
+    from skipvlm.eas import EASModel
+    from skipvlm.plan import Plan
+    from skipvlm.runtime import apply_plan
+
+    folder = cli._check_model_dir(args.model)
+    model = cli._load_model(folder, args)
+    if getattr(args, "adapters", None):
+        model = EASModel.from_pretrained(model, args.adapters)
+    plan = _plan_of(model)
+    if getattr(args, "plan", None):
+        plan = Plan.load(args.plan)
+    if getattr(args, "skip_attention_layers", None) is not None:
+        plan = plan.with_skips(skip_attention=args.skip_attention_layers)
+    tokens = {name: getattr(args, name) for name in _TOKEN_OPTIONS if getattr(args, name, None) is not None}
+    plan = dataclasses.replace(plan, **tokens)
+    if isinstance(model, EASModel):
+        model.set_plan(plan)
+    else:
+        apply_plan(model, plan)
+    return model, folder
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from skipvlm.data import ChatCollator, ChatExample, load_processor
+    from skipvlm.runtime import exit_layers
+
+    if args.image is not None and not Path(args.image).is_file():
+        raise FileNotFoundError(f"no image at {args.image}")
+    model, folder = _model_with_plan(args)
+    collator = ChatCollator(load_processor(folder), prompt_format=args.prompt_format)
+    device = next(model.parameters()).device
+    batch = collator([ChatExample(args.prompt, "", args.image, id="prompt")], train=False)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=False)
+    answer = collator.tokenizer.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    exits = exit_layers(model)
+    print(f"plan: {_plan_of(model).to_json()}", file=sys.stderr)
+    if exits is not None:
+        print(f"visual tokens left at layer {exits[0]}", file=sys.stderr)
+    print(answer.strip())
+    return 0
+
+
+def _cmd_calibrate_vtw(args: argparse.Namespace) -> int:
+    from skipvlm import cli
+    from skipvlm.tokens.vtw import calibrate_vtw
+
+    examples = cli._data(args, "data")[: args.limit]
+    model, folder = _model_with_plan(args)
+    collator = cli._collator(folder, args)
+    out = Path(args.out)
+    result = calibrate_vtw(
+        model,
+        examples,
+        eta=args.eta,
+        min_layer=args.min_layer,
+        collator=collator,
+        batch_size=args.batch_size,
+        plot=out / "vtw_kl.png",
+    )
+    result.save(out / "vtw_calibration.json")
+    base = _plan_of(model).skips_only()
+    if result.layer < result.num_layers:
+        dataclasses.replace(base, visual_exit_layer=result.layer).save(out / "plan.json")
+    print(result.table())
+    print(
+        f"VTW exit layer {result.layer} of {result.num_layers} (eta {result.eta:g}, {result.num_examples} "
+        f"examples) -> {out / 'vtw_calibration.json'}, {out / 'vtw_kl.png'}"
+        + (f", {out / 'plan.json'}" if result.layer < result.num_layers else "")
+    )
+    return 0
+
+
+def _cmd_train_dyvte(args: argparse.Namespace) -> int:
+    from skipvlm import cli
+    from skipvlm.tokens.dyvte import DyVTEConfig, train_dyvte
+
+    examples = cli._data(args, "train")
+    config = cli._config_from_args(DyVTEConfig, args, batch_size=args.batch_size)
+    model, folder = _model_with_plan(args)
+    routers = train_dyvte(model, examples, cli._collator(folder, args), config, output_dir=args.out)
+    report = routers.report
+    print(
+        f"trained routers for layers {routers.layers} on {report['samples']} labels "
+        f"({report['exit_labels']} exit), train accuracy {100 * report['train_accuracy']:.1f}% -> {args.out}"
+    )
+    return 0
+
+
+def _add_plan_args(parser: argparse.ArgumentParser, tokens: bool = True) -> None:
+    from skipvlm import cli
+    from skipvlm.plan import FASTV_SOURCES
+
+    group = parser.add_argument_group("plan (default: the plan the checkpoint / adapters carry)")
+    group.add_argument("--adapters", help="EAS adapters folder from `skipvlm train`")
+    group.add_argument("--plan", help="a plan.json to run")
+    group.add_argument("--skip-attention-layers", type=cli._parse_layers, help="attentions to skip, e.g. 3,5")
+    if not tokens:
+        return
+    group.add_argument("--visual-exit-layer", type=int, help="VTW: withdraw visual tokens before this layer")
+    group.add_argument("--fastv-layer", type=int, help="FastV: keep the top visual tokens from this layer")
+    group.add_argument("--fastv-ratio", type=float, help="FastV: fraction of visual tokens dropped (0.5)")
+    group.add_argument("--fastv-source", choices=FASTV_SOURCES, help="FastV: ranking queries (last)")
+    group.add_argument("--dyvte", help="DyVTE: router folder from `skipvlm train-dyvte`")
+    group.add_argument("--dyvte-threshold", type=float, help="DyVTE: exit probability to pass (0.5)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the subcommands to the ``skipvlm`` parser."""
+    from skipvlm import cli
+    from skipvlm.tokens.dyvte import DyVTEConfig
+
+    gen = sub.add_parser("generate", help="answer one prompt (+ image) under any plan, token exit included")
+    gen.add_argument("--model", required=True, help="a locally saved Hugging Face checkpoint folder")
+    gen.add_argument("--prompt", required=True, help="the user's question")
+    gen.add_argument("--image", help="an image file")
+    gen.add_argument("--prompt-format", default="USER: {image}{prompt} ASSISTANT:", help="chat template")
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--device", help="cpu, cuda ... (default: cuda if available)")
+    gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    _add_plan_args(gen)
+    gen.set_defaults(func=_cmd_generate)
+
+    cal = sub.add_parser(
+        "calibrate-vtw", help="choose VTW's exit layer by the KL of the next-token distribution"
+    )
+    cli._add_common(cal, ("data",))
+    cal.add_argument("--out", required=True, help="folder for vtw_calibration.json, vtw_kl.png, plan.json")
+    cal.add_argument("--eta", type=float, default=0.003, help="KL threshold (default 0.003, for 7B models)")
+    cal.add_argument("--min-layer", type=int, default=1, help="first candidate exit layer (default 1)")
+    cal.add_argument("--limit", type=int, default=64, help="calibration examples used (default 64)")
+    _add_plan_args(cal, tokens=False)
+    cal.set_defaults(func=_cmd_calibrate_vtw)
+
+    dyv = sub.add_parser("train-dyvte", help="train DyVTE's exit routers on a frozen model")
+    cli._add_common(dyv, ("train",))
+    dyv.add_argument("--out", required=True, help="folder for the routers")
+    cli._add_config_args(dyv, DyVTEConfig, skip=("batch_size",))
+    _add_plan_args(dyv, tokens=False)
+    dyv.set_defaults(func=_cmd_train_dyvte)
