@@ -34,21 +34,25 @@ def add_model_args(p: argparse.ArgumentParser, out_name: str) -> None:
     p.add_argument("--out", type=Path, default=RESULTS / out_name)
 
 
-def llama_and_prompt(args: argparse.Namespace) -> tuple[tf.LlamaForCausalLM, dict[str, torch.Tensor]]:
-    """A seeded random Llama of the requested shape in eval mode, and a one-row prompt for it."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(
+def llama_config(args: argparse.Namespace, positions: int) -> tf.LlamaConfig:
+    """The Llama text config of the requested shape, with room for ``positions`` positions."""
+    return tf.LlamaConfig(
         vocab_size=args.vocab,
         hidden_size=args.hidden,
         intermediate_size=args.ffn,
         num_hidden_layers=args.layers,
         num_attention_heads=args.heads,
         num_key_value_heads=args.heads,
-        max_position_embeddings=args.prompt + args.new_tokens + 8,
+        max_position_embeddings=positions,
     )
-    model = tf.LlamaForCausalLM(config).eval()
+
+
+def llama_and_prompt(args: argparse.Namespace) -> tuple[tf.LlamaForCausalLM, dict[str, torch.Tensor]]:
+    """A seeded random Llama of the requested shape in eval mode, and a one-row prompt for it."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(llama_config(args, args.prompt + args.new_tokens + 8)).eval()
     ids = torch.randint(3, args.vocab, (1, args.prompt))
     return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 

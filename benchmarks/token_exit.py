@@ -18,7 +18,7 @@ import skipvlm
 from skipvlm.bench import format_rows, measure_plans, skip_layers, timing_rows
 from skipvlm.cost import count_macs
 
-from common import add_model_args, write_results
+from common import add_model_args, llama_config, write_results
 
 IMAGE_SIZE, PATCH = 336, 14  # CLIP-L/336's grid: 24 x 24 = 576 visual tokens
 
@@ -30,15 +30,7 @@ def llava_and_prompt(args: argparse.Namespace) -> tuple[tf.LlavaForConditionalGe
     torch.manual_seed(0)
     visual = (IMAGE_SIZE // PATCH) ** 2
     image_token = args.vocab - 1
-    text = tf.LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.ffn,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.heads,
-        max_position_embeddings=visual + args.prompt + args.new_tokens + 8,
-    )
+    text = llama_config(args, visual + args.prompt + args.new_tokens + 8)
     vision = tf.CLIPVisionConfig(
         hidden_size=64,
         intermediate_size=128,

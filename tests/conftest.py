@@ -227,6 +227,27 @@ def greedy_without_cache(model, inputs, steps: int) -> tuple[torch.Tensor, torch
     return torch.cat(tokens, dim=1), torch.stack(step_logits, dim=1)
 
 
+def assert_cached_equals_recompute(model, inputs, steps: int, atol: float = 1e-5) -> None:
+    """Cached greedy generation gives the tokens and logits of recomputing the whole sequence per token."""
+    tokens, step_logits = greedy(model, inputs, steps)
+    ref_tokens, ref_logits = greedy_without_cache(model, inputs, steps)
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(step_logits, ref_logits, rtol=0, atol=atol)
+
+
+def assert_batch_equals_rows(model, arch: str, batch, steps: int, atol: float = 1e-4, after_row=None):
+    """Greedy generation of a padded batch equals each row generated alone; returns (tokens, logits) of
+    the batch. ``after_row(b)`` runs after row ``b``'s own generation (to check per-row state)."""
+    tokens, step_logits = greedy(model, batch, steps)
+    for b in range(batch["input_ids"].shape[0]):
+        one_tokens, one_logits = greedy(model, select_rows(arch, batch, b), steps)
+        if after_row is not None:
+            after_row(b)
+        assert torch.equal(tokens[b], one_tokens[0])
+        torch.testing.assert_close(step_logits[b], one_logits[0], rtol=0, atol=atol)
+    return tokens, step_logits
+
+
 def build_eas(arch: str, skip=(1, 2), seed: int = 0, dtype=torch.float32, **cfg) -> skipvlm.EASModel:
     """An EAS model on a tiny ``arch`` model with ``skip`` attentions skipped (fresh, identity adapters)."""
     config = skipvlm.EASConfig(skip_attention=list(skip), **cfg)

@@ -28,6 +28,7 @@ def test_quick_demo_reports_every_method(demo_run, capsys):
     rows = result["rows"]
     assert [r["method"] for r in rows] == [
         "zero_shot", "full_ft", "lora", "pia", "eas", "eas", "eas_random", "eas_last_k", "mlp_skip", "das",
+        "eas_vtw",
     ]  # fmt: skip
     assert set(METHODS) == {r["method"] for r in rows}
     for r in rows:
@@ -62,6 +63,12 @@ def test_quick_demo_rows_are_consistent(demo_run):
     das = rows["das k=1"]
     assert len(das["skip_layers"]) == 1 and not das["merged"] and das["macs_g"] < pia["macs_g"]
     assert rows["eas k=2"]["kv_cache_bytes"] < pia["kv_cache_bytes"]
+    vtw, eas = rows["eas_vtw k=2"], rows["eas k=2"]
+    exit_layer = vtw["visual_exit_layer"]
+    assert vtw["skip_attention"] == eas["skip_attention"] and 1 <= exit_layer <= 8
+    assert {str(k) for k in vtw["vtw_kl"]} == {str(k) for k in range(1, 8)}
+    if exit_layer < 8:  # visual tokens left: less work and a smaller cache than the same EAS model
+        assert vtw["macs_g"] < eas["macs_g"] and vtw["kv_cache_bytes"] < eas["kv_cache_bytes"]
 
 
 def test_the_shipped_toy_model_answers_its_pretraining_families():

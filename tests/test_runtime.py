@@ -16,12 +16,13 @@ from skipvlm.runtime import SkipDecoder
 from conftest import (
     ALL_ARCHS,
     VLM_ARCHS,
+    assert_batch_equals_rows,
+    assert_cached_equals_recompute,
     build_model,
     greedy,
     greedy_without_cache,
     logits,
     make_inputs,
-    select_rows,
 )
 
 
@@ -190,23 +191,14 @@ def test_user_cache_without_config_is_sized_and_marked():
 def test_cached_generation_equals_full_recompute(arch):
     model = build_model(arch)
     skipvlm.apply_plan(model, skipvlm.Plan(skip_attention=[0, 2], skip_mlp=[3]))
-    inputs = make_inputs(arch, lengths=(6,))
-    tokens, step_logits = greedy(model, inputs, steps=6)
-    ref_tokens, ref_logits = greedy_without_cache(model, inputs, steps=6)
-    assert torch.equal(tokens, ref_tokens)
-    torch.testing.assert_close(step_logits, ref_logits, rtol=0, atol=1e-5)
+    assert_cached_equals_recompute(model, make_inputs(arch, lengths=(6,)), steps=6)
 
 
 @pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_left_padded_batch_equals_one_by_one(arch):
     model = build_model(arch)
     skipvlm.apply_plan(model, skipvlm.Plan(skip_attention=[0], skip_mlp=[2]))
-    batch = make_inputs(arch, lengths=(7, 3, 5), seed=1)
-    tokens, step_logits = greedy(model, batch, steps=5)
-    for b in range(3):
-        one_tokens, one_logits = greedy(model, select_rows(arch, batch, b), steps=5)
-        assert torch.equal(tokens[b], one_tokens[0])
-        torch.testing.assert_close(step_logits[b], one_logits[0], rtol=0, atol=1e-4)
+    assert_batch_equals_rows(model, arch, make_inputs(arch, lengths=(7, 3, 5), seed=1), steps=5)
 
 
 @pytest.mark.parametrize("arch", VLM_ARCHS)

@@ -13,10 +13,11 @@ from skipvlm.arch import get_layers
 
 from conftest import (
     IMAGE_TOKEN,
+    assert_batch_equals_rows,
+    assert_cached_equals_recompute,
     build_eas,
     build_model,
     greedy,
-    greedy_without_cache,
     logits,
     make_inputs,
     randomize_adapters,
@@ -94,13 +95,11 @@ def test_vtw_equals_blocking_visual_tokens_from_the_exit_layer(arch, attn):
 def test_vtw_left_padded_batch_equals_one_by_one_and_cache_is_text_only(arch):
     model = skipvlm.apply_plan(build_model(arch), skipvlm.Plan(visual_exit_layer=2))
     batch = make_inputs(arch, lengths=(7, 3, 5), seed=1)
-    tokens, step_logits = greedy(model, batch, steps=5)
+    greedy(model, batch, steps=1)
     assert skipvlm.exit_layers(model) == [2, 2, 2]
+    assert_batch_equals_rows(model, arch, batch, steps=5)
     for b in range(3):
         row = select_rows(arch, batch, b)
-        one_tokens, one_logits = greedy(model, row, steps=5)
-        assert torch.equal(tokens[b], one_tokens[0])
-        torch.testing.assert_close(step_logits[b], one_logits[0], rtol=0, atol=1e-4)
         with torch.no_grad():
             cache = model(**row, use_cache=True).past_key_values
         full = row["input_ids"].shape[1]
@@ -112,11 +111,7 @@ def test_vtw_left_padded_batch_equals_one_by_one_and_cache_is_text_only(arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_vtw_cached_generation_equals_uncached_recompute(arch):
     model = skipvlm.apply_plan(build_model(arch), skipvlm.Plan(visual_exit_layer=2))
-    inputs = make_inputs(arch, lengths=(6, 4))
-    tokens, step_logits = greedy(model, inputs, steps=6)
-    ref_tokens, ref_logits = greedy_without_cache(model, inputs, steps=6)
-    assert torch.equal(tokens, ref_tokens)
-    torch.testing.assert_close(step_logits, ref_logits, rtol=0, atol=1e-5)
+    assert_cached_equals_recompute(model, make_inputs(arch, lengths=(6, 4)), steps=6)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -190,11 +185,7 @@ def test_fastv_from_all_text_tokens_batches_like_one_by_one(arch):
         build_model(arch), skipvlm.Plan(fastv_layer=1, fastv_ratio=0.75, fastv_source="text")
     )
     batch = make_inputs(arch, lengths=(7, 3, 5), seed=2)
-    tokens, step_logits = greedy(model, batch, steps=4)
-    for b in range(3):
-        one_tokens, one_logits = greedy(model, select_rows(arch, batch, b), steps=4)
-        assert torch.equal(tokens[b], one_tokens[0])
-        torch.testing.assert_close(step_logits[b], one_logits[0], rtol=0, atol=1e-4)
+    assert_batch_equals_rows(model, arch, batch, steps=4)
     from_text = logits(model, batch)[:, -1]
     skipvlm.apply_plan(model, skipvlm.Plan(fastv_layer=1, fastv_ratio=0.75))
     assert (logits(model, batch)[:, -1] - from_text).abs().max() > 1e-4  # the two rankings differ
@@ -227,7 +218,7 @@ def test_vtw_composes_with_eas_adapters_and_their_merge(arch):
     model = randomize_adapters(build_eas(arch, skip=(2,)))
     model.set_plan(skipvlm.Plan(skip_attention=[2], visual_exit_layer=3))
     batch = make_inputs(arch, lengths=(6, 3), seed=4)
-    tokens, step_logits = greedy(model, batch, steps=4)
+    tokens, step_logits = assert_batch_equals_rows(model, arch, batch, steps=4)
     # Uncached recompute, with the adapters pooling over the prompt only (as the cached run froze them).
     inputs, ref_logits = dict(batch), []
     prompt = batch["attention_mask"].bool()
@@ -241,10 +232,6 @@ def test_vtw_composes_with_eas_adapters_and_their_merge(arch):
         if "mm_token_type_ids" in inputs:
             inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(nxt)], 1)
     torch.testing.assert_close(step_logits, torch.stack(ref_logits, 1), rtol=0, atol=1e-4)
-    for b in range(2):
-        one_tokens, one_logits = greedy(model, select_rows(arch, batch, b), steps=4)
-        assert torch.equal(tokens[b], one_tokens[0])
-        torch.testing.assert_close(step_logits[b], one_logits[0], rtol=0, atol=1e-4)
     model.set_skip_attention([2])  # moving skips keeps the token exit
     assert model.plan.visual_exit_layer == 3
     merged = copy.deepcopy(model).merge_and_unload(mode="per_example")  # adapters folded into the FFN

@@ -9,7 +9,9 @@ models where the method allows it; all latencies interleaved in one run).
 Methods: ``zero_shot`` (the base model), ``full_ft`` (LLM + projector), ``lora`` (the peft library, merged),
 ``pia`` (adapters, nothing skipped), ``eas`` (k attentions found by the bandit, for two k), ``eas_random``
 and ``eas_last_k`` (the same k, chosen at random / the last k layers), ``mlp_skip`` (k MLPs found by
-the bandit) and ``das`` (whole layers found by the bandit, replaced by ReLU adapters; not mergeable).
+the bandit), ``das`` (whole layers found by the bandit, replaced by ReLU adapters; not mergeable) and
+``eas_vtw`` (the first merged EAS model, also withdrawing its visual tokens from the layer VTW's KL
+calibration picks on the val split).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import logging
 import platform
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +40,9 @@ from skipvlm.evaluate import evaluate
 from skipvlm.io import atomic_write_text
 from skipvlm.plan import Plan
 from skipvlm.plots import plot_tradeoff
-from skipvlm.runtime import current_plan
+from skipvlm.runtime import apply_plan, current_plan
 from skipvlm.search import Candidates, control_plan
+from skipvlm.tokens.vtw import calibrate_vtw
 from skipvlm.toy import DOWNSTREAM_FAMILIES, SHIPPED, load_toy
 from skipvlm.train import SearchConfig, TrainConfig, eas_config_for_plan, fit, search, train
 
@@ -47,7 +50,18 @@ __all__ = ["DemoConfig", "format_table", "run_demo"]
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("zero_shot", "full_ft", "lora", "pia", "eas", "eas_random", "eas_last_k", "mlp_skip", "das")
+METHODS = (
+    "zero_shot",
+    "full_ft",
+    "lora",
+    "pia",
+    "eas",
+    "eas_random",
+    "eas_last_k",
+    "mlp_skip",
+    "das",
+    "eas_vtw",
+)
 
 
 @dataclass
@@ -62,6 +76,7 @@ class DemoConfig:
         train_examples / val_examples / test_examples: split sizes (val feeds the bandit only).
         batch_size / epochs / lr: shared by every adapter method (full fine-tuning uses ``lr / 10``).
         search_warmup_epochs / search_epochs / interval: the bandit search (METHODS §3).
+        vtw_eta: the KL threshold of VTW's calibration (METHODS §4).
         new_tokens / repeats: decode tokens per latency measurement and interleaved rounds.
         seed: one seed for data, initialisation and shuffling.
     """
@@ -78,6 +93,7 @@ class DemoConfig:
     lr: float = 2e-3
     search_warmup_epochs: int = 1
     search_epochs: int = 1
+    vtw_eta: float = 0.05
     interval: int = 8
     new_tokens: int = 16
     repeats: int = 7
@@ -130,7 +146,7 @@ def run_demo(config: DemoConfig, out: str | Path | None = None, progress: bool =
     rows: list[dict[str, Any]] = []
     models: dict[str, nn.Module] = {}
     trajectories: dict[str, Path] = {}
-    steps = tqdm(total=len(METHODS) + 1, desc="demo", disable=not progress)
+    steps = tqdm(total=len(METHODS) + 2, desc="demo", disable=not progress)
 
     def record(
         method: str, model: nn.Module, trainable: int, k: int | None, merged: bool, **extra: Any
@@ -220,6 +236,21 @@ def run_demo(config: DemoConfig, out: str | Path | None = None, progress: bool =
     das_plan = searched("layer", config.das_layers, f"das_k{config.das_layers}")
     eas_method("das", eas_config_for_plan(das_plan, "layer"), config.das_layers)
     steps.update(2)
+    # visual-token exit composed with the first EAS model: VTW's layer calibrated on the val split
+    vtw = copy.deepcopy(models[f"eas k={k1}"])
+    calibration = calibrate_vtw(
+        vtw,
+        val,
+        eta=config.vtw_eta,
+        collator=collator,
+        batch_size=bs,
+        plot=out_dir / "vtw_kl.png" if out_dir is not None else None,
+        progress=False,
+    )
+    apply_plan(vtw, replace(current_plan(vtw), visual_exit_layer=calibration.layer))
+    eas_row = next(r for r in rows if r["name"] == f"eas k={k1}")
+    record("eas_vtw", vtw, eas_row["trainable_params"], k1, True, vtw_kl=calibration.kl)
+    steps.update(1)
     steps.close()
 
     # accuracy, MACs and latency of every final model
@@ -232,6 +263,7 @@ def run_demo(config: DemoConfig, out: str | Path | None = None, progress: bool =
         row["skip_attention"], row["skip_mlp"] = list(plan.skip_attention), list(plan.skip_mlp)
         whole = sorted(set(plan.skip_attention) & set(plan.skip_mlp)) if row["method"] == "das" else []
         row["skip_layers"] = whole
+        row["visual_exit_layer"] = plan.visual_exit_layer
         macs = count_macs(
             base.config, prompt_tokens, plan, extra_per_token=row.pop("adapter_macs_per_token", 0)
         )
@@ -276,6 +308,8 @@ def _skipped(r: dict[str, Any]) -> str:
         f"attn {r['skip_attention']}" if r["skip_attention"] else "",
         f"mlp {r['skip_mlp']}" if r["skip_mlp"] else "",
     ]
+    if r.get("visual_exit_layer") is not None:
+        parts.append(f"visual K={r['visual_exit_layer']}")
     return " ".join(p for p in parts if p) or "-"
 
 
@@ -292,6 +326,6 @@ def format_table(result: dict[str, Any]) -> str:
             ("prefill ms", 12, lambda r: f"{r['prefill_ms']:.2f}"),
             ("decode ms/tok", 15, lambda r: f"{r['decode_ms_per_token']:.2f}"),
             ("merged", 8, lambda r: "yes" if r["merged"] else "no"),
-            ("  skipped", 30, lambda r: f"  {_skipped(r)}", "<"),
+            ("  skipped", 34, lambda r: f"  {_skipped(r)}", "<"),
         ],
     )
