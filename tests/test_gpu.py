@@ -34,3 +34,18 @@ def test_bench_reports_peak_memory_on_cuda():
         model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, [0, 6], ["stock", "eas"], 4, 2
     )
     assert all(r["peak_memory_bytes"] > r["weight_bytes"] * 0.5 for r in rows)
+
+
+@pytest.mark.parametrize("plan", [skipvlm.Plan(visual_exit_layer=2), skipvlm.Plan(fastv_layer=2)])
+def test_bf16_token_exit_on_cuda_tracks_fp32_and_batches(plan):
+    from conftest import build_model
+
+    batch = make_inputs("qwen2_vl", lengths=(7, 4))
+    ref = logits(skipvlm.apply_plan(build_model("qwen2_vl"), plan), batch)
+    model = skipvlm.apply_plan(build_model("qwen2_vl", dtype=torch.bfloat16).to("cuda"), plan)
+    cuda = {k: v.to("cuda") for k, v in make_inputs("qwen2_vl", lengths=(7, 4), dtype=torch.bfloat16).items()}
+    got = logits(model, cuda).float().cpu()
+    assert (got[:, -1] - ref[:, -1]).abs().max() < 0.05 * ref.abs().max() + 0.05
+    with torch.no_grad():
+        out = model.generate(**cuda, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] == cuda["input_ids"].shape[1] + 4

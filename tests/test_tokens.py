@@ -275,3 +275,25 @@ def test_changing_the_token_plan_mid_generation_raises():
         skipvlm.apply_plan(model, skipvlm.Plan(visual_exit_layer=2))
         with pytest.raises(ValueError, match="filled without visual-token exit"):
             model(**step, past_key_values=cache, use_cache=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_token_exit_tracks_fp32(dtype):
+    plan = skipvlm.Plan(skip_attention=[3], visual_exit_layer=2)
+    ref = logits(skipvlm.apply_plan(build_model("llava"), plan), make_inputs("llava", lengths=(6, 3)))
+    model = skipvlm.apply_plan(build_model("llava", dtype=dtype), plan)
+    half = logits(model, make_inputs("llava", lengths=(6, 3), dtype=dtype))
+    assert half.dtype == dtype and torch.isfinite(half).all()
+    assert (half[:, -1].float() - ref[:, -1]).abs().max() < 0.05 * ref.abs().max() + 0.05
+
+
+def test_hidden_states_keep_their_shape_after_the_exit():
+    model = skipvlm.apply_plan(build_model("llava"), skipvlm.Plan(visual_exit_layer=2))
+    inputs = make_inputs("llava", lengths=(6, 3))
+    with torch.no_grad():
+        states = model(**inputs, output_hidden_states=True).hidden_states
+    assert len(states) == 5 and all(s.shape == states[0].shape for s in states)
+    visual = inputs["input_ids"] == IMAGE_TOKEN
+    # withdrawn positions keep the state they had when they left (the input of layer 2)
+    torch.testing.assert_close(states[3][visual], states[2][visual], rtol=0, atol=0)
+    assert (states[3][~visual] - states[2][~visual]).abs().max() > 1e-3
