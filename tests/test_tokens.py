@@ -27,12 +27,18 @@ from conftest import (
 ARCHS = ("llava", "qwen2_vl")
 
 
-def masked_reference(model, inputs, blocked_from: int, blocked: torch.Tensor) -> torch.Tensor:
-    """Logits of the stock eager model in which, from layer ``blocked_from`` on, no query may attend to
-    the ``blocked`` (B, T) positions: what withdrawing them means for every remaining token."""
+def eager_copy(model):
+    """A copy of the stock model with eager attention (its masks are explicit 4-D tensors)."""
     ref = copy.deepcopy(model)
     ref.config._attn_implementation = "eager"
     ref.config.get_text_config(decoder=True)._attn_implementation = "eager"
+    return ref
+
+
+def masked_reference(model, inputs, blocked_from: int, blocked: torch.Tensor) -> torch.Tensor:
+    """Logits of the stock eager model in which, from layer ``blocked_from`` on, no query may attend to
+    the ``blocked`` (B, T) positions: what withdrawing them means for every remaining token."""
+    ref = eager_copy(model)
 
     def pre(module, args, kwargs):
         mask = kwargs["attention_mask"]  # eager: (B, 1, T, T) additive
@@ -143,9 +149,7 @@ def test_vtw_kv_cache_bytes_shrink():
 
 def fastv_reference(model, inputs, layer: int, ratio: float) -> torch.Tensor:
     """Visual tokens dropped by FastV, from the stock model's eager attention weights at layer - 1."""
-    ref = copy.deepcopy(model)
-    ref.config._attn_implementation = "eager"
-    ref.config.get_text_config(decoder=True)._attn_implementation = "eager"
+    ref = eager_copy(model)
     with torch.no_grad():
         attn = ref(**inputs, output_attentions=True).attentions[layer - 1]  # (B, H, T, T)
     received = attn[:, :, -1, :].mean(1)  # (B, T): from the last prompt token, averaged over heads
