@@ -35,7 +35,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from skipvlm.arch import ArchFacts, arch_facts, decoder_slot
 from skipvlm.pia import PIALayers, pooled_prompt
 from skipvlm.plan import Plan
-from skipvlm.tokens.exit import Frame, TokenExit, exit_state
+from skipvlm.tokens.exit import Frame, TokenExit, clear_exit_state, exit_state
 from skipvlm.tokens.layout import gather_tokens
 
 __all__ = [
@@ -384,8 +384,7 @@ class SkipDecoder(nn.Module):
                     "this KV cache was filled under a plan that withdrew visual tokens; start a new cache "
                     "after changing the plan"
                 )
-            if cache is not None:
-                cache.__dict__.pop("skipvlm_token_exit", None)
+            clear_exit_state(cache)
             object.__setattr__(self, "_last_exit_layers", None)
             return None
         if isinstance(attention_mask, dict):

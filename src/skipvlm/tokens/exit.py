@@ -27,7 +27,7 @@ from transformers.cache_utils import Cache, DummyLayer, DynamicCache
 
 from skipvlm.tokens.layout import gather_positions, gather_tokens, pack, scatter_tokens
 
-__all__ = ["ExitState", "Frame", "Policy", "TokenExit", "exit_state"]
+__all__ = ["ExitState", "Frame", "Policy", "TokenExit", "clear_exit_state", "exit_state"]
 
 _STATE = "skipvlm_token_exit"  # attribute of a DynamicCache: the packed layouts, for decoding
 
@@ -58,6 +58,12 @@ class ExitState:
 def exit_state(cache: Cache | None) -> ExitState | None:
     """The token-exit state a prefill left on ``cache`` (``None`` if it withdrew nothing)."""
     return None if cache is None else cache.__dict__.get(_STATE)
+
+
+def clear_exit_state(cache: Cache | None) -> None:
+    """Forget a previous prefill's token-exit state (a new prefill under a plan without token exit)."""
+    if cache is not None:
+        cache.__dict__.pop(_STATE, None)
 
 
 @dataclass
