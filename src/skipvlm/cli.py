@@ -325,14 +325,14 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 def _skip_plan(args: argparse.Namespace, num_layers: int):
     """The plan of --skip-attention N (N attentions, the benchmark's pattern) or --skip-attention-layers."""
     from skipvlm.bench import skip_layers
-    from skipvlm.plan import Plan
+    from skipvlm.plan import TOKEN_FIELDS, Plan
 
     attention = list(args.skip_attention_layers or [])
     if args.skip_attention:
         attention = skip_layers(num_layers, args.skip_attention)
     tokens = {
         name: getattr(args, name)
-        for name in ("visual_exit_layer", "fastv_layer", "fastv_ratio")
+        for name in TOKEN_FIELDS  # those this command offers as options
         if getattr(args, name, None) is not None
     }
     plan = Plan(skip_attention=attention, skip_mlp=list(args.skip_mlp_layers or []), **tokens)

@@ -14,39 +14,24 @@ from typing import Any
 
 __all__ = ["register"]
 
-_TOKEN_OPTIONS = (
-    "visual_exit_layer",
-    "fastv_layer",
-    "fastv_ratio",
-    "fastv_source",
-    "dyvte",
-    "dyvte_threshold",
-)
-
-
-def _plan_of(model: Any) -> Any:
-    from skipvlm.runtime import current_plan
-
-    return model.plan if hasattr(model, "set_plan") else current_plan(model)
-
 
 def _model_with_plan(args: argparse.Namespace) -> Any:
     """The checkpoint of ``--model`` (with ``--adapters``), running the plan the options describe."""
     from skipvlm import cli
     from skipvlm.eas import EASModel
-    from skipvlm.plan import Plan
-    from skipvlm.runtime import apply_plan
+    from skipvlm.plan import TOKEN_FIELDS, Plan
+    from skipvlm.runtime import apply_plan, current_plan
 
     folder = cli._check_model_dir(args.model)
     model = cli._load_model(folder, args)
     if getattr(args, "adapters", None):
         model = EASModel.from_pretrained(model, args.adapters)
-    plan = _plan_of(model)
+    plan = current_plan(model)
     if getattr(args, "plan", None):
         plan = Plan.load(args.plan)
     if getattr(args, "skip_attention_layers", None) is not None:
         plan = plan.with_skips(skip_attention=args.skip_attention_layers)
-    tokens = {name: getattr(args, name) for name in _TOKEN_OPTIONS if getattr(args, name, None) is not None}
+    tokens = {name: getattr(args, name) for name in TOKEN_FIELDS if getattr(args, name, None) is not None}
     plan = dataclasses.replace(plan, **tokens)
     if isinstance(model, EASModel):
         model.set_plan(plan)
@@ -59,7 +44,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from skipvlm.data import ChatCollator, ChatExample, load_processor
-    from skipvlm.runtime import exit_layers
+    from skipvlm.runtime import current_plan, exit_layers
 
     if args.image is not None and not Path(args.image).is_file():
         raise FileNotFoundError(f"no image at {args.image}")
@@ -72,7 +57,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         out = model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=False)
     answer = collator.tokenizer.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     exits = exit_layers(model)
-    print(f"plan: {_plan_of(model).to_json()}", file=sys.stderr)
+    print(f"plan: {current_plan(model).to_json()}", file=sys.stderr)
     if exits is not None:
         print(f"visual tokens left at layer {exits[0]}", file=sys.stderr)
     print(answer.strip())
@@ -81,6 +66,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_calibrate_vtw(args: argparse.Namespace) -> int:
     from skipvlm import cli
+    from skipvlm.runtime import current_plan
     from skipvlm.tokens.vtw import calibrate_vtw
 
     examples = cli._data(args, "data")[: args.limit]
@@ -97,7 +83,7 @@ def _cmd_calibrate_vtw(args: argparse.Namespace) -> int:
         plot=out / "vtw_kl.png",
     )
     result.save(out / "vtw_calibration.json")
-    base = _plan_of(model).skips_only()
+    base = current_plan(model).skips_only()
     if result.layer < result.num_layers:
         dataclasses.replace(base, visual_exit_layer=result.layer).save(out / "plan.json")
     print(result.table())

@@ -22,6 +22,8 @@ __all__ = ["Plan"]
 _FORMAT_VERSION = 1
 _LAYER_LISTS = ("skip_attention", "skip_mlp")
 FASTV_SOURCES = ("last", "text")
+# The visual-token exit fields, as named in Plan (and as CLI options).
+TOKEN_FIELDS = ("visual_exit_layer", "fastv_layer", "fastv_ratio", "fastv_source", "dyvte", "dyvte_threshold")
 
 
 def _layer_list(name: str, values: Any) -> tuple[int, ...]:

@@ -591,7 +591,7 @@ def _forget_ids(model: nn.Module, args: tuple, kwargs: dict, output: Any, path: 
 def exit_layers(model: nn.Module) -> list[int] | None:
     """Per example of the last prefill, the first decoder layer that ran without (some of) its visual
     tokens; the number of layers for an example that kept them all. None if the plan withdraws none."""
-    decoder = model.decoder if hasattr(model, "set_plan") else decoder_slot(model, arch_facts(model))[2]
+    decoder = decoder_slot(model, arch_facts(model))[2]  # an EASModel resolves through its base model
     return decoder.last_exit_layers if isinstance(decoder, SkipDecoder) else None
 
 
@@ -659,7 +659,7 @@ def use_plan(model: nn.Module, plan: Plan) -> Iterator[nn.Module]:
     """Run ``model`` (a transformers model or an :class:`~skipvlm.EASModel`) under ``plan`` in the block,
     then put its previous plan back."""
     setter = getattr(model, "set_plan", None)
-    previous = model.plan if setter is not None else current_plan(model)
+    previous = current_plan(model)
     (setter or functools.partial(apply_plan, model))(plan)
     try:
         yield model

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from skipvlm.arch import ArchFacts, arch_facts
 from skipvlm.io import atomic_dir
+from skipvlm.plan import Plan
 
 __all__ = ["DyVTE", "DyVTEConfig", "DyVTERouters", "after_image", "router_features", "train_dyvte"]
 
@@ -248,14 +249,15 @@ def _label(
     examples: Sequence[Any],
     collator: Any,
     config: DyVTEConfig,
-    layers: list[int],
+    base: Plan,
     progress: bool,
 ) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
-    from skipvlm.runtime import current_plan, use_plan
+    """(layer, router features, exit labels) per labelled batch, under the skip plan ``base``."""
+    from skipvlm.runtime import use_plan
     from skipvlm.tokens.vtw import prompt_batches
 
     facts = arch_facts(model)
-    base = (model.plan if hasattr(model, "set_plan") else current_plan(model)).skips_only()
+    layers = config.layers
     pad = collator.tokenizer.pad_token_id
     rng = random.Random(config.seed)
     device = next(model.parameters()).device
@@ -320,7 +322,7 @@ def train_dyvte(
         raise ValueError(f"a {facts.model_type} model has no visual tokens to withdraw")
     if not examples:
         raise ValueError("train_dyvte() got no examples")
-    plan = (model.plan if hasattr(model, "set_plan") else current_plan(model)).skips_only()
+    plan = current_plan(model).skips_only()
     attends = [i for i in range(facts.num_layers) if i not in plan.skip_attention]
     layers = config.layers or list(range(1, facts.num_layers))
     bad = [i for i in layers if i >= facts.num_layers]
@@ -334,7 +336,7 @@ def train_dyvte(
     was_training = model.training
     model.eval()
     try:
-        samples = _label(model, list(examples), collator, config, layers, progress)
+        samples = _label(model, list(examples), collator, config, plan, progress)
     finally:
         model.train(was_training)
     if not samples:

@@ -158,7 +158,7 @@ def calibrate_vtw(
         raise ValueError(
             f"min_layer must lie in 1..{num_layers - 1} for a {num_layers}-layer model, got {min_layer}"
         )
-    base = (model.plan if hasattr(model, "set_plan") else current_plan(model)).skips_only()
+    base = current_plan(model).skips_only()
     candidates = []
     for k in range(min_layer, num_layers):
         try:
