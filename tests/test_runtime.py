@@ -7,10 +7,10 @@ import copy
 import pytest
 import torch
 import transformers as tf
-from transformers.cache_utils import DummyLayer
 
 import skipvlm
 from skipvlm.arch import get_decoder, get_layers
+from skipvlm.compat import DummyLayer, cache_kwargs, output_cache
 from skipvlm.runtime import SkipDecoder
 
 from conftest import (
@@ -158,12 +158,12 @@ def test_skipped_layers_hold_no_kv_cache(arch):
         full = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
         skipvlm.apply_plan(model, skipvlm.Plan(skip_attention=[0, 1]))
         out = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
-    layers = out.past_key_values.layers
+    layers = output_cache(out).layers
     assert [isinstance(layer, DummyLayer) for layer in layers] == [True, True, False, False]
     assert all(layer.keys is None for layer in layers[:2])
     assert all(layer.keys.shape[-2] == out.sequences.shape[1] - 1 for layer in layers[2:])
-    assert skipvlm.kv_cache_bytes(out.past_key_values) * 2 == skipvlm.kv_cache_bytes(full.past_key_values)
-    assert out.past_key_values.get_seq_length() == out.sequences.shape[1] - 1
+    assert skipvlm.kv_cache_bytes(output_cache(out)) * 2 == skipvlm.kv_cache_bytes(output_cache(full))
+    assert output_cache(out).get_seq_length() == out.sequences.shape[1] - 1
 
 
 def test_plain_forward_with_use_cache_builds_a_cache_without_skipped_layers():
@@ -171,8 +171,8 @@ def test_plain_forward_with_use_cache_builds_a_cache_without_skipped_layers():
     skipvlm.apply_plan(model, skipvlm.Plan(skip_attention=[0]))
     with torch.no_grad():
         out = model(**make_inputs("llama"), use_cache=True)
-    assert isinstance(out.past_key_values.layers[0], DummyLayer)
-    assert out.past_key_values.get_seq_length() == 7
+    assert isinstance(output_cache(out).layers[0], DummyLayer)
+    assert output_cache(out).get_seq_length() == 7
 
 
 def test_user_cache_without_config_is_sized_and_marked():
@@ -180,7 +180,7 @@ def test_user_cache_without_config_is_sized_and_marked():
     skipvlm.apply_plan(model, skipvlm.Plan(skip_attention=[0]))
     cache = tf.DynamicCache()  # lazily grown, no config
     with torch.no_grad():
-        model(**make_inputs("llama"), past_key_values=cache, use_cache=True)
+        model(**make_inputs("llama"), **cache_kwargs(cache), use_cache=True)
     assert isinstance(cache.layers[0], DummyLayer) and cache.get_seq_length() == 7
 
 
@@ -238,7 +238,7 @@ def test_skipping_every_attention_with_a_cache_raises():
         model.generate(**inputs, max_new_tokens=2)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=2, use_cache=False, do_sample=False)
-        assert model(**inputs).past_key_values is None  # no request, no cache, no error
+        assert output_cache(model(**inputs)) is None  # no request, no cache, no error
     assert out.shape[1] == inputs["input_ids"].shape[1] + 2
 
 
@@ -255,10 +255,10 @@ def test_changing_the_plan_mid_generation_raises():
     model = skipvlm.apply_plan(build_model("llama"), skipvlm.Plan(skip_attention=[1]))
     inputs = make_inputs("llama")
     with torch.no_grad():
-        cache = model(**inputs, use_cache=True).past_key_values
+        cache = output_cache(model(**inputs, use_cache=True))
         skipvlm.apply_plan(model, skipvlm.Plan(skip_attention=[2]))
         with pytest.raises(ValueError, match="filled under another plan"):
-            model(input_ids=inputs["input_ids"][:, :1], past_key_values=cache, use_cache=True)
+            model(input_ids=inputs["input_ids"][:, :1], **cache_kwargs(cache), use_cache=True)
 
 
 # --- restore and weights -------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import torch
 
 import skipvlm
 from skipvlm.arch import get_layers
+from skipvlm.compat import cache_kwargs, output_cache
 
 from conftest import (
     IMAGE_TOKEN,
@@ -107,7 +108,7 @@ def test_vtw_left_padded_batch_equals_one_by_one_and_cache_is_text_only(arch):
     for b in range(3):
         row = select_rows(arch, batch, b)
         with torch.no_grad():
-            cache = model(**row, use_cache=True).past_key_values
+            cache = output_cache(model(**row, use_cache=True))
         full = row["input_ids"].shape[1]
         visual = int((row["input_ids"] == IMAGE_TOKEN).sum())
         lengths = [layer.keys.shape[-2] for layer in cache.layers]
@@ -137,9 +138,9 @@ def test_vtw_kv_cache_bytes_shrink():
     model = build_model("llava")
     inputs = make_inputs("llava", lengths=(6,))
     with torch.no_grad():
-        full = skipvlm.kv_cache_bytes(model(**inputs, use_cache=True).past_key_values)
+        full = skipvlm.kv_cache_bytes(output_cache(model(**inputs, use_cache=True)))
         skipvlm.apply_plan(model, skipvlm.Plan(visual_exit_layer=2))
-        exited = skipvlm.kv_cache_bytes(model(**inputs, use_cache=True).past_key_values)
+        exited = skipvlm.kv_cache_bytes(output_cache(model(**inputs, use_cache=True)))
     visual, total = 16, inputs["input_ids"].shape[1]
     assert exited == pytest.approx(full * (2 * total + 2 * (total - visual)) / (4 * total))
 
@@ -177,7 +178,7 @@ def test_fastv_keeps_the_most_attended_visual_tokens(arch, attn):
     torch.testing.assert_close(out[kept], reference[kept], rtol=0, atol=1e-5)
     assert skipvlm.exit_layers(model) == [2, 2]
     with torch.no_grad():
-        cache = model(**inputs, use_cache=True).past_key_values
+        cache = output_cache(model(**inputs, use_cache=True))
     width = inputs["input_ids"].shape[1]
     packed = width - int(dropped[0].sum())  # row 0 is the longest
     assert [layer.keys.shape[-2] for layer in cache.layers] == [width, width, packed, packed]
@@ -212,7 +213,7 @@ def test_vtw_composes_with_skipped_attentions(arch):
     out = logits(model, inputs)
     torch.testing.assert_close(out[text], reference[text], rtol=0, atol=1e-5)
     with torch.no_grad():
-        cache = model(**inputs, use_cache=True).past_key_values
+        cache = output_cache(model(**inputs, use_cache=True))
     assert cache.layers[1].keys is None and cache.layers[3].keys is None
     assert cache.layers[2].keys.shape[-2] == int(text.sum(1).max())
 
@@ -270,15 +271,15 @@ def test_changing_the_token_plan_mid_generation_raises():
     inputs = make_inputs("llava")
     step = {"input_ids": inputs["input_ids"][:, :1]}
     with torch.no_grad():
-        cache = model(**inputs, use_cache=True).past_key_values
+        cache = output_cache(model(**inputs, use_cache=True))
         skipvlm.apply_plan(model, skipvlm.Plan(skip_mlp=[3]))
         with pytest.raises(ValueError, match="withdrew visual tokens"):
-            model(**step, past_key_values=cache, use_cache=True)
+            model(**step, **cache_kwargs(cache), use_cache=True)
         skipvlm.apply_plan(model, skipvlm.Plan())
-        cache = model(**inputs, use_cache=True).past_key_values
+        cache = output_cache(model(**inputs, use_cache=True))
         skipvlm.apply_plan(model, skipvlm.Plan(visual_exit_layer=2))
         with pytest.raises(ValueError, match="filled without visual-token exit"):
-            model(**step, past_key_values=cache, use_cache=True)
+            model(**step, **cache_kwargs(cache), use_cache=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

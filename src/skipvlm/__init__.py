@@ -3,7 +3,7 @@
 The public API. See ``shared/METHODS.md`` for the mathematics of each method and README.md for use.
 """
 
-from skipvlm import presets
+from skipvlm import compat, presets
 from skipvlm.arch import SUPPORTED_MODEL_TYPES, ArchFacts, UnsupportedModelError, arch_facts
 from skipvlm.eas import EASConfig, EASModel, get_eas_model
 from skipvlm.merge import export_merged, load_pretrained, merge_and_unload
@@ -14,6 +14,8 @@ from skipvlm.tokens import DyVTEConfig, DyVTERouters, VTWCalibration, calibrate_
 from skipvlm.train import SearchConfig, SearchResult, TrainConfig, search, train
 
 __version__ = "0.1.0"
+
+compat.check_version()  # warns once, at import, outside the tested transformers range
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",

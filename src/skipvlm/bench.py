@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from skipvlm.arch import arch_facts
+from skipvlm.compat import output_cache
 from skipvlm.plan import Plan
 from skipvlm.runtime import apply_plan, current_plan, kv_cache_bytes
 
@@ -182,7 +183,7 @@ def _measure(
     for name, (model, prepare) in targets.items():
         if prepare is not None:
             prepare()
-        cache = generate(model, new_tokens)().past_key_values
+        cache = output_cache(generate(model, new_tokens)())
         gen1, gen_n = times[f"{name}/gen1"], times[f"{name}/genN"]
         per_token = [(b - a) / (new_tokens - 1) for a, b in zip(gen1, gen_n, strict=True)]
         results[name] = PlanTiming(

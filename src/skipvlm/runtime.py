@@ -28,11 +28,11 @@ from typing import Any
 import torch
 import torch.utils.checkpoint
 from torch import nn
-from transformers.cache_utils import Cache, DummyLayer, DynamicCache
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from skipvlm import compat
 from skipvlm.arch import ArchFacts, arch_facts, decoder_slot
+from skipvlm.compat import Cache, DummyLayer, DynamicCache
 from skipvlm.pia import PIALayers, pooled_prompt
 from skipvlm.plan import Plan
 from skipvlm.tokens.exit import Frame, TokenExit, clear_exit_state, exit_state
@@ -251,7 +251,7 @@ class SkipDecoder(nn.Module):
         if not isinstance(cache, DynamicCache):
             raise ValueError(
                 f"skipvlm plans run with a DynamicCache, got {type(cache).__name__}; drop the "
-                "cache_implementation / past_key_values argument to use the default cache"
+                f"cache_implementation / {compat.CACHE_KWARG} argument to use the default cache"
             )
         layers = cache.layers
         if len(layers) < num_layers:  # a cache built without a config grows lazily; size it now
@@ -300,18 +300,9 @@ class SkipDecoder(nn.Module):
     ) -> dict[str, Any]:
         if isinstance(attention_mask, dict):  # already prepared per layer type, e.g. by `generate`
             return attention_mask
-        kwargs = {
-            "config": self.config,
-            "inputs_embeds": embeds,
-            "attention_mask": attention_mask,
-            "past_key_values": cache,
-            "position_ids": text_position_ids,
-        }
-        masks: dict[str, Any] = {}
-        for kind in set(self.facts.layer_types):
-            build = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
-            masks[kind] = build(**kwargs)
-        return masks
+        return compat.build_masks(
+            self.config, self.facts.layer_types, embeds, attention_mask, cache, text_position_ids
+        )
 
     def _prompt(
         self, attention_mask: torch.Tensor | dict | None, embeds: torch.Tensor, cache: Cache | None
@@ -473,8 +464,8 @@ class SkipDecoder(nn.Module):
                 hidden_states=layer.input_layernorm(hidden) if x is None else x,
                 attention_mask=mask,
                 position_ids=text_ids,
-                past_key_values=cache,
                 position_embeddings=position_embeddings,
+                **compat.cache_kwargs(cache),
                 **kwargs,
             )
             hidden = hidden + attn_out
@@ -492,12 +483,20 @@ class SkipDecoder(nn.Module):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
+        cache: Cache | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPast:
-        """Same contract as the stock text model's ``forward``; executes the plan."""
+        """Same contract as the stock text model's ``forward``; executes the plan.
+
+        The KV cache may come as ``cache`` (transformers 5.24+) or ``past_key_values`` (before). Keywords
+        the stock model would hand to its layers go to the attention modules; any other keyword, or a
+        cache under a name skipvlm does not consume, raises instead of being dropped.
+        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         kwargs.pop("return_dict", None)
+        past_key_values = compat.take_cache({"cache": cache, "past_key_values": past_key_values}, kwargs)
+        compat.check_forward_kwargs(kwargs)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache is None:
@@ -529,6 +528,7 @@ class SkipDecoder(nn.Module):
         ids = input_ids if input_ids is not None else self.__dict__.get(_INPUT_IDS)
         tokens = self._token_exit(frame, cache, ids, attention_mask, inputs_embeds)
         pooling = prompt.mask if prompt is not None else None
+        grows = self._cache_lengths(cache) if use_cache else None
 
         layer_types = self.facts.layer_types
         want_hidden = output_hidden_states or getattr(self.config, "output_hidden_states", False)
@@ -563,6 +563,8 @@ class SkipDecoder(nn.Module):
                     hidden, weights = run(hidden)
             if all_attn is not None and i not in self._skip_attn:
                 all_attn.append(weights)
+        if grows is not None:
+            self._check_cache_grew(cache, grows)
         if tokens is not None:
             hidden = tokens.expand(hidden)
             if not tokens.decoding:
@@ -570,12 +572,31 @@ class SkipDecoder(nn.Module):
         hidden = self.norm(hidden)
         if all_hidden is not None:
             all_hidden.append(hidden)
-        return BaseModelOutputWithPast(
-            last_hidden_state=hidden,
-            past_key_values=cache if use_cache else None,
-            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
-            attentions=tuple(all_attn) if all_attn is not None else None,
+        return compat.decoder_output(
+            hidden,
+            cache if use_cache else None,
+            tuple(all_hidden) if all_hidden is not None else None,
+            tuple(all_attn) if all_attn is not None else None,
         )
+
+    def _cache_lengths(self, cache: Cache | None) -> dict[int, int] | None:
+        """Tokens held now by the cache layer of every attention the plan runs."""
+        if cache is None:
+            return None
+        kept = [i for i in range(self.facts.num_layers) if i not in self._skip_attn]
+        return {i: compat.layer_length(cache.layers[i]) for i in kept}
+
+    def _check_cache_grew(self, cache: Cache, before: dict[int, int]) -> None:
+        """Raise if an attention that ran did not store its keys and values in ``cache``.
+
+        A transformers release that hands the attention modules the cache under a new name would
+        otherwise decode from an empty cache and return wrong tokens without an error.
+        """
+        stale = [i for i, n in before.items() if compat.layer_length(cache.layers[i]) <= n]
+        if stale:
+            raise RuntimeError(
+                compat.unsupported(f"the KV cache was not used (layers {stale} stored nothing)")
+            )
 
 
 def _remember_ids(model: nn.Module, args: tuple, kwargs: dict, path: str) -> None:

@@ -23,8 +23,8 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache, DummyLayer, DynamicCache
 
+from skipvlm.compat import Cache, DummyLayer, DynamicCache
 from skipvlm.tokens.layout import gather_positions, gather_tokens, pack, scatter_tokens
 
 __all__ = ["ExitState", "Frame", "Policy", "TokenExit", "clear_exit_state", "exit_state"]
