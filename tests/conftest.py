@@ -6,11 +6,14 @@ model-ready, left-padded batches (with an image per prompt for the multimodal ar
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import transformers as tf
 
 import skipvlm
+from skipvlm.arch import get_layers
 
 VOCAB = 128
 PAD, BOS, EOS = 0, 1, 2
@@ -246,6 +249,29 @@ def assert_batch_equals_rows(model, arch: str, batch, steps: int, atol: float = 
         assert torch.equal(tokens[b], one_tokens[0])
         torch.testing.assert_close(step_logits[b], one_logits[0], rtol=0, atol=atol)
     return tokens, step_logits
+
+
+def eager_copy(model):
+    """A copy of the stock model with eager attention (its masks are explicit 4-D tensors)."""
+    ref = copy.deepcopy(model)
+    ref.config._attn_implementation = "eager"
+    ref.config.get_text_config(decoder=True)._attn_implementation = "eager"
+    return ref
+
+
+def masked_reference(model, inputs, blocked_from: int, blocked: torch.Tensor) -> torch.Tensor:
+    """Logits of the stock eager model in which, from layer ``blocked_from`` on, no query may attend to
+    the ``blocked`` (B, T) positions: what withdrawing them means for every remaining token."""
+    ref = eager_copy(model)
+
+    def pre(module, args, kwargs):
+        mask = kwargs["attention_mask"]  # eager: (B, 1, T, T) additive
+        kwargs["attention_mask"] = mask.masked_fill(blocked[:, None, None, :], torch.finfo(mask.dtype).min)
+        return args, kwargs
+
+    for layer in get_layers(ref)[blocked_from:]:
+        layer.register_forward_pre_hook(pre, with_kwargs=True)
+    return logits(ref, inputs)
 
 
 def build_eas(arch: str, skip=(1, 2), seed: int = 0, dtype=torch.float32, **cfg) -> skipvlm.EASModel:

@@ -18,37 +18,16 @@ from conftest import (
     assert_cached_equals_recompute,
     build_eas,
     build_model,
+    eager_copy,
     greedy,
     logits,
     make_inputs,
+    masked_reference,
     randomize_adapters,
     select_rows,
 )
 
 ARCHS = ("llava", "qwen2_vl")
-
-
-def eager_copy(model):
-    """A copy of the stock model with eager attention (its masks are explicit 4-D tensors)."""
-    ref = copy.deepcopy(model)
-    ref.config._attn_implementation = "eager"
-    ref.config.get_text_config(decoder=True)._attn_implementation = "eager"
-    return ref
-
-
-def masked_reference(model, inputs, blocked_from: int, blocked: torch.Tensor) -> torch.Tensor:
-    """Logits of the stock eager model in which, from layer ``blocked_from`` on, no query may attend to
-    the ``blocked`` (B, T) positions: what withdrawing them means for every remaining token."""
-    ref = eager_copy(model)
-
-    def pre(module, args, kwargs):
-        mask = kwargs["attention_mask"]  # eager: (B, 1, T, T) additive
-        kwargs["attention_mask"] = mask.masked_fill(blocked[:, None, None, :], torch.finfo(mask.dtype).min)
-        return args, kwargs
-
-    for layer in get_layers(ref)[blocked_from:]:
-        layer.register_forward_pre_hook(pre, with_kwargs=True)
-    return logits(ref, inputs)
 
 
 def text_positions(inputs) -> torch.Tensor:
