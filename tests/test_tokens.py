@@ -4,6 +4,7 @@ batching, caching, image placement, composition with attention skipping, and err
 from __future__ import annotations
 
 import copy
+from decimal import Decimal
 
 import pytest
 import torch
@@ -127,20 +128,30 @@ def test_vtw_kv_cache_bytes_shrink():
 # --- FastV -------------------------------------------------------------------------------------------------
 
 
-def fastv_reference(model, inputs, layer: int, ratio: float) -> torch.Tensor:
+def fastv_reference(model, inputs, layer: int, ratio: float, source: str = "last") -> torch.Tensor:
     """Visual tokens dropped by FastV, from the stock model's eager attention weights at layer - 1."""
     ref = eager_copy(model)
     with torch.no_grad():
         attn = ref(**inputs, output_attentions=True).attentions[layer - 1]  # (B, H, T, T)
-    received = attn[:, :, -1, :].mean(1)  # (B, T): from the last prompt token, averaged over heads
     visual = inputs["input_ids"] == IMAGE_TOKEN
+    if source == "last":
+        received = attn[:, :, -1, :].mean(1)  # (B, T): from the last prompt token, averaged over heads
+    else:  # from every real text token, averaged over those queries and the heads
+        queries = inputs["attention_mask"].bool() & ~visual
+        received = torch.stack([attn[b][:, queries[b]].mean((0, 1)) for b in range(attn.shape[0])])
     dropped = torch.zeros_like(visual)
     for b in range(visual.shape[0]):
         pos = visual[b].nonzero().squeeze(1)
-        keep = round((1 - ratio) * len(pos))
+        # half up, written independently of the implementation (Python's round() is banker's rounding)
+        keep = int(Decimal(1 - ratio) * len(pos) + Decimal("0.5"))
         order = received[b, pos].argsort(descending=True)
         dropped[b, pos[order[keep:]]] = True
     return dropped
+
+
+# (1 - R) x visual tokens ends in .5: 0.53125 x 16 = 8.5 (LLaVA), 0.625 x 4 = 2.5 (Qwen2-VL). Half up keeps
+# 9 / 3; rounding down or to even (Python's round) would keep 8 / 2.
+HALF_RATIO = {"llava": (0.46875, 7), "qwen2_vl": (0.375, 1)}  # arch: (R, visual tokens dropped per row)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -148,10 +159,11 @@ def fastv_reference(model, inputs, layer: int, ratio: float) -> torch.Tensor:
 def test_fastv_keeps_the_most_attended_visual_tokens(arch, attn):
     model = build_model(arch, attn=attn)
     inputs = make_inputs(arch, lengths=(6, 3))
-    dropped = fastv_reference(model, inputs, 2, 0.5)
-    assert int(dropped.sum()) == int((inputs["input_ids"] == IMAGE_TOKEN).sum()) // 2
+    ratio, drops = HALF_RATIO[arch]
+    dropped = fastv_reference(model, inputs, 2, ratio)
+    assert dropped.sum(1).tolist() == [drops, drops]
     reference = masked_reference(model, inputs, 2, dropped)
-    skipvlm.apply_plan(model, skipvlm.Plan(fastv_layer=2, fastv_ratio=0.5))
+    skipvlm.apply_plan(model, skipvlm.Plan(fastv_layer=2, fastv_ratio=ratio))
     out = logits(model, inputs)
     kept = text_positions(inputs)
     torch.testing.assert_close(out[kept], reference[kept], rtol=0, atol=1e-5)
@@ -161,6 +173,20 @@ def test_fastv_keeps_the_most_attended_visual_tokens(arch, attn):
     width = inputs["input_ids"].shape[1]
     packed = width - int(dropped[0].sum())  # row 0 is the longest
     assert [layer.keys.shape[-2] for layer in cache.layers] == [width, width, packed, packed]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fastv_from_all_text_tokens_keeps_what_they_attend_most(arch):
+    model = build_model(arch)
+    inputs = make_inputs(arch, lengths=(6, 3), seed=7)
+    ratio, drops = HALF_RATIO[arch]
+    dropped = fastv_reference(model, inputs, 2, ratio, source="text")
+    assert dropped.sum(1).tolist() == [drops, drops]
+    assert not torch.equal(dropped, fastv_reference(model, inputs, 2, ratio))  # the sources disagree here
+    reference = masked_reference(model, inputs, 2, dropped)
+    skipvlm.apply_plan(model, skipvlm.Plan(fastv_layer=2, fastv_ratio=ratio, fastv_source="text"))
+    kept = text_positions(inputs)
+    torch.testing.assert_close(logits(model, inputs)[kept], reference[kept], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
