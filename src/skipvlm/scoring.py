@@ -73,7 +73,7 @@ def score_scienceqa(examples: Sequence[ChatExample], predictions: Sequence[str])
 def vqa_normalize(text: str) -> str:
     """VQA-style normalisation: lower case, no punctuation or articles, number words as digits."""
     text = _PUNCT.sub(" ", text.lower().replace("'s", " 's"))
-    text = re.sub(r"(?<!\d)\.(?!\d)", " ", text)
+    text = re.sub(r"\.(?!\d)", " ", text)  # a period ends a sentence unless a digit follows (3.5)
     words = [_NUMBERS.get(w, w) for w in text.split() if w not in ("a", "an", "the")]
     return " ".join(words)
 
