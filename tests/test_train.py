@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -56,7 +57,55 @@ def test_search_writes_plan_log_and_plot(tmp_path):
     assert log["arms"] == result.arms and log["arm_names"] == ["attn 0", "attn 1", "attn 2", "attn 3"]
     assert all(len(t["subsets"]) == 3 for t in log["trajectory"][1:])
     assert (tmp_path / "preferences.png").read_bytes()[:4] == b"\x89PNG"
-    assert result.bandit.top_k() == result.arms
+    # The plan is the k arms of highest final preference, ties to the lower index (METHODS §3.3).
+    final = log["trajectory"][-1]["preferences"]
+    assert final == result.bandit.preferences.tolist() and len(set(final)) == 4
+    assert result.arms == sorted(sorted(range(4), key=lambda i: (-final[i], i))[:2])
+
+
+def test_each_sampled_subset_is_scored_under_its_own_plan(monkeypatch):
+    """A spy on the model's forward records the plan, mode and batch of every call: the scoring calls (no
+    grad, eval mode) run the sampled subsets' plans in order, on the held-out batches in turn."""
+    calls = []
+    forward = skipvlm.EASModel.forward
+
+    def spy(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        calls.append(
+            (self.training, torch.is_grad_enabled(), self.plan, kwargs["input_ids"], float(out.loss.detach()))
+        )
+        return out
+
+    monkeypatch.setattr(skipvlm.EASModel, "forward", spy)
+    model, batches, _ = data()
+    collate = ChatCollator(toy_parts()[1])
+    held_ex = colour_examples(8, seed=1)
+    held = [collate(held_ex[:4]), collate(held_ex[4:])]
+    result = skipvlm.search(model, batches, held, quick_search())
+    scoring = [c for c in calls if not c[1]]
+    assert all(not c[0] for c in scoring)  # eval mode
+    assert all(c[0] and c[1] for c in calls if c[1])  # training steps: train mode, with grad
+    updates = result.trajectory[1:]
+    assert len(updates) == 8 and len(scoring) == 8 * 3
+    for u, update in enumerate(updates):
+        mine = scoring[3 * u : 3 * u + 3]
+        assert [c[2] for c in mine] == [skipvlm.Plan(skip_attention=s) for s in update["subsets"]]
+        assert all(torch.equal(c[3], held[u % 2]["input_ids"]) for c in mine)
+        # each subset's loss is the one its own forward returned; three subsets, three losses
+        assert update["losses"] == pytest.approx([c[4] for c in mine], rel=1e-6)
+        assert len({tuple(s) for s in update["subsets"]}) == 3 and len(set(update["losses"])) == 3
+        # and the preferences moved by METHODS §3's rule, each subset credited with its own reward
+        before = torch.tensor(result.trajectory[u]["preferences"], dtype=torch.float64)
+        pi = torch.softmax(10.0 * before, 0)
+        rewards = [math.exp(-loss) for loss in update["losses"]]
+        assert update["rewards"] == pytest.approx(rewards)
+        expected = before.clone()
+        for subset, r in zip(update["subsets"], rewards, strict=True):
+            for i in subset:
+                expected[i] += 2.0 * (r - sum(rewards) / 3) * pi[i] * (1 - pi[i])
+        assert update["preferences"] == pytest.approx(expected.tolist(), abs=1e-12)
+    # a training step runs the subset it drew: warm-up and search steps skip k=2 attentions
+    assert all(len(c[2].skip_attention) == 2 for c in calls if c[1])
 
 
 def test_search_is_deterministic_for_a_seed():
@@ -129,7 +178,15 @@ def test_search_over_other_candidates(kind):
 # --- train ---------------------------------------------------------------------------------------------
 
 
-def test_train_lowers_the_loss_calibrates_and_saves(tmp_path):
+def test_train_lowers_the_loss_calibrates_and_saves(tmp_path, monkeypatch):
+    applied = []  # the learning rate of every optimiser step, as the optimiser sees it
+    step = torch.optim.AdamW.step
+
+    def recording(self, *args, **kwargs):
+        applied.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording)
     model, batches, _ = data()
     with torch.no_grad():
         before = sum(model(**b).loss for b in batches) / len(batches)
@@ -137,7 +194,7 @@ def test_train_lowers_the_loss_calibrates_and_saves(tmp_path):
     trained = skipvlm.train(
         model,
         batches,
-        skipvlm.TrainConfig(epochs=4, lr=1e-2, grad_accum=2, progress=False),
+        skipvlm.TrainConfig(epochs=4, lr=1e-2, grad_accum=2, warmup_ratio=0.25, progress=False),
         eas=eas,
         out=tmp_path,
     )
@@ -147,7 +204,11 @@ def test_train_lowers_the_loss_calibrates_and_saves(tmp_path):
     assert int(trained.adapters.replace["1"].calib_n) == 16
     log = json.loads((tmp_path / "train_log.json").read_text())
     assert len(log["history"]) == 4 * 2  # 4 batches / grad_accum 2 = 2 steps per epoch
-    assert log["history"][0]["lr"] < log["history"][1]["lr"] or log["history"][1]["lr"] <= 1e-2
+    # 8 steps, 2 of linear warm-up to 1e-2, then cosine decay over the other 6 (by hand)
+    lr = [5e-3, 1e-2] + [1e-2 * 0.5 * (1 + math.cos(math.pi * s / 6)) for s in range(6)]
+    assert [h["lr"] for h in log["history"]] == pytest.approx(lr, rel=1e-12)
+    assert applied == pytest.approx(lr, rel=1e-12)
+    assert [h["step"] for h in log["history"]] == list(range(1, 9))
     loaded = skipvlm.EASModel.from_pretrained(toy_parts()[0], tmp_path / "adapters")
     assert_same_adapters(adapters_of(loaded), adapters_of(trained))
     trained.merge_and_unload("static")  # calibrated, so the static merge works
@@ -198,9 +259,18 @@ def test_eas_config_for_plan_maps_each_kind():
     assert das.skip_layers == [3] and das.plan() == skipvlm.Plan(skip_attention=[3], skip_mlp=[3])
 
 
-def test_activation_checkpointing_and_bf16_autocast_options():
-    results = []
+def test_activation_checkpointing_recomputes_every_layer_and_changes_nothing(monkeypatch):
+    calls = []
+    checkpoint = torch.utils.checkpoint.checkpoint
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting)
+    results, counts = [], []
     for checkpointing in (False, True):
+        calls.clear()
         model, batches, _ = data()
         config = skipvlm.TrainConfig(
             epochs=1, gradient_checkpointing=checkpointing, progress=False, calibrate=False
@@ -208,9 +278,44 @@ def test_activation_checkpointing_and_bf16_autocast_options():
         results.append(
             adapters_of(skipvlm.train(model, batches, config, eas=skipvlm.EASConfig(skip_attention=[1])))
         )
+        counts.append(len(calls))
+    assert counts == [0, 4 * 4]  # 4 training batches x 4 decoder layers, each run under checkpoint()
+    moved = max(
+        (results[0][k].float() - adapters_of(fresh_eas(skip=[1]))[k].float()).abs().max() for k in results[0]
+    )
+    assert moved > 1e-4  # training moved the adapters, so equality below is not vacuous
     for k in results[0]:
         torch.testing.assert_close(results[1][k], results[0][k], rtol=0, atol=1e-6)
+
+
+def fresh_eas(skip):
+    return skipvlm.get_eas_model(toy_parts()[0], skipvlm.EASConfig(skip_attention=list(skip)))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_precision_sets_the_autocast_of_every_training_forward(monkeypatch, precision):
+    modes = []
+    forward = skipvlm.EASModel.forward
+
+    def spy(self, *args, **kwargs):
+        modes.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(skipvlm.EASModel, "forward", spy)
+    losses = []
     model, batches, _ = data()
-    config = skipvlm.TrainConfig(epochs=1, precision="bf16", progress=False, calibrate=False)
-    trained = skipvlm.train(model, batches, config, eas=skipvlm.EASConfig(skip_attention=[1]))
-    assert all(torch.isfinite(v).all() for v in adapters_of(trained).values())
+    config = skipvlm.TrainConfig(
+        epochs=1, precision=precision, shuffle=False, progress=False, calibrate=False
+    )
+    skipvlm.train(model, batches, config, eas=skipvlm.EASConfig(skip_attention=[1]), callback=losses.append)
+    expected = (True, torch.bfloat16) if precision == "bf16" else (False, modes[0][1])
+    assert modes == [expected] * 4
+    # The first step's loss is that of the same untrained model: bf16 differs from fp32, a little.
+    model, batches, _ = data()
+    with torch.no_grad():
+        fp32 = float(fresh_eas(skip=[1])(**batches[0]).loss)
+    first = losses[0]["loss"]
+    if precision == "fp32":
+        assert first == pytest.approx(fp32, rel=1e-6)
+    else:
+        assert 1e-6 < abs(first - fp32) < 0.02 * fp32
