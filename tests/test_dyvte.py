@@ -41,12 +41,97 @@ def test_routers_train_on_a_frozen_model_and_round_trip(tmp_path):
     for (name, a), b in zip(routers.state_dict().items(), loaded.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 
-    skipvlm.apply_plan(model, skipvlm.Plan(dyvte=str(tmp_path / "r"), dyvte_threshold=0.5))
     batch = ChatCollator(processor)(colour_examples(3, seed=5), train=False)
+    expected = expected_exits(model, routers, batch, 0.5)
+    skipvlm.apply_plan(model, skipvlm.Plan(dyvte=str(tmp_path / "r"), dyvte_threshold=0.5))
     with torch.no_grad():
         model(**batch)
-    exits = skipvlm.exit_layers(model)
-    assert len(exits) == 3 and all(e in (1, 2, 3, 4) for e in exits)
+    assert skipvlm.exit_layers(model) == expected
+
+
+def hand_features(
+    hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, image_token: int
+) -> torch.Tensor:
+    """The router input written out row by row: [rms(mean of the real text tokens after the last visual
+    token) ; rms(last token)], the last token standing in for the mean when no text follows the image."""
+
+    def rms(x):
+        return x / torch.sqrt(x.pow(2).mean() + 1e-6)
+
+    rows = []
+    for b in range(hidden.shape[0]):
+        images = [t for t in range(ids.shape[1]) if ids[b, t] == image_token]
+        after = [
+            t
+            for t in range(ids.shape[1])
+            if images and t > images[-1] and mask[b, t] and ids[b, t] != image_token
+        ]
+        last = hidden[b, -1].double()
+        mean = hidden[b, after].double().mean(0) if after else last
+        rows.append(torch.cat([rms(mean), rms(last)]))
+    return torch.stack(rows).float()
+
+
+def expected_exits(model, routers, batch, threshold: float) -> list[int]:
+    """Each example's exit: the first router layer whose probability exceeds ``threshold`` on the stock
+    model's input of that layer (nothing has left before it), else the number of layers."""
+    facts = arch_facts(model)
+    with torch.no_grad(), skipvlm.use_plan(model, skipvlm.Plan()):
+        states = model(**batch, output_hidden_states=True).hidden_states  # input of layer l at [l]
+        probs = {
+            i: torch.sigmoid(
+                routers(
+                    i,
+                    hand_features(
+                        states[i], batch["input_ids"], batch["attention_mask"], facts.image_token_id
+                    ),
+                )
+            )
+            for i in routers.layers
+        }
+    n = batch["input_ids"].shape[0]
+    return [next((i for i in routers.layers if probs[i][b] > threshold), facts.num_layers) for b in range(n)]
+
+
+def test_router_features_on_a_hand_computed_example():
+    hidden = torch.tensor(
+        [
+            [[9.0, 9.0], [5.0, 5.0], [1.0, 3.0], [3.0, 1.0], [2.0, -2.0]],  # image at 1; text 2, 3, 4 after
+            [
+                [0.0, 0.0],
+                [7.0, 7.0],
+                [1.0, 1.0],
+                [2.0, 2.0],
+                [4.0, 0.0],
+            ],  # pad, text, image at 2 and 3, text 4
+            [[0.0, 0.0], [0.0, 0.0], [3.0, 4.0], [6.0, 8.0], [0.0, 5.0]],  # pad, pad, no image at all
+        ]
+    )
+    visual = torch.tensor([[0, 1, 0, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 0, 0]]).bool()
+    real = torch.tensor([[1, 1, 1, 1, 1], [0, 1, 1, 1, 1], [0, 0, 1, 1, 1]]).bool()
+    after = after_image(visual, real)
+    assert after.tolist() == [
+        [False, False, True, True, True],
+        [False, False, False, False, True],
+        [False, False, False, False, False],
+    ]
+    feats = router_features(hidden, after)
+    # row 0: mean of (1, 3), (3, 1), (2, -2) = (2, 2/3); rms = sqrt((4 + 4/9) / 2) = sqrt(20/9)
+    # row 1: mean = (4, 0), rms = sqrt(8); row 2: no text after an image: the last token (0, 5) twice
+    eps = 1e-6
+    expected = torch.tensor(
+        [
+            [
+                2 / (20 / 9 + eps) ** 0.5,
+                (2 / 3) / (20 / 9 + eps) ** 0.5,
+                2 / (4 + eps) ** 0.5,
+                -2 / (4 + eps) ** 0.5,
+            ],
+            [4 / (8 + eps) ** 0.5, 0.0, 4 / (8 + eps) ** 0.5, 0.0],
+            [0.0, 5 / (12.5 + eps) ** 0.5, 0.0, 5 / (12.5 + eps) ** 0.5],
+        ]
+    )
+    torch.testing.assert_close(feats, expected, rtol=1e-6, atol=1e-7)
 
 
 def _routers_with_mixed_exits(model, batch, tmp_path):
@@ -57,9 +142,11 @@ def _routers_with_mixed_exits(model, batch, tmp_path):
     routers = skipvlm.DyVTERouters(facts.hidden_size, skipvlm.DyVTEConfig(layers=[1, 2, 3]), signature)
     with torch.no_grad():
         states = model(**batch, output_hidden_states=True).hidden_states  # input of layer l at [l]
-        visual = batch["input_ids"] == IMAGE_TOKEN
-        after = after_image(visual, batch["attention_mask"].bool())
-        probs = torch.stack([torch.sigmoid(routers(i, router_features(states[i], after))) for i in (1, 2, 3)])
+        feats = [
+            hand_features(states[i], batch["input_ids"], batch["attention_mask"], IMAGE_TOKEN)
+            for i in (1, 2, 3)
+        ]
+        probs = torch.stack([torch.sigmoid(routers(i, f)) for i, f in zip((1, 2, 3), feats, strict=True)])
 
     def exits(threshold: float) -> list[int]:
         return [next((i + 1 for i in range(3) if probs[i, b] > threshold), 4) for b in range(probs.shape[1])]
