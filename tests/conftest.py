@@ -50,15 +50,22 @@ def text_config_kwargs(num_layers: int = NUM_LAYERS, **overrides) -> dict:
     return kw
 
 
-def build_config(arch: str, num_layers: int = NUM_LAYERS) -> tf.PretrainedConfig:
-    text = text_config_kwargs(num_layers)
+# LLaVA with another text model than Llama: arch name -> the text config class.
+LLAVA_TEXT = {"llava": tf.LlamaConfig, "llava_qwen2": tf.Qwen2Config, "llava_mistral": tf.MistralConfig}
+
+
+def build_config(arch: str, num_layers: int = NUM_LAYERS, **text_overrides) -> tf.PretrainedConfig:
+    """The config of a tiny ``arch`` model; ``text_overrides`` change its text model (e.g. sliding_window)."""
+    text = text_config_kwargs(num_layers, **text_overrides)
+    if arch in ("mistral", "llava_mistral"):
+        text.setdefault("sliding_window", 64)
     if arch == "llama":
         return tf.LlamaConfig(**text)
     if arch == "mistral":
-        return tf.MistralConfig(**text, sliding_window=64)
+        return tf.MistralConfig(**text)
     if arch == "qwen2":
         return tf.Qwen2Config(**text)
-    if arch == "llava":
+    if arch in LLAVA_TEXT:
         vision = tf.CLIPVisionConfig(
             hidden_size=16,
             intermediate_size=32,
@@ -70,7 +77,7 @@ def build_config(arch: str, num_layers: int = NUM_LAYERS) -> tf.PretrainedConfig
         )
         return tf.LlavaConfig(
             vision_config=vision,
-            text_config=tf.LlamaConfig(**text),
+            text_config=LLAVA_TEXT[arch](**text),
             image_token_id=IMAGE_TOKEN,
             vision_feature_layer=-1,
         )
@@ -117,16 +124,23 @@ _MODEL_CLASSES = {
     "mistral": tf.MistralForCausalLM,
     "qwen2": tf.Qwen2ForCausalLM,
     "llava": tf.LlavaForConditionalGeneration,
+    "llava_qwen2": tf.LlavaForConditionalGeneration,
+    "llava_mistral": tf.LlavaForConditionalGeneration,
     "qwen2_vl": tf.Qwen2VLForConditionalGeneration,
     "qwen2_5_vl": tf.Qwen2_5_VLForConditionalGeneration,
 }
 
 
 def build_model(
-    arch: str, attn: str = "sdpa", num_layers: int = NUM_LAYERS, seed: int = 0, dtype=torch.float32
+    arch: str,
+    attn: str = "sdpa",
+    num_layers: int = NUM_LAYERS,
+    seed: int = 0,
+    dtype=torch.float32,
+    **text_overrides,
 ) -> torch.nn.Module:
-    """A seeded tiny random model of ``arch`` in eval mode."""
-    config = build_config(arch, num_layers)
+    """A seeded tiny random model of ``arch`` in eval mode (``text_overrides``: see :func:`build_config`)."""
+    config = build_config(arch, num_layers, **text_overrides)
     config._attn_implementation = attn
     for sub in ("text_config", "vision_config"):
         if hasattr(config, sub):
@@ -144,7 +158,7 @@ def build_model(
 def _prompt_ids(arch: str, length: int, gen: torch.Generator, image_at: int) -> list[int]:
     """A prompt of ``length`` text tokens, with the architecture's image tokens after ``image_at`` of them."""
     text = torch.randint(3, IMAGE_TOKEN, (length,), generator=gen).tolist()
-    if arch == "llava":
+    if arch.startswith("llava"):
         image = [IMAGE_TOKEN] * LLAVA_IMAGE_TOKENS
     elif arch in ("qwen2_vl", "qwen2_5_vl"):
         image = [VISION_START] + [IMAGE_TOKEN] * QWEN_IMAGE_TOKENS + [VISION_END]
@@ -167,7 +181,7 @@ def make_inputs(
         attention_mask[b, width - len(row) :] = 1
     batch = {"input_ids": input_ids, "attention_mask": attention_mask}
     n = len(rows)
-    if arch == "llava":
+    if arch.startswith("llava"):
         batch["pixel_values"] = torch.randn(n, 3, 16, 16, generator=gen).to(dtype)
     elif arch in ("qwen2_vl", "qwen2_5_vl"):
         patches = QWEN_GRID[0] * QWEN_GRID[1] * QWEN_GRID[2]
@@ -181,7 +195,7 @@ def select_rows(arch: str, batch: dict[str, torch.Tensor], b: int) -> dict[str, 
     """Row ``b`` of a batch from :func:`make_inputs`, with its padding removed."""
     keep = batch["attention_mask"][b].bool()
     out = {k: batch[k][b : b + 1, keep] for k in ("input_ids", "attention_mask")}
-    if arch == "llava":
+    if arch.startswith("llava"):
         out["pixel_values"] = batch["pixel_values"][b : b + 1]
     elif arch in ("qwen2_vl", "qwen2_5_vl"):
         patches = QWEN_GRID[0] * QWEN_GRID[1] * QWEN_GRID[2]
@@ -272,6 +286,18 @@ def masked_reference(model, inputs, blocked_from: int, blocked: torch.Tensor) ->
     for layer in get_layers(ref)[blocked_from:]:
         layer.register_forward_pre_hook(pre, with_kwargs=True)
     return logits(ref, inputs)
+
+
+def zero_out(model, layer: int, module: str) -> torch.nn.Module:
+    """The reference semantics of a skip: a copy of the model whose o_proj / down_proj outputs zero."""
+    ref = copy.deepcopy(model)
+    layer_mod = get_layers(ref)[layer]
+    proj = layer_mod.self_attn.o_proj if module == "attention" else layer_mod.mlp.down_proj
+    with torch.no_grad():
+        proj.weight.zero_()
+        if proj.bias is not None:
+            proj.bias.zero_()
+    return ref
 
 
 def build_eas(arch: str, skip=(1, 2), seed: int = 0, dtype=torch.float32, **cfg) -> skipvlm.EASModel:

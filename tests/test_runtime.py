@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import transformers as tf
@@ -23,20 +21,8 @@ from conftest import (
     greedy_without_cache,
     logits,
     make_inputs,
+    zero_out,
 )
-
-
-def zero_out(model, layer: int, module: str) -> torch.nn.Module:
-    """The reference semantics of a skip: a copy of the model whose o_proj / down_proj outputs zero."""
-    ref = copy.deepcopy(model)
-    layer_mod = get_layers(ref)[layer]
-    proj = layer_mod.self_attn.o_proj if module == "attention" else layer_mod.mlp.down_proj
-    with torch.no_grad():
-        proj.weight.zero_()
-        if proj.bias is not None:
-            proj.bias.zero_()
-    return ref
-
 
 # --- numerics ---------------------------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ from conftest import (
     select_rows,
 )
 
-ARCHS = ("llava", "qwen2_vl")
+ARCHS = ("llava", "qwen2_vl", "qwen2_5_vl")
 
 
 def text_positions(inputs) -> torch.Tensor:
@@ -151,7 +151,11 @@ def fastv_reference(model, inputs, layer: int, ratio: float, source: str = "last
 
 # (1 - R) x visual tokens ends in .5: 0.53125 x 16 = 8.5 (LLaVA), 0.625 x 4 = 2.5 (Qwen2-VL). Half up keeps
 # 9 / 3; rounding down or to even (Python's round) would keep 8 / 2.
-HALF_RATIO = {"llava": (0.46875, 7), "qwen2_vl": (0.375, 1)}  # arch: (R, visual tokens dropped per row)
+HALF_RATIO = {
+    "llava": (0.46875, 7),
+    "qwen2_vl": (0.375, 1),
+    "qwen2_5_vl": (0.375, 1),
+}  # arch: (R, dropped per row)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
