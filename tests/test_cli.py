@@ -3,7 +3,9 @@
 import json
 
 import pytest
+import torch
 
+import skipvlm
 from skipvlm.cli import main
 
 
@@ -33,6 +35,11 @@ def test_version_and_usage_errors(capsys):
 def test_bad_arguments_give_a_clear_error_not_a_traceback(capsys):
     assert main(["showcase", "--new-tokens", "1"]) == 2
     assert "new_tokens must be >= 2" in capsys.readouterr().err
+
+
+def hand_normalise(text: str) -> str:
+    words = "".join(c for c in text.lower() if c.isalnum() or c.isspace()).split()
+    return " ".join(w for w in words if w not in ("a", "an", "the"))
 
 
 def test_search_train_merge_eval_end_to_end(toy_dir, tmp_path, capsys):
@@ -92,7 +99,13 @@ def test_search_train_merge_eval_end_to_end(toy_dir, tmp_path, capsys):
     evaluated = ["eval", "--model", str(merged), "--data", str(toy_dir / "test.jsonl"), "--out", str(run)]
     assert main(evaluated) == 0
     result = json.loads((run / "eval.json").read_text())
-    assert result["total"] == base_eval["total"] == 6 and 0 <= result["accuracy"] <= 1
+    assert result["total"] == base_eval["total"] == 6
+    for scored in (base_eval, result):  # exact match, by hand: lower case, no punctuation or articles
+        right = [
+            hand_normalise(p["prediction"]) == hand_normalise(p["answer"]) for p in scored["predictions"]
+        ]
+        assert [p["correct"] for p in scored["predictions"]] == right
+        assert scored["correct"] == sum(right) and scored["accuracy"] == sum(right) / 6
     assert "accuracy" in capsys.readouterr().out
 
     unmerged = ["eval", *common, "--data", str(toy_dir / "test.jsonl"), "--adapters", str(run / "adapters")]
@@ -156,21 +169,29 @@ def test_token_exit_commands_end_to_end(toy_dir, tmp_path, capsys):
     assert plain.out.strip() and exited.out.strip()
 
     data = ["--data", str(toy_dir / "heldout.jsonl"), "--batch-size", "4"]
-    args = [
-        "calibrate-vtw",
-        *model,
-        *data,
-        "--out",
-        str(tmp_path / "vtw"),
-        "--eta",
-        "1e9",
-        "--min-layer",
-        "2",
-    ]
-    assert main(args) == 0
-    assert "VTW exit layer 2 of 4" in capsys.readouterr().out
+    calibrate = ["calibrate-vtw", *model, *data, "--out", str(tmp_path / "vtw")]
+    assert main([*calibrate, "--eta", "0", "--min-layer", "1", "--limit", "6"]) == 0
+    assert "VTW exit layer 4 of 4" in capsys.readouterr().out  # no K reaches KL 0: nothing written
+    assert not (tmp_path / "vtw" / "plan.json").exists()
     saved = json.loads((tmp_path / "vtw" / "vtw_calibration.json").read_text())
-    assert saved["layer"] == 2 and saved["num_examples"] == 8
+    assert saved["num_examples"] == 6 and saved["min_layer"] == 1 and saved["eta"] == 0
+    # the curve is the library's on the same six examples
+    from skipvlm.data import ChatCollator, load_processor
+    from skipvlm.data.formats import load_chat_jsonl
+    from skipvlm.merge import load_pretrained
+
+    examples = load_chat_jsonl(toy_dir / "heldout.jsonl").examples[:6]
+    collator = ChatCollator(load_processor(toy_dir / "model"))
+    api = skipvlm.calibrate_vtw(
+        load_pretrained(toy_dir / "model"), examples, eta=0, collator=collator, batch_size=4, progress=False
+    )
+    assert saved["kl"] == pytest.approx({str(k): v for k, v in api.kl.items()}, rel=1e-6)
+    assert min(api.kl.values()) > 0
+    eta = saved["kl"]["2"]
+    assert main([*calibrate, "--eta", repr(eta), "--min-layer", "2", "--limit", "6"]) == 0
+    assert "VTW exit layer 2 of 4" in capsys.readouterr().out  # KL at 2 == eta: the first K under it
+    saved = json.loads((tmp_path / "vtw" / "vtw_calibration.json").read_text())
+    assert saved["layer"] == 2 and saved["eta"] == eta
     assert json.loads((tmp_path / "vtw" / "plan.json").read_text())["visual_exit_layer"] == 2
     assert (tmp_path / "vtw" / "vtw_kl.png").is_file()
     assert main([*ask, "--plan", str(tmp_path / "vtw" / "plan.json")]) == 0
@@ -189,3 +210,128 @@ def test_token_exit_commands_end_to_end(toy_dir, tmp_path, capsys):
     assert "visual_exit_layer is 9, but the model has 4 decoder layers" in capsys.readouterr().err
     assert main(["generate", *model, "--prompt", "x", "--image", str(tmp_path / "none.png")]) == 2
     assert "no image at" in capsys.readouterr().err
+
+
+def test_eval_reads_every_format_and_scores_exact_or_vqa(toy_dir, tmp_path):
+    import datasets
+
+    rows = [json.loads(line) for line in (toy_dir / "test.jsonl").read_text().splitlines()]
+    common = ["eval", "--model", str(toy_dir / "model"), "--batch-size", "4", "--max-new-tokens", "4"]
+
+    def run(data, *extra) -> dict:
+        out = tmp_path / f"eval{len(list(tmp_path.glob('eval*')))}"
+        assert main([*common, "--data", str(data), *extra, "--out", str(out)]) == 0
+        return json.loads((out / "eval.json").read_text())
+
+    base = run(toy_dir / "test.jsonl")
+    predictions = [p["prediction"] for p in base["predictions"]]
+    llava = [
+        {
+            "id": r["id"],
+            "image": r["image"],
+            "conversations": [
+                {"from": "human", "value": "<image>\n" + r["prompt"]},
+                {"from": "gpt", "value": r["answer"]},
+            ],
+        }
+        for r in rows
+    ]
+    (tmp_path / "llava.json").write_text(json.dumps(llava))
+    hf = {
+        "question": [r["prompt"] for r in rows],
+        "answer": [r["answer"] for r in rows],
+        "image": [str(toy_dir / r["image"]) for r in rows],
+    }
+    datasets.Dataset.from_dict(hf).to_parquet(str(tmp_path / "data.parquet"))
+    for data, fmt in ((tmp_path / "llava.json", "llava"), (tmp_path / "data.parquet", "hf")):
+        same = run(data, "--format", fmt, "--image-folder", str(toy_dir))
+        assert same["total"] == 6 and [p["prediction"] for p in same["predictions"]] == predictions, fmt
+
+    # Answers built from the predictions: exact match and VQA matching differ on hyphens.
+    hyphen = [i for i, p in enumerate(predictions[:5]) if len(p.split()) >= 2][:2]
+    assert len(hyphen) == 2, predictions
+    answers = []
+    for i, p in enumerate(predictions):
+        if i in hyphen:
+            answers.append("-".join(p.split()))  # VQA splits on "-", exact match glues the words
+        elif i == 5:
+            answers.append("zebra")  # wrong for both
+        else:
+            answers.append(p.upper() + "!")  # right for both: case and "!" are ignored
+    exact, vqa = 3, 5
+    with (tmp_path / "built.jsonl").open("w") as f:
+        for r, answer in zip(rows, answers, strict=True):
+            f.write(json.dumps({**r, "answer": answer, "image": str(toy_dir / r["image"])}) + "\n")
+    scored = {metric: run(tmp_path / "built.jsonl", "--metric", metric) for metric in ("exact", "vqa")}
+    assert (scored["exact"]["correct"], scored["vqa"]["correct"]) == (exact, vqa) and exact < vqa
+    assert scored["vqa"]["accuracy"] == vqa / 6 and scored["exact"]["accuracy"] == exact / 6
+
+
+def test_train_options_reach_the_loop_and_eval_merges_as_asked(toy_dir, tmp_path, monkeypatch):
+    forward, checkpoint = skipvlm.EASModel.forward, torch.utils.checkpoint.checkpoint
+    autocast, recomputed = [], []
+
+    def spy_forward(self, *args, **kwargs):
+        if torch.is_grad_enabled():
+            autocast.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return forward(self, *args, **kwargs)
+
+    def spy_checkpoint(*args, **kwargs):
+        recomputed.append(1)
+        return checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(skipvlm.EASModel, "forward", spy_forward)
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", spy_checkpoint)
+    run = tmp_path / "run"
+    common = ["--model", str(toy_dir / "model"), "--batch-size", "4"]
+    train = [
+        "train",
+        *common,
+        "--train",
+        str(toy_dir / "train.jsonl"),
+        "--skip-attention",
+        "1",
+        "--epochs",
+        "1",
+    ]
+    args = [*train, "--precision", "bf16", "--gradient-checkpointing", "--no-progress", "--out", str(run)]
+    assert main(args) == 0
+    assert autocast == [(True, torch.bfloat16)] * 4  # 4 training batches, each under bf16 autocast
+    assert len(recomputed) == 4 * 4  # and each of the 4 layers recomputed in the backward pass
+    config = json.loads((run / "train_log.json").read_text())["config"]
+    assert config["precision"] == "bf16" and config["gradient_checkpointing"] is True
+
+    merges = []
+    merge = skipvlm.EASModel.merge_and_unload
+
+    def spy_merge(self, mode="static"):
+        merges.append(mode)
+        return merge(self, mode)
+
+    monkeypatch.setattr(skipvlm.EASModel, "merge_and_unload", spy_merge)
+    evaluated = {}
+    for mode in ("none", "static", "per_example"):
+        out = tmp_path / mode
+        # a per-example merge folds one prompt at a time: batch size 1 (the default 8 is refused)
+        data = ["--data", str(toy_dir / "test.jsonl"), "--max-new-tokens", "4", "--batch-size", "1"]
+        assert (
+            main(
+                [
+                    "eval",
+                    *common,
+                    *data,
+                    "--adapters",
+                    str(run / "adapters"),
+                    "--merge",
+                    mode,
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
+        evaluated[mode] = [
+            p["prediction"] for p in json.loads((out / "eval.json").read_text())["predictions"]
+        ]
+    assert merges == ["static", "per_example"]
+    assert evaluated["per_example"] == evaluated["none"]  # the per-example merge is exact
