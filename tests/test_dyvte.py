@@ -189,3 +189,40 @@ def test_routers_for_another_model_or_a_missing_folder_are_refused(tmp_path):
     (tmp_path / "routers" / "dyvte_config.json").write_text("{broken")
     with pytest.raises(ValueError, match="not a readable DyVTE router folder"):
         skipvlm.DyVTERouters.load(tmp_path / "routers")
+
+
+# Per candidate layer: (tokens of 100 that agree with the full model's answer, answer-loss with the visual
+# tokens removed) of each of 4 examples; the full model's loss is 1.0. Labels by hand: exit iff at least
+# 99 of 100 agree and the loss is at most 1.03.
+LABEL_CASES = {
+    1: ([100, 99, 98, 100], [1.0, 1.0, 1.0, 1.031]),  # exit, exit, keep (98 %), keep (loss)
+    2: ([100, 100, 100, 100], [1.03, 1.5, 1.6, 0.5]),  # exit (1.03 is allowed), keep, keep, exit
+    3: ([97, 99, 100, 0], [0.9, 1.03, 2.0, 0.1]),  # keep, exit, keep, keep
+}
+EXITS_BY_HAND = {"1": 2, "2": 2, "3": 1}
+
+
+def test_labels_follow_the_agreement_and_loss_ratio_rule(monkeypatch):
+    """The generated answers and losses are replaced by a table, so the labels are known exactly."""
+    import skipvlm.tokens.dyvte as dyvte
+
+    def fake_greedy(model, batch, new_tokens, pad):
+        layer = skipvlm.current_plan(model).visual_exit_layer
+        tokens = torch.zeros(batch["input_ids"].shape[0], new_tokens, dtype=torch.long)
+        if layer is not None:
+            for b, agree in enumerate(LABEL_CASES[layer][0]):
+                tokens[b, agree:] = 7
+        return tokens
+
+    def fake_losses(model, batch):
+        layer = skipvlm.current_plan(model).visual_exit_layer
+        return torch.tensor(LABEL_CASES[layer][1]) if layer is not None else torch.ones(4)
+
+    monkeypatch.setattr(dyvte, "_greedy", fake_greedy)
+    monkeypatch.setattr(dyvte, "_answer_losses", fake_losses)
+    model, processor = toy_parts(num_layers=4)
+    config = skipvlm.DyVTEConfig(steps=1, batch_size=4, layers_per_batch=3, max_new_tokens=100)
+    routers = skipvlm.train_dyvte(model, colour_examples(4), ChatCollator(processor), config, progress=False)
+    per_layer = routers.report["exit_labels_per_layer"]
+    assert {k: v["exit"] for k, v in per_layer.items()} == EXITS_BY_HAND
+    assert all(v["total"] == 4 for v in per_layer.values())
