@@ -1,7 +1,5 @@
 """Measurement helpers: interleaving, and ratios that survive noisy timers."""
 
-import torch
-
 import skipvlm
 from skipvlm.bench import PlanTiming, interleaved, measure_models, measure_plans, timing_rows, timing_table
 
@@ -33,7 +31,7 @@ def test_measure_plans_restores_the_plan_and_reports_kv_bytes():
     assert skipvlm.current_plan(model) == skipvlm.Plan(skip_mlp=[0])
     assert res["half"].kv_cache_bytes * 2 == res["none"].kv_cache_bytes > 0
     assert all(len(r.raw["prefill"]) == 1 and r.prefill_s > 0 for r in res.values())
-    assert torch.isfinite(torch.tensor(res["none"].decode_s_per_token))
+    assert all(r.decode_s_per_token > 0 for r in res.values())  # decoding 3 tokens takes time
 
 
 def test_measure_models_times_each_model_with_its_own_plan():

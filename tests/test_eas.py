@@ -326,8 +326,16 @@ def test_supernets_of_every_candidate_kind_move_their_skips(kind, replace, bottl
     if kind == "layer":
         assert model.eas_config.skip_layers == [0, 3] and model.eas_config.skip_attention == []
     randomize_adapters(model)
+    ran = {"attention": set(), "mlp": set()}
+    for i, layer in enumerate(get_layers(model.base_model)):
+        layer.self_attn.q_proj.register_forward_hook(lambda *a, i=i: ran["attention"].add(i))
+        layer.mlp.down_proj.register_forward_hook(lambda *a, i=i: ran["mlp"].add(i))
     out = logits(model, make_inputs("llama", lengths=(5,)))
     assert torch.isfinite(out).all()
+    # the moved skips are the ones that no longer run
+    assert ran["attention"] == set(range(4)) - set(plan.skip_attention)
+    assert ran["mlp"] == set(range(4)) - set(plan.skip_mlp)
+    assert plan.skip_attention or plan.skip_mlp
 
 
 def test_config_rejects_a_layer_listed_twice_across_kinds():

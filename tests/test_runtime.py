@@ -208,7 +208,11 @@ def test_half_precision_runs_and_tracks_fp32(arch, dtype):
     half = logits(model, inputs)
     assert half.dtype == dtype and torch.isfinite(half).all()
     ref = logits(ref_model, make_inputs(arch, lengths=(6, 3)))
-    assert (half.float() - ref).abs().max() < 0.05 * ref.abs().max() + 0.05
+    # the skips move the logits by ~0.3; half precision stays within 0.02 of fp32 (observed <= 0.005)
+    tolerance = 0.02
+    stock = logits(build_model(arch), make_inputs(arch, lengths=(6, 3)))
+    assert (stock - ref).abs().max() > 5 * tolerance
+    assert (half.float() - ref).abs().max() < tolerance
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 3

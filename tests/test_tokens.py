@@ -298,7 +298,12 @@ def test_half_precision_token_exit_tracks_fp32(dtype):
     model = skipvlm.apply_plan(build_model("llava", dtype=dtype), plan)
     half = logits(model, make_inputs("llava", lengths=(6, 3), dtype=dtype))
     assert half.dtype == dtype and torch.isfinite(half).all()
-    assert (half[:, -1].float() - ref[:, -1]).abs().max() < 0.05 * ref.abs().max() + 0.05
+    # the exit moves the last logits by ~0.1; half precision stays within 0.015 of fp32 (observed 0.002)
+    tolerance = 0.015
+    skips_only = skipvlm.apply_plan(build_model("llava"), skipvlm.Plan(skip_attention=[3]))
+    without_exit = logits(skips_only, make_inputs("llava", lengths=(6, 3)))
+    assert (without_exit[:, -1] - ref[:, -1]).abs().max() > 5 * tolerance
+    assert (half[:, -1].float() - ref[:, -1]).abs().max() < tolerance
 
 
 def test_hidden_states_keep_their_shape_after_the_exit():
