@@ -79,22 +79,22 @@ def hooked_write_text(self, *args, **kwargs):
     return out
 
 
-rename = pathlib.Path.rename
+def hooked(move):
+    def moved(src, dst, *args, **kwargs):
+        out = move(src, dst, *args, **kwargs)
+        if armed() and "train_checkpoint" in os.fspath(dst):
+            count["rename"] += 1
+            if point == f"after_rename_{count['rename']}":
+                die()
+        return out
 
-
-def hooked_rename(self, target_path):
-    out = rename(self, target_path)
-    if armed():
-        count["rename"] += 1
-        if point == f"after_rename_{count['rename']}":
-            die()
-    return out
+    return moved
 
 
 T._Loop.save = counted_save
 T.save_file = hooked_save_file
 pathlib.Path.write_text = hooked_write_text
-pathlib.Path.rename = hooked_rename
+os.rename, os.replace = hooked(os.rename), hooked(os.replace)  # Path.rename calls os.rename
 sys.exit(main(sys.argv[3:]))
 """
 
