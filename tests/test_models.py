@@ -134,23 +134,31 @@ def multimodal_batch(arch: str, rows: list[list[str]], seed: int = 0) -> dict[st
     return batch
 
 
-def one_row(batch: dict[str, torch.Tensor], parts_before: list[list[str]], b: int, arch: str):
-    """Row ``b`` of a :func:`multimodal_batch` alone (its padding removed, its own images)."""
+def one_row(arch: str, batch: dict[str, torch.Tensor], rows: list[list[str]], b: int):
+    """Row ``b`` of a :func:`multimodal_batch` of ``rows`` alone: its padding removed, its own images and
+    videos."""
     keep = batch["attention_mask"][b].bool()
-    out = {
-        k: batch[k][b : b + 1, keep]
-        for k in ("input_ids", "attention_mask", "mm_token_type_ids")
-        if k in batch
-    }
-    images_before = sum(p.count("image") for p in parts_before[:b])
-    mine = parts_before[b].count("image")
-    if arch == "llava":
-        out["pixel_values"] = batch["pixel_values"][images_before : images_before + mine]
-        return out
-    patches = QWEN_GRID[0] * QWEN_GRID[1] * QWEN_GRID[2]
-    out["pixel_values"] = batch["pixel_values"][images_before * patches : (images_before + mine) * patches]
-    out["image_grid_thw"] = batch["image_grid_thw"][images_before : images_before + mine]
+    names = ("input_ids", "attention_mask", "mm_token_type_ids")
+    out = {k: batch[k][b : b + 1, keep] for k in names if k in batch}
+    patches = 1 if arch == "llava" else QWEN_GRID[0] * QWEN_GRID[1] * QWEN_GRID[2]  # rows of pixels per item
+    for part, pixels, grid in (
+        ("image", "pixel_values", "image_grid_thw"),
+        ("video", "pixel_values_videos", "video_grid_thw"),
+    ):
+        before, mine = sum(r.count(part) for r in rows[:b]), rows[b].count(part)
+        if mine:
+            out[pixels] = batch[pixels][before * patches : (before + mine) * patches]
+            if grid in batch:
+                out[grid] = batch[grid][before : before + mine]
     return out
+
+
+def assert_rows_generate_alone_as_in_the_batch(model, arch, batch, rows, steps: int = 4) -> None:
+    tokens, step_logits = greedy(model, batch, steps=steps)
+    for b in range(len(rows)):
+        alone_tokens, alone_logits = greedy(model, one_row(arch, batch, rows, b), steps=steps)
+        assert torch.equal(tokens[b], alone_tokens[0])
+        torch.testing.assert_close(step_logits[b], alone_logits[0], rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("arch", ["llava", "qwen2_vl"])
@@ -169,11 +177,7 @@ def test_several_images_per_prompt_all_leave(arch):
         cache = output_cache(model(**batch, use_cache=True))
     # both images of row 0 left: from layer 2 on, the cache holds the widest row's text tokens
     assert [layer.keys.shape[-2] for layer in cache.layers[2:]] == [int(text.sum(1).max())] * 2
-    tokens, step_logits = greedy(model, batch, steps=4)
-    for b in range(2):
-        alone_tokens, alone_logits = greedy(model, one_row(batch, rows, b, arch), steps=4)
-        assert torch.equal(tokens[b], alone_tokens[0])
-        torch.testing.assert_close(step_logits[b], alone_logits[0], rtol=0, atol=1e-4)
+    assert_rows_generate_alone_as_in_the_batch(model, arch, batch, rows)
 
     # FastV ranks the visual tokens of all the images of a prompt together: half of 32 stay in row 0.
     skipvlm.apply_plan(model, skipvlm.Plan(fastv_layer=2, fastv_ratio=0.5))
@@ -199,17 +203,4 @@ def test_qwen2_vl_video_tokens_leave_like_image_tokens():
     with torch.no_grad():
         cache = output_cache(model(**batch, use_cache=True))
     assert [layer.keys.shape[-2] for layer in cache.layers[1:]] == [int(text.sum(1).max())] * 3
-    assert_batch_equals_rows_video(model, batch)
-
-
-def assert_batch_equals_rows_video(model, batch):
-    """Row 1 (a video only) generated alone equals its row of the batch."""
-    tokens, step_logits = greedy(model, batch, steps=4)
-    keep = batch["attention_mask"][1].bool()
-    alone = {k: batch[k][1:2, keep] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    patches = QWEN_GRID[0] * QWEN_GRID[1] * QWEN_GRID[2]
-    alone["pixel_values_videos"] = batch["pixel_values_videos"][patches:]
-    alone["video_grid_thw"] = batch["video_grid_thw"][1:]
-    alone_tokens, alone_logits = greedy(model, alone, steps=4)
-    assert torch.equal(tokens[1], alone_tokens[0])
-    torch.testing.assert_close(step_logits[1], alone_logits[0], rtol=0, atol=1e-4)
+    assert_rows_generate_alone_as_in_the_batch(model, "qwen2_vl", batch, rows)
