@@ -31,9 +31,12 @@ def test_quick_demo_reports_every_method(demo_run, capsys):
         "eas_vtw",
     ]  # fmt: skip
     assert set(METHODS) == {r["method"] for r in rows}
+    tests = result["meta"]["config"]["test_examples"]
     for r in rows:
         assert r.keys() >= ROW_KEYS, r["name"]
-        assert 0 <= r["accuracy"] <= 1 and r["prefill_ms"] > 0 and r["decode_ms_per_token"] >= 0
+        assert r["prefill_ms"] > 0 and r["decode_ms_per_token"] >= 0
+        right = r["accuracy"] * tests  # a count of right answers out of the test questions
+        assert abs(right - round(right)) < 1e-9, r["name"]
     assert (
         result["meta"]["quick"] is True and result["meta"]["device"] == "cpu" and result["meta"]["seed"] == 0
     )
@@ -87,3 +90,35 @@ def test_the_shipped_toy_model_answers_its_pretraining_families():
     assert info["seed"] == 0 and info["steps"] > 0
     weights = toy.SHIPPED / "model.safetensors"
     assert weights.stat().st_size <= 20 * 2**20
+
+
+def test_quick_demo_zero_shot_accuracy_matches_a_hand_evaluation(demo_run):
+    """The zero-shot row, recounted outside the library's evaluate(): greedy answers of the shipped toy on
+    the demo's test questions, compared without case, punctuation or articles."""
+    import torch
+
+    from skipvlm.data import ChatCollator
+    from skipvlm.data.synthetic import SyntheticTask
+
+    result = demo_run[1]
+    meta = result["meta"]["config"]
+    model, processor = toy.load_toy()
+    task = SyntheticTask(families=toy.DOWNSTREAM_FAMILIES, image_size=model.config.vision_config.image_size)
+    test = task.examples(meta["test_examples"], "test", meta["seed"])
+    collator = ChatCollator(processor)
+
+    def norm(text: str) -> list[str]:
+        words = "".join(c for c in text.lower() if c.isalnum() or c.isspace()).split()
+        return [w for w in words if w not in ("a", "an", "the")]
+
+    right, bs = 0, meta["batch_size"]
+    for start in range(0, len(test), bs):
+        chunk = test[start : start + bs]
+        batch = collator(chunk, train=False)
+        with torch.no_grad():
+            ids = model.generate(**batch, max_new_tokens=3, do_sample=False)
+        for ex, row in zip(chunk, ids[:, batch["input_ids"].shape[1] :], strict=True):
+            answer = processor.tokenizer.decode(row, skip_special_tokens=True)
+            right += norm(answer) == norm(ex.answer)
+    zero = next(r for r in result["rows"] if r["method"] == "zero_shot")
+    assert zero["accuracy"] == right / len(test)
