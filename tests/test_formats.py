@@ -222,12 +222,12 @@ def test_eval_cli_scores_scienceqa_by_column(toy_dir, tmp_path, images, capsys):
         "--image-folder",
         str(images),
         "--out",
-        str(tmp_path),
+        str(tmp_path / "out"),
     ]
     assert main([*args, "--max-new-tokens", "3"]) == 0
     captured = capsys.readouterr()
     assert "NAT" in captured.out and "G7-12" in captured.out and "skipped 3 bad rows" in captured.err
-    data = json.loads((tmp_path / "eval.json").read_text())
+    data = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert len(data["predictions"]) == 3 and set(data["accuracy"]) >= {"NAT", "IMG", "Avg"}
     assert main([*args, "--on-bad-row", "fail"]) == 2
     assert "row 4: answer index 5" in capsys.readouterr().err

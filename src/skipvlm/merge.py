@@ -33,7 +33,7 @@ from torch import nn
 
 from skipvlm.arch import ArchFacts, arch_facts, decoder_slot, get_layers, model_class
 from skipvlm.eas import EASModel
-from skipvlm.io import atomic_dir
+from skipvlm.io import atomic_files
 from skipvlm.pia import (
     AffineMap,
     FrozenPIA,
@@ -285,20 +285,27 @@ def _has_qkv_bias(facts: ArchFacts) -> bool:
 
 
 @torch.no_grad()
-def export_merged(eas_model: EASModel, path: str | os.PathLike) -> Path:
+def export_merged(eas_model: EASModel, path: str | os.PathLike, processor: Any = None) -> Path:
     """Write the ``static`` merge of ``eas_model`` as a checkpoint stock transformers loads.
 
     The model itself is not changed. Skipped attentions are written with ``o_proj = 0`` (so stock
     transformers computes the same function), biases are switched on in the config where the merge
     needs them, and the skip plan is stored in the config (``skipvlm_plan``) so that
     :func:`load_pretrained` runs the checkpoint fast again. Written to a temporary folder and moved
-    into place, so an interrupted export leaves no half-written checkpoint.
+    into place file by file, so an interrupted export leaves no half-written file, and other files in
+    ``path`` are kept.
+
+    The processor (or tokenizer) is saved beside the weights, so every ``skipvlm`` command accepts the
+    folder: ``processor`` if given, else the one saved with the base checkpoint (read from the folder
+    the base model was loaded from, ``config._name_or_path``).
 
     Raises:
         ValueError: the architecture's stock config cannot express the merged biases (e.g. Qwen2 MLPs),
-            or calibration means are missing.
+            calibration means are missing, or no processor is given and none is saved with the base.
     """
     facts = eas_model.facts
+    if processor is None:
+        processor = _base_processor(eas_model.base_model)
     base = eas_model.base_model
     plan = eas_model.decoder.plan
     if plan.skip_mlp:
@@ -328,7 +335,20 @@ def export_merged(eas_model: EASModel, path: str | os.PathLike) -> Path:
     for key, value in need.items():
         setattr(text, key, value)
     setattr(config, PLAN_KEY, Plan(skip_attention=plan.skip_attention).to_dict())
-    return _save_checkpoint(base, config, state, Path(path))
+    return _save_checkpoint(base, config, state, Path(path), processor)
+
+
+def _base_processor(model: nn.Module) -> Any:
+    """The processor saved in the folder ``model`` was loaded from."""
+    from skipvlm.data.chat import load_processor
+
+    source = getattr(model.config, "_name_or_path", "") or ""
+    if not source or not Path(source).is_dir():
+        raise ValueError(
+            "export_merged writes the processor beside the weights, but the base model was not loaded "
+            "from a local folder; pass processor=AutoProcessor.from_pretrained(<base folder>)"
+        )
+    return load_processor(source)
 
 
 def _fill_zero_biases(state: dict[str, torch.Tensor], prefix: str, layers: nn.ModuleList, need: dict) -> None:
@@ -346,15 +366,39 @@ def _fill_zero_biases(state: dict[str, torch.Tensor], prefix: str, layers: nn.Mo
                 state[key] = weight.new_zeros(weight.shape[0])
 
 
-def _save_checkpoint(base: nn.Module, config: Any, state: dict[str, torch.Tensor], path: Path) -> Path:
-    with atomic_dir(path) as staging:
+def _save_checkpoint(
+    base: nn.Module, config: Any, state: dict[str, torch.Tensor], path: Path, processor: Any
+) -> Path:
+    with atomic_files(path) as staging:
         base.save_pretrained(staging, state_dict=state)
         config.save_pretrained(staging)  # the stock config plus the switched-on biases and the plan
+        processor.save_pretrained(staging)
     logger.info("exported the merged model to %s", path)
     return path
 
 
-def load_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
+def _check_loading(path: Path, info: dict[str, Any], allow_missing: bool) -> None:
+    """Refuse a checkpoint whose tensors do not match the model it loads into."""
+    problems = []
+    missing = sorted(info.get("missing_keys") or [])
+    if missing and not allow_missing:
+        problems.append(
+            f"{len(missing)} missing (e.g. {missing[0]}; pass allow_missing_weights=True, or "
+            "--allow-missing-weights, to initialise them at random)"
+        )
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    if unexpected:
+        problems.append(f"{len(unexpected)} the model does not have (e.g. {unexpected[0]})")
+    mismatched = sorted(info.get("mismatched_keys") or [])
+    if mismatched:
+        problems.append(f"{len(mismatched)} of the wrong shape (e.g. {mismatched[0]})")
+    if problems:
+        raise ValueError(f"{path}: the checkpoint's tensors do not match its config: " + "; ".join(problems))
+    if missing:
+        logger.warning("%s: %d tensors missing, initialised at random", path, len(missing))
+
+
+def load_pretrained(path: str | os.PathLike, allow_missing_weights: bool = False, **kwargs: Any) -> nn.Module:
     """Load a checkpoint written by :func:`export_merged` (or any supported stock one) and run it fast.
 
     The model is loaded by its stock transformers class (safetensors only, no remote code); the skip
@@ -362,10 +406,14 @@ def load_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
 
     Args:
         path: a local checkpoint folder.
+        allow_missing_weights: accept a checkpoint that lacks some of the model's tensors (they are
+            initialised at random, as transformers does); by default that is an error, as are tensors
+            the model does not have, tensors of the wrong shape, and NaN / infinite weights.
         **kwargs: passed to ``from_pretrained`` (e.g. ``dtype``, ``device_map``).
 
     Raises:
         FileNotFoundError: ``path`` is not a folder with a ``config.json``.
+        ValueError: pickled weights only, or missing / unexpected / mismatched / non-finite tensors.
         UnsupportedModelError: the architecture is not supported.
     """
     path = Path(path)
@@ -378,10 +426,26 @@ def load_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
             f"{path} has {what}; skipvlm loads safetensors only and never unpickles a checkpoint (it can run "
             "code). Convert it where you trust it: model.save_pretrained(dir) writes safetensors"
         )
-    kwargs.update(trust_remote_code=False, use_safetensors=True)
+    kwargs.pop("trust_remote_code", None)
     config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
     facts = arch_facts(config)
-    model = model_class(config).from_pretrained(path, **kwargs)
+    try:
+        model, info = model_class(config).from_pretrained(
+            path, trust_remote_code=False, use_safetensors=True, output_loading_info=True, **kwargs
+        )
+    except OSError:
+        raise
+    except Exception as err:  # safetensors' own error for a truncated or damaged file
+        raise ValueError(f"{path}: the weights cannot be read ({type(err).__name__}: {err})") from None
+    _check_loading(path, info, allow_missing_weights)
+    nonfinite = [
+        n for n, p in model.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()
+    ]
+    if nonfinite:
+        raise ValueError(
+            f"{path}: {len(nonfinite)} weight tensor(s) hold NaN or infinite values (e.g. {nonfinite[0]}); "
+            "the checkpoint is damaged"
+        )
     stored = getattr(model.config, PLAN_KEY, None)
     if stored:
         plan = Plan.from_dict(stored)
