@@ -20,7 +20,7 @@ import transformers as tf
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from skipvlm.io import atomic_dir
+from skipvlm.io import atomic_files
 
 __all__ = [
     "DOWNSTREAM_FAMILIES",
@@ -34,6 +34,7 @@ __all__ = [
     "load_toy",
     "pretrain",
     "save_toy",
+    "write_task_data",
 ]
 
 logger = logging.getLogger(__name__)
@@ -148,7 +149,7 @@ def build_toy_model(
 
 def save_toy(model: tf.PreTrainedModel, processor: tf.LlavaProcessor, path: str | os.PathLike) -> Path:
     """Save model and processor together as one Hugging Face checkpoint folder (atomically)."""
-    with atomic_dir(path) as staging:
+    with atomic_files(path) as staging:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
     return Path(path)
@@ -169,6 +170,43 @@ def load_toy(path: str | os.PathLike = SHIPPED) -> tuple[tf.LlavaForConditionalG
             f"no toy checkpoint at {path}; build one with `skipvlm toy pretrain --out {path}`"
         )
     return load_pretrained(path).eval(), load_processor(path)
+
+
+def write_task_data(
+    out: str | os.PathLike,
+    sizes: dict[str, int] | None = None,
+    families: tuple[str, ...] = DOWNSTREAM_FAMILIES,
+    seed: int = 0,
+) -> dict[str, Path]:
+    """Write the toy's synthetic task as skipvlm JSON lines: ``train.jsonl``, ``val.jsonl``,
+    ``test.jsonl`` and their images under ``images/``, so the command line can be tried on the toy.
+
+    Args:
+        out: the folder to write.
+        sizes: examples per split (default: 256 train, 64 val, 100 test).
+        families: question families (default: the demo's downstream families).
+        seed: the task seed.
+
+    Returns:
+        Split name -> the JSON-lines file.
+    """
+    from skipvlm.data.synthetic import SyntheticTask
+    from skipvlm.io import atomic_path, atomic_write_text
+
+    sizes = sizes or {"train": 256, "val": 64, "test": 100}
+    task = SyntheticTask(families=tuple(families), image_size=ToyConfig().image_size)
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    files = {}
+    for split, n in sizes.items():
+        rows = []
+        for ex in task.examples(n, split, seed):
+            name = f"images/{ex.id}.png"
+            with atomic_path(out / name) as tmp:
+                ex.image.save(tmp, format="PNG")
+            rows.append(json.dumps({"id": ex.id, "prompt": ex.prompt, "answer": ex.answer, "image": name}))
+        files[split] = atomic_write_text(out / f"{split}.jsonl", "\n".join(rows) + "\n")
+    return files
 
 
 def pretrain(
@@ -231,7 +269,7 @@ def pretrain(
         "torch": torch.__version__,
         "transformers": tf.__version__,
     }
-    with atomic_dir(out) as staging:
+    with atomic_files(out) as staging:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
         (staging / "pretrain.json").write_text(json.dumps(info, indent=2) + "\n")
