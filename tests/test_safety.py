@@ -465,3 +465,27 @@ def test_cli_batches_are_collated_lazily(toy_dir):
     assert batches[2] == [8, 9] and calls == [[8, 9]]
     with pytest.raises(IndexError):
         batches[3]
+
+
+def test_scienceqa_bad_rows_and_bad_splits(tmp_path):
+    from skipvlm.data import formats
+
+    problems = {
+        "1": {"question": "q", "choices": ["a", "b"], "answer": 0, "grade": "gradeX"},
+        "2": {"question": "q", "choices": [str(i) for i in range(11)], "answer": 0, "grade": "grade3"},
+        "3": {
+            "question": "q",
+            "choices": ["a", "b"],
+            "answer": 1,
+            "grade": "grade7",
+            "subject": "language science",
+        },
+    }
+    (tmp_path / "problems.json").write_text(json.dumps(problems))
+    (tmp_path / "splits.json").write_text(json.dumps({"test": ["1", "2", "3"], "val": "1"}))
+    report = formats.load_scienceqa(tmp_path / "problems.json", tmp_path / "splits.json", "test")
+    assert [e.id for e in report.examples] == ["3"] and report.examples[0].meta["grade"] == 7
+    assert "is not of the form 'grade7'" in report.skipped[0].reason
+    assert "11 choices; at most 10" in report.skipped[1].reason
+    with pytest.raises(ValueError, match="must be a list of problem ids"):
+        formats.load_scienceqa(tmp_path / "problems.json", tmp_path / "splits.json", "val")

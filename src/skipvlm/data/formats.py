@@ -338,8 +338,14 @@ def load_scienceqa(
         pids = json.loads(splits_path.read_text(encoding="utf-8"))[split]
     except json.JSONDecodeError as err:
         raise ValueError(f"ScienceQA file is not valid JSON ({err})") from err
-    except KeyError as err:
-        raise ValueError(f"{splits_path} has no split {split!r}") from err
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{splits_path} has no split {split!r} (it must map split names to lists)") from err
+    if not isinstance(table, dict):
+        raise ValueError(f"{problems_path} must hold a JSON object of problems keyed by id")
+    if not isinstance(pids, list):
+        raise ValueError(
+            f"{splits_path}: split {split!r} must be a list of problem ids, got {type(pids).__name__}"
+        )
     folder = Path(image_folder) if image_folder is not None else problems_path.parent / "images"
     check = _Checker(str(problems_path), on_bad_row, max_chars)
     for pid in pids:
@@ -351,6 +357,13 @@ def load_scienceqa(
         if missing or not isinstance(problem.get("choices"), list) or not problem["choices"]:
             check.bad(pid, f"field(s) {missing or ['choices']} missing or empty")
             continue
+        if len(problem["choices"]) > len(_LETTERS):
+            check.bad(pid, f"{len(problem['choices'])} choices; at most {len(_LETTERS)} (A-J) are supported")
+            continue
+        grade_text = str(problem.get("grade", "grade0")).removeprefix("grade")
+        if not grade_text.isdigit() and grade_text != "":
+            check.bad(pid, f"grade {problem.get('grade')!r} is not of the form 'grade7'")
+            continue
         if not isinstance(problem["answer"], int) or not 0 <= problem["answer"] < len(problem["choices"]):
             check.bad(
                 pid, f"answer index {problem['answer']!r} is not one of the {len(problem['choices'])} choices"
@@ -358,11 +371,11 @@ def load_scienceqa(
             continue
         image = None
         if problem.get("image"):
-            image = check.image(pid, folder / split / str(pid) / problem["image"])
+            image = check.image(pid, Path(split) / str(pid) / str(problem["image"]), folder)
             if image is None:
                 continue
         prompt, target = scienceqa_prompt(problem, fmt)
-        grade = int(str(problem.get("grade", "grade0")).removeprefix("grade") or 0)
+        grade = int(grade_text or 0)
         meta = {
             "subject": problem.get("subject", ""),
             "grade": grade,
