@@ -162,3 +162,36 @@ def test_training_and_evaluation_of_a_tiny_qwen2_vl_use_its_template():
     collator.prompt_text = lambda ex: seen.append(original(ex)) or original(ex)
     result = evaluate(model, collator, [example()], batch_size=1, max_new_tokens=2)
     assert result.total == 1 and seen and seen[0].startswith("<|im_start|>user ")
+
+
+def test_the_cli_accepts_a_python_export_and_names_missing_tokenizers(toy_dir, tmp_path, capsys):
+    import shutil
+
+    import skipvlm
+    from skipvlm.cli import main
+    from skipvlm.data import load_processor
+    from skipvlm.data.synthetic import SyntheticTask
+
+    base = skipvlm.load_pretrained(toy_dir / "model")  # loaded from a folder: its processor is found there
+    eas = skipvlm.get_eas_model(base, skipvlm.EASConfig(skip_attention=[1]))
+    collator = ChatCollator(load_processor(toy_dir / "model"))
+    eas.calibrate([collator(SyntheticTask().examples(2))], progress=False)
+    eas.export_merged(tmp_path / "merged")
+    args = ["eval", "--model", str(tmp_path / "merged"), "--data", str(toy_dir / "test.jsonl")]
+    assert main([*args, "--max-new-tokens", "2"]) == 0
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tmp_path / "merged", bare)
+    for f in bare.iterdir():
+        if "token" in f.name or "processor" in f.name or f.suffix == ".jinja" or "preprocessor" in f.name:
+            f.unlink()
+    assert main([*args[:2], str(bare), *args[3:]]) == 2
+    assert "holds no tokenizer or processor files" in capsys.readouterr().err
+
+
+def test_per_example_eval_asks_for_batch_size_one(toy_dir, tmp_path, capsys):
+    from skipvlm.cli import main
+
+    args = ["eval", "--model", str(toy_dir / "model"), "--data", str(toy_dir / "test.jsonl")]
+    assert main([*args, "--adapters", str(tmp_path), "--merge", "per_example"]) == 2
+    assert "--merge per_example re-merges for every example: pass --batch-size 1" in capsys.readouterr().err
