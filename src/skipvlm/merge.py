@@ -301,11 +301,9 @@ def export_merged(eas_model: EASModel, path: str | os.PathLike, processor: Any =
 
     Raises:
         ValueError: the architecture's stock config cannot express the merged biases (e.g. Qwen2 MLPs),
-            calibration means are missing, or no processor is given and none is saved with the base.
+            or calibration means are missing.
     """
     facts = eas_model.facts
-    if processor is None:
-        processor = _base_processor(eas_model.base_model)
     base = eas_model.base_model
     plan = eas_model.decoder.plan
     if plan.skip_mlp:
@@ -335,20 +333,26 @@ def export_merged(eas_model: EASModel, path: str | os.PathLike, processor: Any =
     for key, value in need.items():
         setattr(text, key, value)
     setattr(config, PLAN_KEY, Plan(skip_attention=plan.skip_attention).to_dict())
+    if processor is None:
+        processor = _base_processor(base)
     return _save_checkpoint(base, config, state, Path(path), processor)
 
 
 def _base_processor(model: nn.Module) -> Any:
-    """The processor saved in the folder ``model`` was loaded from."""
+    """The processor saved in the folder ``model`` was loaded from, or None (with a warning)."""
     from skipvlm.data.chat import load_processor
 
     source = getattr(model.config, "_name_or_path", "") or ""
-    if not source or not Path(source).is_dir():
-        raise ValueError(
-            "export_merged writes the processor beside the weights, but the base model was not loaded "
-            "from a local folder; pass processor=AutoProcessor.from_pretrained(<base folder>)"
-        )
-    return load_processor(source)
+    if source and Path(source).is_dir():
+        try:
+            return load_processor(source)
+        except (OSError, ValueError):
+            pass
+    logger.warning(
+        "the export holds no processor or tokenizer (the base model was not loaded from a folder that has "
+        "them); pass export_merged(path, processor=...) so that every skipvlm command accepts the folder"
+    )
+    return None
 
 
 def _fill_zero_biases(state: dict[str, torch.Tensor], prefix: str, layers: nn.ModuleList, need: dict) -> None:
@@ -372,7 +376,8 @@ def _save_checkpoint(
     with atomic_files(path) as staging:
         base.save_pretrained(staging, state_dict=state)
         config.save_pretrained(staging)  # the stock config plus the switched-on biases and the plan
-        processor.save_pretrained(staging)
+        if processor is not None:
+            processor.save_pretrained(staging)
     logger.info("exported the merged model to %s", path)
     return path
 
