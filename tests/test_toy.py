@@ -9,7 +9,7 @@ import transformers
 
 import skipvlm
 from skipvlm import toy
-from skipvlm.data.chat import ChatCollator, ChatExample, load_processor
+from skipvlm.data.chat import LEGACY_FORMAT, ChatCollator, ChatExample, load_processor
 from skipvlm.data.synthetic import SyntheticTask
 
 
@@ -34,9 +34,9 @@ def test_the_shipped_processor_loads_the_template(shipped):
     assert toy.build_processor(processor.tokenizer, toy.ToyConfig()).chat_template == toy.CHAT_TEMPLATE
 
 
-def test_template_renders_the_collator_prompt_token_for_token(shipped, examples):
+def test_template_renders_the_pretraining_prompt_token_for_token(shipped, examples):
     _, processor = shipped
-    collator = ChatCollator(processor)
+    collator = ChatCollator(processor, prompt_format=LEGACY_FORMAT)  # the hand-built pretraining layout
     for ex in examples:
         image, text = {"type": "image"}, {"type": "text", "text": ex.prompt}
         chat = [_user(image, text)]
@@ -53,7 +53,7 @@ def test_template_renders_the_collator_prompt_token_for_token(shipped, examples)
 
 def test_template_handles_text_only_string_content_and_system_turns(shipped):
     _, processor = shipped
-    collator = ChatCollator(processor)
+    collator = ChatCollator(processor, prompt_format=LEGACY_FORMAT)
     ex = ChatExample("is there a red shape ?", "yes")
     plain = [{"role": "user", "content": ex.prompt}]
     assert processor.apply_chat_template(plain, tokenize=False, add_generation_prompt=True) == (

@@ -39,7 +39,7 @@ except ImportError as err:  # pragma: no cover - exercised only without lmms-eva
 
 from accelerate import Accelerator
 
-from skipvlm.data.chat import ChatCollator, load_processor
+from skipvlm.data.chat import LEGACY_FORMAT, load_processor
 from skipvlm.eas import EASModel
 from skipvlm.lmms_eval_plugin import CLASS_PATH, MODEL_NAME, manifest
 from skipvlm.merge import MODES, load_pretrained
@@ -235,7 +235,10 @@ class SkipVLM(lmms):
         self.model = self._planned(model, skips, adapters, merge).to(self._device).eval()
         self._tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self._tokenizer.padding_side = "left"
-        self._collator = ChatCollator(self.processor)  # the trained prompt format, without a chat template
+        self._image_token = getattr(self.processor, "image_token", None)
+        # who renders chat templates: the processor, else its tokenizer (as skipvlm's collator does)
+        owners = (self.processor, self._tokenizer)
+        self._owner = next((o for o in owners if getattr(o, "chat_template", None)), None)
         self.max_new_tokens = int(max_new_tokens)
         self._chats: dict[str, tuple[list, bool]] = {}  # prompts apply_chat_template rendered: their chats
         plan, where = current_plan(self.model), (self._device, self._rank, self._world_size)
@@ -285,8 +288,8 @@ class SkipVLM(lmms):
 
     @property
     def chat_template(self) -> str | None:
-        """The processor's chat template (``None`` if it has none); lmms-eval logs it."""
-        return getattr(self.processor, "chat_template", None)
+        """The chat template of the processor (or its tokenizer); ``None`` if neither has one."""
+        return self._owner.chat_template if self._owner is not None else None
 
     @property
     def tokenizer_name(self) -> str:
@@ -296,7 +299,7 @@ class SkipVLM(lmms):
     def apply_chat_template(
         self, chat_history: list[dict[str, Any]], add_generation_prompt: bool = True
     ) -> str:
-        """Render a chat with the processor's template (lmms-eval's ``--apply_chat_template``).
+        """Render a chat with the model's chat template (lmms-eval's ``--apply_chat_template``).
 
         The document's images are added when the request runs (the chat holds text only here).
 
@@ -309,18 +312,27 @@ class SkipVLM(lmms):
                 "(skipvlm then writes the prompt format the model was trained with) or save one with it"
             )
         chat = [{**m, "content": _text_parts(m["content"])} for m in chat_history]
-        text = self.processor.apply_chat_template(
-            chat, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        text = self._render(chat, add_generation_prompt)
         self._chats[text] = (chat, add_generation_prompt)
         return text
 
     # --- requests --------------------------------------------------------------------------------
 
+    def _render(self, chat: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+        if self._owner is self._tokenizer and not any(
+            p.get("type") == "image" for m in chat for p in m["content"]
+        ):
+            # a text model's template reads plain strings
+            chat = [{**m, "content": "".join(p.get("text", "") for p in m["content"])} for m in chat]
+        return self._owner.apply_chat_template(
+            chat, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
     def _prompt(self, context: str, images: list[Image.Image], where: str) -> str:
-        """The model's prompt for one request with its images: the processor's chat template if it has
-        one, else the collator's format; image placeholders already in ``context`` are kept."""
-        token = self._collator.image_token
+        """The model's prompt for one request with its images: the model's chat template if it has one,
+        else :data:`~skipvlm.data.chat.LEGACY_FORMAT` (what skipvlm's collator writes); image
+        placeholders already in ``context`` are kept."""
+        token = self._image_token
         if images and token is None:
             raise ValueError(
                 f"{where} has {len(images)} image(s), but {self.pretrained} is a text-only model"
@@ -338,11 +350,12 @@ class SkipVLM(lmms):
             chat = [dict(m) for m in chat]
             last = max(i for i, m in enumerate(chat) if m["role"] == "user")
             chat[last]["content"] = image_parts + chat[last]["content"]
-            return self.processor.apply_chat_template(chat, tokenize=False, add_generation_prompt=generation)
-        if self.chat_template is not None:
-            chat = [{"role": "user", "content": [*image_parts, {"type": "text", "text": context}]}]
-            return self.processor.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-        return self._collator.prompt_format.format(image=f"{token}\n" * len(image_parts), prompt=context)
+            return self._render(chat, generation)
+        if self._owner is not None:
+            return self._render(
+                [{"role": "user", "content": [*image_parts, {"type": "text", "text": context}]}], True
+            )
+        return LEGACY_FORMAT.format(image=f"{token}\n" * len(image_parts), prompt=context)
 
     def _inputs(self, requests: Sequence[Any]) -> dict[str, torch.Tensor]:
         texts, images = [], []
@@ -353,10 +366,12 @@ class SkipVLM(lmms):
             found = _images(visuals, where)
             texts.append(self._prompt(context, found, where))
             images += found
+        # a chat template writes its own special tokens (e.g. BOS); the tokenizer must not add more
+        encode = dict(padding=True, return_tensors="pt", add_special_tokens=self._owner is None)
         if images:
-            batch = self.processor(text=texts, images=images, padding=True, return_tensors="pt")
+            batch = self.processor(text=texts, images=images, **encode)
         else:
-            batch = self._tokenizer(texts, padding=True, return_tensors="pt")
+            batch = self._tokenizer(texts, **encode)
         dtype = next(self.model.parameters()).dtype
         return {
             k: v.to(self._device, dtype) if v.is_floating_point() else v.to(self._device)
