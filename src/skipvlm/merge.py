@@ -44,7 +44,7 @@ from skipvlm.pia import (
     collapse_replace,
     fold_into_linear,
 )
-from skipvlm.plan import Plan
+from skipvlm.plan import CONFIG_KEY, Plan
 from skipvlm.runtime import ADAPTERS, MERGER, RemovedAttention, apply_plan
 
 __all__ = ["PerExampleMerger", "export_merged", "load_pretrained", "merge_and_unload", "remove_attention"]
@@ -52,7 +52,7 @@ __all__ = ["PerExampleMerger", "export_merged", "load_pretrained", "merge_and_un
 logger = logging.getLogger(__name__)
 
 MODES = ("static", "per_example")
-PLAN_KEY = "skipvlm_plan"  # attribute of an exported checkpoint's config: the skip plan to re-apply
+PLAN_KEY = CONFIG_KEY  # attribute of a saved checkpoint's config: the plan to re-apply
 
 # Sub-modules of a decoder layer that each adapter kind folds into.
 _REPLACE_TARGETS = ("mlp.gate_proj", "mlp.up_proj")
@@ -404,10 +404,11 @@ def _check_loading(path: Path, info: dict[str, Any], allow_missing: bool) -> Non
 
 
 def load_pretrained(path: str | os.PathLike, allow_missing_weights: bool = False, **kwargs: Any) -> nn.Module:
-    """Load a checkpoint written by :func:`export_merged` (or any supported stock one) and run it fast.
+    """Load a checkpoint written by :func:`export_merged`, by ``save_pretrained`` of a planned model
+    (e.g. after merging LoRA into it), or any supported stock one, and run it fast.
 
-    The model is loaded by its stock transformers class (safetensors only, no remote code); the skip
-    plan stored in its config is re-applied and the skipped attentions' weights are freed.
+    The model is loaded by its stock transformers class (safetensors only, no remote code); the plan
+    stored in its config (``skipvlm_plan``) is re-applied and the skipped attentions' weights are freed.
 
     Args:
         path: a local checkpoint folder.

@@ -25,6 +25,9 @@ _CANDIDATE_KINDS = ("attention", "mlp", "attention_or_mlp", "layer")  # = skipvl
 FASTV_SOURCES = ("last", "text")
 # The visual-token exit fields, as named in Plan (and as CLI options).
 TOKEN_FIELDS = ("visual_exit_layer", "fastv_layer", "fastv_ratio", "fastv_source", "dyvte", "dyvte_threshold")
+# Attribute of a model's config holding the plan it runs (Plan.to_dict()), so save_pretrained carries it
+# and skipvlm.load_pretrained re-applies it.
+CONFIG_KEY = "skipvlm_plan"
 
 
 def _layer_list(name: str, values: Any) -> tuple[int, ...]:

@@ -23,6 +23,7 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 from skipvlm.io import atomic_files
 
 __all__ = [
+    "CHAT_TEMPLATE",
     "DOWNSTREAM_FAMILIES",
     "PRETRAIN_FAMILIES",
     "SHIPPED",
@@ -46,6 +47,38 @@ SHIPPED = Path(__file__).parent / "assets" / "toy-llava"  # the pretrained check
 
 PAD, BOS, EOS, UNK, IMAGE = "<pad>", "<s>", "</s>", "<unk>", "<image>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, IMAGE)
+
+# The toy's chat template: the one format it was pretrained on, ``USER: <image>\n{prompt} ASSISTANT:``
+# (the collator's default prompt) followed by `` {answer}</s>``. A system message, if any, comes first,
+# followed by a space. Saved with the processor as chat_template.jinja, so chat-style inputs (pipelines,
+# lmms-eval's --apply_chat_template) render the prompt the model knows.
+CHAT_TEMPLATE = """{#- skipvlm toy: "USER: <image>\\n{prompt} ASSISTANT: {answer}</s>", as in pretraining -#}
+{%- for message in messages -%}
+    {%- if message['content'] is string -%}
+        {%- set body = message['content'] -%}
+    {%- else -%}
+        {%- set parts = namespace(text='') -%}
+        {%- for part in message['content'] -%}
+            {%- if part['type'] == 'image' -%}
+                {%- set parts.text = parts.text + '<image>\\n' -%}
+            {%- elif part['type'] == 'text' -%}
+                {%- set parts.text = parts.text + part['text'] -%}
+            {%- endif -%}
+        {%- endfor -%}
+        {%- set body = parts.text -%}
+    {%- endif -%}
+    {%- if message['role'] == 'user' -%}
+        {{- 'USER: ' + body -}}
+    {%- elif message['role'] == 'assistant' -%}
+        {{- ' ASSISTANT: ' + body + eos_token -}}
+    {%- else -%}
+        {{- body + ' ' -}}
+    {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- ' ASSISTANT:' -}}
+{%- endif -%}
+"""
 
 
 @dataclass(frozen=True)
@@ -94,7 +127,8 @@ def build_tokenizer(words: Iterable[str]) -> tf.PreTrainedTokenizerFast:
 
 
 def build_processor(tokenizer: tf.PreTrainedTokenizerFast, config: ToyConfig) -> tf.LlavaProcessor:
-    """A ``LlavaProcessor`` with a PIL-based CLIP image processor at the toy's image size."""
+    """A ``LlavaProcessor`` with a PIL-based CLIP image processor at the toy's image size and the toy's
+    chat template (:data:`CHAT_TEMPLATE`)."""
     size = config.image_size
     images = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     return tf.LlavaProcessor(
@@ -104,6 +138,7 @@ def build_processor(tokenizer: tf.PreTrainedTokenizerFast, config: ToyConfig) ->
         vision_feature_select_strategy="default",  # LLaVA-1.5's: the CLS token is dropped
         image_token=IMAGE,
         num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
     )
 
 
