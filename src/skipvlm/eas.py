@@ -210,22 +210,10 @@ class EASModel(nn.Module):
             setattr(parent, name, decoder)
         decoder.watch_inputs(base_model)
 
-        replace, adapt, bottleneck = config.adapter_layout(facts.num_layers)
         reference = next(base_model.parameters())
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.init_seed)
-            adapters = PIALayers(
-                facts.hidden_size,
-                replace,
-                adapt,
-                config.replace_dim,
-                config.adapt_dim,
-                bottleneck_layers=bottleneck,
-                groups=config.groups,
-                scale=config.scale,
-                temperature=config.temperature,
-                dropout=config.dropout,
-            )
+            adapters = _build_adapters(facts, config)
         decoder.add_module(ADAPTERS, adapters.to(device=reference.device, dtype=reference.dtype))
         if config.train_projector:
             for p in self.projector().parameters():
@@ -498,23 +486,28 @@ def _check_state(state: dict[str, torch.Tensor], shapes: dict[str, torch.Size], 
         raise ValueError(f"{source}: tensor {nonfinite[0]} holds NaN or infinite values; the file is damaged")
 
 
+def _build_adapters(facts: ArchFacts, config: EASConfig) -> PIALayers:
+    """The adapters of ``config`` for a model with ``facts`` (on the current default device)."""
+    replace, adapt, bottleneck = config.adapter_layout(facts.num_layers)
+    return PIALayers(
+        facts.hidden_size,
+        replace,
+        adapt,
+        config.replace_dim,
+        config.adapt_dim,
+        bottleneck_layers=bottleneck,
+        groups=config.groups,
+        scale=config.scale,
+        temperature=config.temperature,
+        dropout=config.dropout,
+    )
+
+
 def _adapter_shapes(facts: ArchFacts, config: EASConfig) -> dict[str, torch.Tensor]:
     """The adapter state an EAS model of ``config`` on a model with ``facts`` has, built on the meta
     device (no memory, the caller's model untouched)."""
-    replace, adapt, bottleneck = config.adapter_layout(facts.num_layers)
     with torch.device("meta"):
-        adapters = PIALayers(
-            facts.hidden_size,
-            replace,
-            adapt,
-            config.replace_dim,
-            config.adapt_dim,
-            bottleneck_layers=bottleneck,
-            groups=config.groups,
-            scale=config.scale,
-            temperature=config.temperature,
-            dropout=config.dropout,
-        )
+        adapters = _build_adapters(facts, config)
     return {f"{_ADAPTER_PREFIX}{k}": v for k, v in adapters.state_dict().items()}
 
 
