@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.skipvlm-installed
 
-.PHONY: demo test test-all lint format bench clean
+.PHONY: demo test test-slow test-all lint format bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	@echo "running the default suite (about 4 minutes on 2 cores); pytest prints a dot per test"
 	$(PY) -m pytest -m "not slow and not gpu"
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -m "slow and not gpu"
 
 test-all: $(STAMP)
 	$(PY) -m pytest

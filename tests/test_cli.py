@@ -118,7 +118,8 @@ def test_search_train_merge_eval_end_to_end(toy_dir, tmp_path, capsys):
     ("extra", "message"),
     [
         (["--k", "9"], "k=9 is larger than the 4 'attention' candidates"),
-        (["--interval", "99"], "interval=99 is larger than the search phase"),
+        (["--k", "2", "--interval", "99"], "interval=99 is larger than the search phase"),
+        (["--k", "4"], "only 1 subset(s) of k=4 out of 4 candidates exist"),
     ],
 )
 def test_search_settings_are_checked_before_loading_the_model(

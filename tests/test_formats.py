@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import sys
-import types
 
 import pytest
 import torch
@@ -222,12 +220,12 @@ def test_eval_cli_scores_scienceqa_by_column(toy_dir, tmp_path, images, capsys):
         "--image-folder",
         str(images),
         "--out",
-        str(tmp_path),
+        str(tmp_path / "out"),
     ]
     assert main([*args, "--max-new-tokens", "3"]) == 0
     captured = capsys.readouterr()
     assert "NAT" in captured.out and "G7-12" in captured.out and "skipped 3 bad rows" in captured.err
-    data = json.loads((tmp_path / "eval.json").read_text())
+    data = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert len(data["predictions"]) == 3 and set(data["accuracy"]) >= {"NAT", "IMG", "Avg"}
     assert main([*args, "--on-bad-row", "fail"]) == 2
     assert "row 4: answer index 5" in capsys.readouterr().err
@@ -293,48 +291,6 @@ def test_pickled_checkpoints_are_refused(tmp_path):
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
     with pytest.raises(ValueError, match=r"only pickled weights \(pytorch_model\.bin\).*never unpickles"):
         skipvlm.load_pretrained(tmp_path)
-
-
-# --- lmms-eval bridge -----------------------------------------------------------------------------------
-
-
-def test_lmms_eval_bridge_registers_and_generates(toy_dir, monkeypatch):
-    registry = {}
-
-    class Base:
-        def __init__(self):
-            self.task_dict = {}
-
-    api = types.ModuleType("lmms_eval.api")
-    model_mod = types.ModuleType("lmms_eval.api.model")
-    model_mod.lmms = Base
-    reg_mod = types.ModuleType("lmms_eval.api.registry")
-    reg_mod.register_model = lambda name: lambda cls: registry.setdefault(name, cls)
-    fake = {"lmms_eval": types.ModuleType("lmms_eval"), "lmms_eval.api": api}
-    fake |= {"lmms_eval.api.model": model_mod, "lmms_eval.api.registry": reg_mod}
-    for name, mod in fake.items():
-        monkeypatch.setitem(sys.modules, name, mod)
-    monkeypatch.delitem(sys.modules, "skipvlm.lmms_eval", raising=False)
-    import skipvlm.lmms_eval as bridge
-
-    assert registry["skipvlm"] is bridge.SkipVLM
-    model = bridge.SkipVLM(pretrained=str(toy_dir / "model"), skip_attention="1-2", max_new_tokens=3)
-    model.task_dict = {"toy": {"test": {0: {"img": Image.new("RGB", (16, 16), (30, 30, 220))}}}}
-    request = types.SimpleNamespace(
-        args=(
-            "<image>\nwhat color is the square?",
-            {"until": ["\n"]},
-            lambda doc: [doc["img"]],
-            0,
-            "toy",
-            "test",
-        )
-    )
-    out = model.generate_until([request, request])
-    assert len(out) == 2 and out[0] == out[1] and isinstance(out[0], str)
-    assert skipvlm.current_plan(model.model) == skipvlm.Plan(skip_attention=[1, 2])
-    with pytest.raises(NotImplementedError):
-        model.loglikelihood([request])
 
 
 def test_chat_jsonl_reports_bad_rows_by_line(tmp_path, images):

@@ -157,13 +157,21 @@ def test_exported_checkpoint_loads_in_stock_transformers_and_equals_static(arch,
     torch.testing.assert_close(logits(fast, batch), static, rtol=0, atol=ATOL)
 
 
-def test_export_replaces_an_existing_folder_whole(tmp_path):
+def test_export_replaces_its_own_files_and_keeps_the_rest(tmp_path):
     model, _ = trained("llama")
     target = tmp_path / "merged"
     target.mkdir()
-    (target / "stale.txt").write_text("old")
+    (target / "notes.txt").write_text("mine")
+    (target / "config.json").write_text("{}")
     model.export_merged(target)
-    assert not (target / "stale.txt").exists() and (target / "config.json").is_file()
+    assert (target / "notes.txt").read_text() == "mine"
+    assert "skipvlm_plan" in (target / "config.json").read_text()
+    assert sorted(p.name for p in target.iterdir()) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "notes.txt",
+    ]
     assert [p.name for p in tmp_path.iterdir()] == ["merged"]
 
 

@@ -6,6 +6,7 @@ The public API. See ``shared/METHODS.md`` for the mathematics of each method and
 from skipvlm import compat, presets
 from skipvlm.arch import SUPPORTED_MODEL_TYPES, ArchFacts, UnsupportedModelError, arch_facts
 from skipvlm.eas import EASConfig, EASModel, get_eas_model
+from skipvlm.lora import lora_target_modules
 from skipvlm.merge import export_merged, load_pretrained, merge_and_unload
 from skipvlm.plan import Plan
 from skipvlm.runtime import apply_plan, current_plan, exit_layers, kv_cache_bytes, use_plan
@@ -41,6 +42,7 @@ __all__ = [
     "get_eas_model",
     "kv_cache_bytes",
     "load_pretrained",
+    "lora_target_modules",
     "merge_and_unload",
     "presets",
     "search",

@@ -22,6 +22,7 @@ __all__ = [
     "get_decoder",
     "get_layers",
     "model_class",
+    "unwrap",
 ]
 
 
@@ -181,8 +182,26 @@ def arch_facts(model_or_config: nn.Module | PretrainedConfig) -> ArchFacts:
     )
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside a wrapper that hands it out with ``get_base_model()`` (a PEFT
+    ``PeftModel``); ``model`` itself otherwise. The wrapper's LoRA layers live inside that model, so a
+    plan applied to it runs them."""
+    seen = set()
+    while callable(getattr(model, "get_base_model", None)) and id(model) not in seen:
+        seen.add(id(model))
+        inner = model.get_base_model()
+        if inner is model or not isinstance(inner, nn.Module):
+            break
+        model = inner
+    return model
+
+
 def decoder_slot(model: nn.Module, facts: ArchFacts) -> tuple[nn.Module, str, nn.Module]:
-    """Where the text model sits: (parent module, attribute name, the text model itself)."""
+    """Where the text model sits: (parent module, attribute name, the text model itself).
+
+    ``model`` may be wrapped (see :func:`unwrap`); the slot is found in the model it wraps.
+    """
+    model = unwrap(model)
     path = facts.decoder_path
     parent = model
     *head, last = path.split(".")

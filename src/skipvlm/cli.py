@@ -8,6 +8,7 @@ import json
 import math
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,14 +85,43 @@ def _cmd_toy_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_toy_data(args: argparse.Namespace) -> int:
+    from skipvlm.toy import write_task_data
+
+    sizes = {"train": args.train, "val": args.val, "test": args.test}
+    files = write_task_data(args.out, sizes, seed=args.seed)
+    print(", ".join(f"{split}: {sizes[split]} examples -> {path}" for split, path in files.items()))
+    return 0
+
+
+def _cmd_toy_path(args: argparse.Namespace) -> int:
+    from skipvlm.toy import SHIPPED
+
+    print(SHIPPED)
+    return 0
+
+
 # --- options generated from the config dataclasses -------------------------------------------------------
 
 
 def _parse_layers(text: str) -> list[int]:
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        layers = [int(x) for x in text.split(",") if x.strip()]
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got {text!r}") from err
+    if not layers:
+        raise argparse.ArgumentTypeError("expected at least one layer index, e.g. 3,5; got an empty list")
+    return layers
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
 
 def _add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
@@ -137,7 +167,15 @@ def _device(args: argparse.Namespace) -> Any:
     import torch
 
     if args.device:
-        return torch.device(args.device)
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise ValueError(f"--device {args.device!r} is not a device; use cpu, cuda or cuda:N") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: this machine has no CUDA device; use --device cpu")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s) here")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
@@ -160,17 +198,61 @@ def _model_facts(folder: Path):
     return arch_facts(transformers.AutoConfig.from_pretrained(folder, trust_remote_code=False))
 
 
+def _check_training_dtype(args: argparse.Namespace) -> None:
+    if args.dtype == "float16":
+        raise ValueError(
+            "--dtype float16 stores the trained weights in half precision, which overflows in training; "
+            "keep --dtype float32 (or bfloat16) and pass --precision fp16 for mixed-precision compute"
+        )
+
+
+def _data_fingerprint(*paths: str | None) -> str:
+    """A digest of the data files (content), so that a resumed run refuses other data."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in paths:
+        if path is None:
+            continue
+        p = Path(path)
+        if p.is_file():
+            with p.open("rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+        else:
+            digest.update(str(p.resolve()).encode())
+    return digest.hexdigest()[:16]
+
+
 def _load_model(folder: Path, args: argparse.Namespace):
     import torch
 
     from skipvlm.merge import load_pretrained
 
     dtype = getattr(torch, args.dtype)  # the --dtype choices are torch dtype names
-    return load_pretrained(folder, dtype=dtype).to(_device(args)).eval()
+    device = _device(args)
+    allow = getattr(args, "allow_missing_weights", False)
+    return load_pretrained(folder, allow_missing_weights=allow, dtype=dtype).to(device).eval()
 
 
-def _batches(examples: list, collator, batch_size: int) -> list:
-    return [collator(examples[i : i + batch_size]) for i in range(0, len(examples), batch_size)]
+class _Batches(Sequence):
+    """Batches collated when they are read, so memory does not grow with the data set."""
+
+    def __init__(self, examples: list, collator: Any, batch_size: int):
+        self.examples, self.collator, self.batch_size = examples, collator, batch_size
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.examples) / self.batch_size)
+
+    def __getitem__(self, i: int) -> dict:
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i %= len(self)
+        return self.collator(self.examples[i * self.batch_size : (i + 1) * self.batch_size])
+
+
+def _batches(examples: list, collator, batch_size: int) -> _Batches:
+    return _Batches(examples, collator, batch_size)
 
 
 def _data(args: argparse.Namespace, attr: str) -> list:
@@ -206,10 +288,40 @@ def _data(args: argparse.Namespace, attr: str) -> list:
     return report.examples
 
 
+def _max_positions(folder: Path) -> int | None:
+    """The longest sequence the checkpoint's text model has position embeddings for."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    return getattr(config.get_text_config(), "max_position_embeddings", None)
+
+
 def _collator(folder: Path, args: argparse.Namespace):
     from skipvlm.data import ChatCollator, load_processor
 
-    return ChatCollator(load_processor(folder), max_length=args.max_length)
+    limit = _max_positions(folder)
+    if args.max_length is not None and limit is not None and args.max_length > limit:
+        raise ValueError(f"--max-length {args.max_length} exceeds the model's {limit} positions; lower it")
+    collator = ChatCollator(
+        load_processor(folder), prompt_format=args.prompt_format, max_length=args.max_length or limit
+    )
+    print(f"prompts are built with {collator.template}", file=sys.stderr)
+    return collator
+
+
+def _record_prompt(out: str | None, collator: Any) -> None:
+    """Write which prompt layout the run used into ``out/prompt.json`` (rank 0)."""
+    from skipvlm.io import atomic_write_text
+
+    if out is None or int(os.environ.get("RANK", "0")) != 0:
+        return
+    owner = getattr(collator, "_owner", None)
+    data = {
+        "template": collator.template,
+        "prompt_format": collator.prompt_format,
+        "chat_template": getattr(owner, "chat_template", None),
+    }
+    atomic_write_text(Path(out) / "prompt.json", json.dumps(data, indent=1) + "\n")
 
 
 def _world() -> int:
@@ -221,11 +333,15 @@ def _cmd_search(args: argparse.Namespace) -> int:
     from skipvlm.train import SearchConfig, TrainConfig, search
 
     folder = _check_model_dir(args.model)
-    train_ex, held_ex = _data(args, "train"), _data(args, "heldout")
+    _check_training_dtype(args)
+    _device(args)
     config = _config_from_args(SearchConfig, args, train=_config_from_args(TrainConfig, args))
+    _config_from_args(EASConfig, args)  # bad adapter settings fail before any data or weights load
+    train_ex, held_ex = _data(args, "train"), _data(args, "heldout")
     steps = math.ceil(math.ceil(len(train_ex) / args.batch_size) // _world() / config.train.grad_accum)
     config.check_against(_model_facts(folder).num_layers, max(steps, 1))
     collator = _collator(folder, args)
+    _record_prompt(args.out, collator)
     train_b, held_b = (
         _batches(train_ex, collator, args.batch_size),
         _batches(held_ex, collator, args.batch_size),
@@ -239,6 +355,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         eas=_config_from_args(EASConfig, args),
         out=args.out,
         resume=args.resume,
+        data=_data_fingerprint(args.train, args.heldout),
     )
     names = ", ".join(f"{i}" for i in result.arms)
     print(f"searched {config.candidates} candidates: skip {names} -> {Path(args.out) / 'plan.json'}")
@@ -251,13 +368,34 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from skipvlm.train import TrainConfig, eas_config_for_plan, train
 
     folder = _check_model_dir(args.model)
-    train_ex = _data(args, "train")
+    _check_training_dtype(args)
+    _device(args)
     eas = _config_from_args(EASConfig, args)
     if args.plan:
-        eas = eas_config_for_plan(Plan.load(args.plan), args.candidates, eas)
+        given = [
+            f"--{n.replace('_', '-')}"
+            for n in ("skip_attention", "skip_mlp", "skip_layers")
+            if getattr(args, n)
+        ]
+        if given:
+            raise ValueError(
+                f"--plan and {', '.join(given)} both say what to skip; pass one of them (the plan file, or "
+                "the layer lists)"
+            )
+        plan = Plan.load(args.plan)
+        if args.candidates and plan.candidates and args.candidates != plan.candidates:
+            raise ValueError(
+                f"--candidates {args.candidates} contradicts {args.plan}, which was searched over "
+                f"{plan.candidates!r} candidates; drop --candidates"
+            )
+        eas = eas_config_for_plan(plan, args.candidates or plan.candidates or "attention", eas)
+    elif args.candidates:
+        raise ValueError("--candidates describes a --plan file; without --plan, list the skips directly")
     eas.plan().validate_for(_model_facts(folder).num_layers)
     config = _config_from_args(TrainConfig, args)
+    train_ex = _data(args, "train")
     collator = _collator(folder, args)
+    _record_prompt(args.out, collator)
     model = _load_model(folder, args)
     trained = train(
         model,
@@ -266,6 +404,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         eas=eas,
         out=args.out,
         resume=args.resume,
+        data=_data_fingerprint(args.train),
     )
     trainable, total = trained.trainable_parameters()
     print(
@@ -284,6 +423,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     examples = _data(args, "data")
     collator = _collator(folder, args)
     model = _load_model(folder, args)
+    if args.merge != "none" and not args.adapters:
+        raise ValueError(f"--merge {args.merge} merges --adapters; pass the adapters folder too")
+    if args.merge == "per_example" and args.batch_size != 1:
+        raise ValueError("--merge per_example re-merges for every example: pass --batch-size 1")
     if args.adapters:
         model = EASModel.from_pretrained(model, args.adapters)
         if args.merge != "none":
@@ -301,6 +444,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         result = evaluate(model, collator, examples, args.batch_size, args.max_new_tokens, metric=args.metric)
         data = result.to_dict()
         print(f"accuracy {100 * result.accuracy:.2f}% ({result.correct}/{result.total}) on {args.data}")
+    data["prompt_template"] = collator.template
     if args.out:
         path = atomic_write_text(Path(args.out) / "eval.json", json.dumps(data, indent=1) + "\n")
         print(f"wrote {path}")
@@ -313,8 +457,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
     folder = _check_model_dir(args.model)
     model = EASModel.from_pretrained(_load_model(folder, args), args.adapters)
-    path = model.export_merged(args.out)
-    load_processor(folder).save_pretrained(path)
+    path = model.export_merged(args.out, processor=load_processor(folder))
     print(f"merged {model.plan} into a stock checkpoint -> {path}")
     return 0
 
@@ -330,11 +473,14 @@ def _skip_plan(args: argparse.Namespace, num_layers: int):
     attention = list(args.skip_attention_layers or [])
     if args.skip_attention:
         attention = skip_layers(num_layers, args.skip_attention)
+    from skipvlm.cli_tokens import check_token_flags
+
     tokens = {
         name: getattr(args, name)
         for name in TOKEN_FIELDS  # those this command offers as options
         if getattr(args, name, None) is not None
     }
+    check_token_flags(tokens)
     plan = Plan(skip_attention=attention, skip_mlp=list(args.skip_mlp_layers or []), **tokens)
     plan.validate_for(num_layers)
     return plan
@@ -355,7 +501,9 @@ def _preset_or_model(args: argparse.Namespace, device: str = "meta"):
         import transformers
 
         return folder.name, presets.build(
-            transformers.AutoConfig.from_pretrained(folder), device="meta", dtype=dtype
+            transformers.AutoConfig.from_pretrained(folder, trust_remote_code=False),
+            device="meta",
+            dtype=dtype,
         )
     return folder.name, _load_model(folder, args)
 
@@ -483,10 +631,33 @@ def _add_common(parser: argparse.ArgumentParser, data: tuple[str, ...]) -> None:
     parser.add_argument("--question-column", default="question", help="hf: question column")
     parser.add_argument("--answer-column", default="answer", help="hf: answer column")
     parser.add_argument("--choices-column", default=None, help="hf: options column (multiple choice)")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=_positive_int, default=8)
     parser.add_argument("--max-length", type=int, default=None, help="longest example in tokens")
+    parser.add_argument(
+        "--prompt-format",
+        help="a custom prompt layout with {image} and {prompt}, e.g. 'USER: {image}{prompt} ASSISTANT:' "
+        "(default: the model's own chat template)",
+    )
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    _add_allow_missing(parser)
+
+
+def _add_allow_missing(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allow-missing-weights",
+        action="store_true",
+        help="load a checkpoint that lacks some tensors, initialising them at random (default: an error)",
+    )
+
+
+def _add_overwrite(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a non-empty --out that skipvlm did not create (only this command's own files are "
+        "replaced; nothing else there is deleted)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -514,17 +685,29 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds (default 5)")
     show.add_argument("--seed", type=int, default=0)
     show.add_argument("--out", help="folder to write showcase.json into")
+    _add_overwrite(show)
     show.set_defaults(func=_cmd_showcase)
 
     toy = sub.add_parser("toy", help="the bundled toy model")
     toy_sub = toy.add_subparsers(dest="toy_command", required=True)
     pre = toy_sub.add_parser("pretrain", help="build and pretrain the toy LLaVA from scratch on CPU")
     pre.add_argument("--out", required=True, help="folder for the checkpoint")
+    _add_overwrite(pre)
     pre.add_argument("--steps", type=int, default=6000)
     pre.add_argument("--batch-size", type=int, default=32)
     pre.add_argument("--lr", type=float, default=2e-3)
     pre.add_argument("--seed", type=int, default=0)
     pre.set_defaults(func=_cmd_toy_pretrain)
+    dat = toy_sub.add_parser("data", help="write the toy's task as JSON lines + images (to try the CLI)")
+    dat.add_argument("--out", required=True, help="folder for train.jsonl, val.jsonl, test.jsonl, images/")
+    dat.add_argument("--train", type=_positive_int, default=256, help="training examples (default 256)")
+    dat.add_argument("--val", type=_positive_int, default=64, help="held-out examples (default 64)")
+    dat.add_argument("--test", type=_positive_int, default=100, help="test examples (default 100)")
+    dat.add_argument("--seed", type=int, default=0)
+    _add_overwrite(dat)
+    dat.set_defaults(func=_cmd_toy_data)
+    pth = toy_sub.add_parser("path", help="print the folder of the bundled toy checkpoint")
+    pth.set_defaults(func=_cmd_toy_path)
 
     from skipvlm.eas import EASConfig
     from skipvlm.train import SearchConfig, TrainConfig
@@ -532,6 +715,7 @@ def build_parser() -> argparse.ArgumentParser:
     srch = sub.add_parser("search", help="search which modules are redundant for a task (bandit)")
     _add_common(srch, ("train", "heldout"))
     srch.add_argument("--out", required=True, help="folder for plan.json, search_log.json, preferences.png")
+    _add_overwrite(srch)
     srch.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     _add_config_args(srch, SearchConfig, skip=("train",))
     _add_config_args(srch, TrainConfig, skip=("epochs", "calibrate"))
@@ -543,9 +727,13 @@ def build_parser() -> argparse.ArgumentParser:
     trn = sub.add_parser("train", help="fine-tune adapters for a plan")
     _add_common(trn, ("train",))
     trn.add_argument("--out", required=True, help="folder for adapters/ and train_log.json")
+    _add_overwrite(trn)
     trn.add_argument("--plan", help="plan.json from `skipvlm search` (else use --skip-attention ...)")
     trn.add_argument(
-        "--candidates", default="attention", help="the candidate kind the plan was searched over"
+        "--candidates",
+        choices=["attention", "mlp", "attention_or_mlp", "layer"],
+        help="the candidate kind of an older --plan file that does not record it (plans from skipvlm "
+        "search record it)",
     )
     trn.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     _add_config_args(trn, TrainConfig)
@@ -559,14 +747,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-new-tokens", type=int, default=16)
     ev.add_argument("--metric", choices=["exact", "vqa"], default="exact", help="short-answer matching")
     ev.add_argument("--out", help="folder to write eval.json (accuracy and every prediction) into")
+    _add_overwrite(ev)
     ev.set_defaults(func=_cmd_eval)
 
     mrg = sub.add_parser("merge", help="fold trained adapters into a stock checkpoint (static merge)")
     mrg.add_argument("--model", required=True, help="the base checkpoint folder")
     mrg.add_argument("--adapters", required=True, help="adapters folder from `skipvlm train`")
     mrg.add_argument("--out", required=True, help="folder for the merged checkpoint")
+    _add_overwrite(mrg)
     mrg.add_argument("--device", help="cpu, cuda ... (default: cuda if available)")
     mrg.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    _add_allow_missing(mrg)
     mrg.set_defaults(func=_cmd_merge)
 
     from skipvlm import cli_tokens
@@ -610,13 +801,97 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
+# What each command writes into --out: (kind of output, entries it writes, --out names a file).
+_OUTPUTS: dict[str, tuple[str, dict[str, str], bool]] = {
+    "search": (
+        "run",
+        {
+            "plan.json": "file",
+            "search_log.json": "file",
+            "preferences.png": "file",
+            "search_checkpoint": "dir",
+        },
+        False,
+    ),
+    "train": (
+        "run",
+        {"adapters": "dir", "train_log.json": "file", "train_checkpoint": "dir", "prompt.json": "file"},
+        False,
+    ),
+    "eval": ("run", {"eval.json": "file"}, False),
+    "merge": ("checkpoint", {"config.json": "file", "model.safetensors": "file"}, False),
+    "calibrate-vtw": (
+        "run",
+        {"vtw_calibration.json": "file", "vtw_kl.png": "file", "plan.json": "file"},
+        False,
+    ),
+    "train-dyvte": ("routers", {"dyvte_routers.safetensors": "file", "dyvte_config.json": "file"}, False),
+    "toy pretrain": ("checkpoint", {"config.json": "file", "pretrain.json": "file"}, False),
+    "toy data": (
+        "run",
+        {"train.jsonl": "file", "val.jsonl": "file", "test.jsonl": "file", "images": "dir"},
+        False,
+    ),
+    "showcase": ("run", {"showcase.json": "file"}, False),
+    "cost": ("run", {}, True),
+    "bench": ("run", {}, True),
+}
+
+
+def _run(args: argparse.Namespace) -> int:
+    from skipvlm.outputs import claim_output
+
+    command = args.command if args.command != "toy" else f"toy {args.toy_command}"
+    spec = _OUTPUTS.get(command)
+    out = getattr(args, "out", None)
+    if spec is None or not out:
         return args.func(args)
-    except (ValueError, OSError) as e:
-        print(f"skipvlm {args.command}: error: {e}", file=sys.stderr)
+    kind, entries, is_file = spec
+    inputs = {
+        flag: getattr(args, name, None)
+        for flag, name in (("--model", "model"), ("--adapters", "adapters"), ("--dyvte", "dyvte"))
+    }
+    with claim_output(
+        out,
+        command,
+        kind,
+        overwrite=getattr(args, "overwrite", False),
+        inputs=inputs,
+        entries=entries,
+        is_file=is_file,
+    ):
+        return args.func(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one ``skipvlm`` command; errors end in one line ``skipvlm <cmd>: error: ...`` and exit 2
+    (130 for Ctrl-C). ``SKIPVLM_DEBUG=1`` shows the traceback instead."""
+    from skipvlm.train import Interrupted
+
+    args = build_parser().parse_args(argv)
+    name = args.command if args.command != "toy" else f"toy {args.toy_command}"
+    try:
+        return _run(args)
+    except Interrupted as e:
+        print(f"skipvlm {name}: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(f"skipvlm {name}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if os.environ.get("SKIPVLM_DEBUG"):
+            raise
+        print(f"skipvlm {name}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+
+
+def _one_line(error: BaseException) -> str:
+    """The error's message on one line; errors from deep inside a library also name their type and say
+    how to see the traceback."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, ValueError | OSError):
+        return text
+    return f"{type(error).__name__}: {text} (set SKIPVLM_DEBUG=1 to see where)"
 
 
 if __name__ == "__main__":

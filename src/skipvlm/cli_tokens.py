@@ -12,7 +12,21 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["register"]
+__all__ = ["check_token_flags", "register"]
+
+
+def check_token_flags(tokens: dict[str, Any], plan: Any = None) -> None:
+    """Refuse token-exit options that would be ignored: a FastV ratio or source without a FastV layer,
+    a DyVTE threshold without routers (in the options or in ``plan``)."""
+    for option, needs in (
+        ("fastv_ratio", "fastv_layer"),
+        ("fastv_source", "fastv_layer"),
+        ("dyvte_threshold", "dyvte"),
+    ):
+        if option in tokens and tokens.get(needs) is None and getattr(plan, needs, None) is None:
+            raise ValueError(
+                f"--{option.replace('_', '-')} has no effect without --{needs.replace('_', '-')}; pass both"
+            )
 
 
 def _model_with_plan(args: argparse.Namespace) -> Any:
@@ -32,6 +46,7 @@ def _model_with_plan(args: argparse.Namespace) -> Any:
     if getattr(args, "skip_attention_layers", None) is not None:
         plan = plan.with_skips(skip_attention=args.skip_attention_layers)
     tokens = {name: getattr(args, name) for name in TOKEN_FIELDS if getattr(args, name, None) is not None}
+    check_token_flags(tokens, plan)
     plan = dataclasses.replace(plan, **tokens)
     if isinstance(model, EASModel):
         model.set_plan(plan)
@@ -50,6 +65,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"no image at {args.image}")
     model, folder = _model_with_plan(args)
     collator = ChatCollator(load_processor(folder), prompt_format=args.prompt_format)
+    print(f"prompt: {collator.template}", file=sys.stderr)
     device = next(model.parameters()).device
     batch = collator([ChatExample(args.prompt, "", args.image, id="prompt")], train=False)
     batch = {k: v.to(device) for k, v in batch.items()}
@@ -84,13 +100,12 @@ def _cmd_calibrate_vtw(args: argparse.Namespace) -> int:
     )
     result.save(out / "vtw_calibration.json")
     base = current_plan(model).skips_only()
-    if result.layer < result.num_layers:
-        dataclasses.replace(base, visual_exit_layer=result.layer).save(out / "plan.json")
+    exit_layer = result.layer if result.layer < result.num_layers else None  # L: every token stays
+    dataclasses.replace(base, visual_exit_layer=exit_layer).save(out / "plan.json")
     print(result.table())
     print(
         f"VTW exit layer {result.layer} of {result.num_layers} (eta {result.eta:g}, {result.num_examples} "
-        f"examples) -> {out / 'vtw_calibration.json'}, {out / 'vtw_kl.png'}"
-        + (f", {out / 'plan.json'}" if result.layer < result.num_layers else "")
+        f"examples) -> {out / 'vtw_calibration.json'}, {out / 'vtw_kl.png'}, {out / 'plan.json'}"
     )
     return 0
 
@@ -138,10 +153,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--model", required=True, help="a locally saved Hugging Face checkpoint folder")
     gen.add_argument("--prompt", required=True, help="the user's question")
     gen.add_argument("--image", help="an image file")
-    gen.add_argument("--prompt-format", default="USER: {image}{prompt} ASSISTANT:", help="chat template")
+    gen.add_argument(
+        "--prompt-format",
+        help="a custom prompt layout with {image} and {prompt} (default: the model's chat template)",
+    )
     gen.add_argument("--max-new-tokens", type=int, default=32)
     gen.add_argument("--device", help="cpu, cuda ... (default: cuda if available)")
     gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    cli._add_allow_missing(gen)
     _add_plan_args(gen)
     gen.set_defaults(func=_cmd_generate)
 
@@ -150,15 +169,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     cli._add_common(cal, ("data",))
     cal.add_argument("--out", required=True, help="folder for vtw_calibration.json, vtw_kl.png, plan.json")
+    cli._add_overwrite(cal)
     cal.add_argument("--eta", type=float, default=0.003, help="KL threshold (default 0.003, for 7B models)")
     cal.add_argument("--min-layer", type=int, default=1, help="first candidate exit layer (default 1)")
-    cal.add_argument("--limit", type=int, default=64, help="calibration examples used (default 64)")
+    cal.add_argument(
+        "--limit", type=cli._positive_int, default=64, help="calibration examples used (default 64)"
+    )
     _add_plan_args(cal, tokens=False)
     cal.set_defaults(func=_cmd_calibrate_vtw)
 
     dyv = sub.add_parser("train-dyvte", help="train DyVTE's exit routers on a frozen model")
     cli._add_common(dyv, ("train",))
     dyv.add_argument("--out", required=True, help="folder for the routers")
+    cli._add_overwrite(dyv)
     cli._add_config_args(dyv, DyVTEConfig, skip=("batch_size",))
     _add_plan_args(dyv, tokens=False)
     dyv.set_defaults(func=_cmd_train_dyvte)

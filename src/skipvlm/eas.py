@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
@@ -118,6 +119,10 @@ class EASConfig:
                 raise ValueError(
                     f"EASConfig.{name}={getattr(self, name)} must be a multiple of groups={self.groups}"
                 )
+        for name in ("temperature", "scale"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise ValueError(f"EASConfig.{name} must be a finite number, got {value!r}")
         if not self.temperature > 0:
             raise ValueError(f"EASConfig.temperature must be > 0, got {self.temperature}")
         if not 0 <= self.dropout < 1:
@@ -191,7 +196,11 @@ class EASModel(nn.Module):
             p.requires_grad_(False)
         parent, name, decoder = decoder_slot(base_model, facts)
         if ADAPTERS in getattr(decoder, "_modules", {}):
-            raise ValueError("this model already has EAS adapters; pass the plain base model")
+            raise ValueError(
+                "this model already has EAS adapters (get_eas_model, search and EASModel.from_pretrained "
+                "change the base model in place); load a fresh base model for another EAS model, or keep "
+                "using the EASModel you have (set_plan, save_pretrained)"
+            )
         plan = config.plan()
         plan.validate_for(facts.num_layers)
         if isinstance(decoder, SkipDecoder):
@@ -201,22 +210,10 @@ class EASModel(nn.Module):
             setattr(parent, name, decoder)
         decoder.watch_inputs(base_model)
 
-        replace, adapt, bottleneck = config.adapter_layout(facts.num_layers)
         reference = next(base_model.parameters())
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.init_seed)
-            adapters = PIALayers(
-                facts.hidden_size,
-                replace,
-                adapt,
-                config.replace_dim,
-                config.adapt_dim,
-                bottleneck_layers=bottleneck,
-                groups=config.groups,
-                scale=config.scale,
-                temperature=config.temperature,
-                dropout=config.dropout,
-            )
+            adapters = _build_adapters(facts, config)
         decoder.add_module(ADAPTERS, adapters.to(device=reference.device, dtype=reference.dtype))
         if config.train_projector:
             for p in self.projector().parameters():
@@ -415,31 +412,35 @@ class EASModel(nn.Module):
                 f"the adapters in {path} were saved for a different base model ({'; '.join(wrong)}); "
                 "load them onto the model they were trained on"
             )
-        model = cls(base_model, EASConfig.from_dict(meta["eas_config"]))
+        try:
+            config = EASConfig.from_dict(meta["eas_config"])
+        except (KeyError, TypeError) as err:
+            raise ValueError(
+                f"{path / CONFIG_FILE} has no valid eas_config ({type(err).__name__}: {err}); the file is "
+                "damaged or was not written by EASModel.save_pretrained"
+            ) from None
         weights = path / ADAPTER_FILE
         if not weights.is_file():
             raise FileNotFoundError(f"{weights} is missing; the folder holds no adapter weights")
-        state = load_file(str(weights))
+        state = read_safetensors(weights)
+        # Everything that can fail is checked on a copy of the layout first, so a bad folder leaves the
+        # caller's model exactly as it was.
+        trial = {k: v.shape for k, v in _adapter_shapes(facts, config).items()}
+        if config.train_projector:
+            if facts.projector_path is None:
+                raise ValueError(f"{path}: the adapters train a projector, which a {facts.model_type} lacks")
+            projector = base_model.get_submodule(facts.projector_path)
+            trial |= {f"{_PROJECTOR_PREFIX}{k}": v.shape for k, v in projector.state_dict().items()}
+        _check_state(state, trial, weights)
+        model = cls(base_model, config)
         model.load_adapter_state_dict(state, source=weights)
         return model
 
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor], source: Any = "state dict") -> None:
-        """Load tensors written by :meth:`adapter_state_dict` (names and shapes must match exactly)."""
+        """Load tensors written by :meth:`adapter_state_dict` (names and shapes must match exactly, and
+        every value must be finite)."""
         expected = self.adapter_state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise ValueError(
-                f"{source} does not match this EAS model: missing {missing[:5]}, unexpected "
-                f"{unexpected[:5]} (of {len(missing)} / {len(unexpected)}); was it saved with another "
-                "EASConfig?"
-            )
-        bad = [k for k, v in state.items() if v.shape != expected[k].shape]
-        if bad:
-            raise ValueError(
-                f"{source}: tensor {bad[0]} has shape {tuple(state[bad[0]].shape)}, this model needs "
-                f"{tuple(expected[bad[0]].shape)}"
-            )
+        _check_state(state, {k: v.shape for k, v in expected.items()}, source)
         with torch.no_grad():
             for k, v in state.items():
                 expected[k].copy_(v)
@@ -457,11 +458,69 @@ class EASModel(nn.Module):
 
         return merge_and_unload(self, mode)
 
-    def export_merged(self, path: str | os.PathLike) -> Path:
-        """Write the ``static`` merge as a checkpoint stock transformers loads (see :mod:`skipvlm.merge`)."""
+    def export_merged(self, path: str | os.PathLike, processor: Any = None) -> Path:
+        """Write the ``static`` merge as a checkpoint stock transformers loads, with the processor beside
+        it (``processor``, else the base checkpoint's; see :func:`skipvlm.merge.export_merged`)."""
         from skipvlm.merge import export_merged
 
-        return export_merged(self, path)
+        return export_merged(self, path, processor)
+
+
+def _check_state(state: dict[str, torch.Tensor], shapes: dict[str, torch.Size], source: Any) -> None:
+    missing = sorted(set(shapes) - set(state))
+    unexpected = sorted(set(state) - set(shapes))
+    if missing or unexpected:
+        raise ValueError(
+            f"{source} does not match this EAS model: missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]} (of {len(missing)} / {len(unexpected)}); was it saved with another "
+            "EASConfig?"
+        )
+    bad = [k for k, v in state.items() if v.shape != shapes[k]]
+    if bad:
+        raise ValueError(
+            f"{source}: tensor {bad[0]} has shape {tuple(state[bad[0]].shape)}, this model needs "
+            f"{tuple(shapes[bad[0]])}"
+        )
+    nonfinite = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if nonfinite:
+        raise ValueError(f"{source}: tensor {nonfinite[0]} holds NaN or infinite values; the file is damaged")
+
+
+def _build_adapters(facts: ArchFacts, config: EASConfig) -> PIALayers:
+    """The adapters of ``config`` for a model with ``facts`` (on the current default device)."""
+    replace, adapt, bottleneck = config.adapter_layout(facts.num_layers)
+    return PIALayers(
+        facts.hidden_size,
+        replace,
+        adapt,
+        config.replace_dim,
+        config.adapt_dim,
+        bottleneck_layers=bottleneck,
+        groups=config.groups,
+        scale=config.scale,
+        temperature=config.temperature,
+        dropout=config.dropout,
+    )
+
+
+def _adapter_shapes(facts: ArchFacts, config: EASConfig) -> dict[str, torch.Tensor]:
+    """The adapter state an EAS model of ``config`` on a model with ``facts`` has, built on the meta
+    device (no memory, the caller's model untouched)."""
+    with torch.device("meta"):
+        adapters = _build_adapters(facts, config)
+    return {f"{_ADAPTER_PREFIX}{k}": v for k, v in adapters.state_dict().items()}
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file; a damaged or truncated file is a ValueError naming it."""
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own SafetensorError (and OSError) for bad files
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({err}); it is damaged or truncated"
+        ) from None
 
 
 def _read_meta(path: Path) -> dict[str, Any]:
@@ -473,8 +532,12 @@ def _read_meta(path: Path) -> dict[str, Any]:
         )
     try:
         meta = json.loads(config.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{config} is not valid JSON ({err}); the file is damaged") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{config} is not valid JSON ({err}); the file is damaged") from None
+    if not isinstance(meta, dict):
+        raise ValueError(
+            f"{config} must hold a JSON object, got a {type(meta).__name__}; the file is damaged"
+        )
     version = meta.get("format_version")
     if version != _FORMAT_VERSION:
         raise ValueError(f"{config} has format_version {version!r}; this skipvlm reads {_FORMAT_VERSION}")

@@ -33,7 +33,7 @@ from torch import nn
 
 from skipvlm.arch import ArchFacts, arch_facts, decoder_slot, get_layers, model_class
 from skipvlm.eas import EASModel
-from skipvlm.io import atomic_dir
+from skipvlm.io import atomic_files
 from skipvlm.pia import (
     AffineMap,
     FrozenPIA,
@@ -44,7 +44,7 @@ from skipvlm.pia import (
     collapse_replace,
     fold_into_linear,
 )
-from skipvlm.plan import Plan
+from skipvlm.plan import CONFIG_KEY, Plan
 from skipvlm.runtime import ADAPTERS, MERGER, RemovedAttention, apply_plan
 
 __all__ = ["PerExampleMerger", "export_merged", "load_pretrained", "merge_and_unload", "remove_attention"]
@@ -52,7 +52,7 @@ __all__ = ["PerExampleMerger", "export_merged", "load_pretrained", "merge_and_un
 logger = logging.getLogger(__name__)
 
 MODES = ("static", "per_example")
-PLAN_KEY = "skipvlm_plan"  # attribute of an exported checkpoint's config: the skip plan to re-apply
+PLAN_KEY = CONFIG_KEY  # attribute of a saved checkpoint's config: the plan to re-apply
 
 # Sub-modules of a decoder layer that each adapter kind folds into.
 _REPLACE_TARGETS = ("mlp.gate_proj", "mlp.up_proj")
@@ -285,14 +285,19 @@ def _has_qkv_bias(facts: ArchFacts) -> bool:
 
 
 @torch.no_grad()
-def export_merged(eas_model: EASModel, path: str | os.PathLike) -> Path:
+def export_merged(eas_model: EASModel, path: str | os.PathLike, processor: Any = None) -> Path:
     """Write the ``static`` merge of ``eas_model`` as a checkpoint stock transformers loads.
 
     The model itself is not changed. Skipped attentions are written with ``o_proj = 0`` (so stock
     transformers computes the same function), biases are switched on in the config where the merge
     needs them, and the skip plan is stored in the config (``skipvlm_plan``) so that
     :func:`load_pretrained` runs the checkpoint fast again. Written to a temporary folder and moved
-    into place, so an interrupted export leaves no half-written checkpoint.
+    into place file by file, so an interrupted export leaves no half-written file, and other files in
+    ``path`` are kept.
+
+    The processor (or tokenizer) is saved beside the weights, so every ``skipvlm`` command accepts the
+    folder: ``processor`` if given, else the one saved with the base checkpoint (read from the folder
+    the base model was loaded from, ``config._name_or_path``).
 
     Raises:
         ValueError: the architecture's stock config cannot express the merged biases (e.g. Qwen2 MLPs),
@@ -328,7 +333,26 @@ def export_merged(eas_model: EASModel, path: str | os.PathLike) -> Path:
     for key, value in need.items():
         setattr(text, key, value)
     setattr(config, PLAN_KEY, Plan(skip_attention=plan.skip_attention).to_dict())
-    return _save_checkpoint(base, config, state, Path(path))
+    if processor is None:
+        processor = _base_processor(base)
+    return _save_checkpoint(base, config, state, Path(path), processor)
+
+
+def _base_processor(model: nn.Module) -> Any:
+    """The processor saved in the folder ``model`` was loaded from, or None (with a warning)."""
+    from skipvlm.data.chat import load_processor
+
+    source = getattr(model.config, "_name_or_path", "") or ""
+    if source and Path(source).is_dir():
+        try:
+            return load_processor(source)
+        except (OSError, ValueError):
+            pass
+    logger.warning(
+        "the export holds no processor or tokenizer (the base model was not loaded from a folder that has "
+        "them); pass export_merged(path, processor=...) so that every skipvlm command accepts the folder"
+    )
+    return None
 
 
 def _fill_zero_biases(state: dict[str, torch.Tensor], prefix: str, layers: nn.ModuleList, need: dict) -> None:
@@ -346,26 +370,56 @@ def _fill_zero_biases(state: dict[str, torch.Tensor], prefix: str, layers: nn.Mo
                 state[key] = weight.new_zeros(weight.shape[0])
 
 
-def _save_checkpoint(base: nn.Module, config: Any, state: dict[str, torch.Tensor], path: Path) -> Path:
-    with atomic_dir(path) as staging:
+def _save_checkpoint(
+    base: nn.Module, config: Any, state: dict[str, torch.Tensor], path: Path, processor: Any
+) -> Path:
+    with atomic_files(path) as staging:
         base.save_pretrained(staging, state_dict=state)
         config.save_pretrained(staging)  # the stock config plus the switched-on biases and the plan
+        if processor is not None:
+            processor.save_pretrained(staging)
     logger.info("exported the merged model to %s", path)
     return path
 
 
-def load_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
-    """Load a checkpoint written by :func:`export_merged` (or any supported stock one) and run it fast.
+def _check_loading(path: Path, info: dict[str, Any], allow_missing: bool) -> None:
+    """Refuse a checkpoint whose tensors do not match the model it loads into."""
+    problems = []
+    missing = sorted(info.get("missing_keys") or [])
+    if missing and not allow_missing:
+        problems.append(
+            f"{len(missing)} missing (e.g. {missing[0]}; pass allow_missing_weights=True, or "
+            "--allow-missing-weights, to initialise them at random)"
+        )
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    if unexpected:
+        problems.append(f"{len(unexpected)} the model does not have (e.g. {unexpected[0]})")
+    mismatched = sorted(info.get("mismatched_keys") or [])
+    if mismatched:
+        problems.append(f"{len(mismatched)} of the wrong shape (e.g. {mismatched[0]})")
+    if problems:
+        raise ValueError(f"{path}: the checkpoint's tensors do not match its config: " + "; ".join(problems))
+    if missing:
+        logger.warning("%s: %d tensors missing, initialised at random", path, len(missing))
 
-    The model is loaded by its stock transformers class (safetensors only, no remote code); the skip
-    plan stored in its config is re-applied and the skipped attentions' weights are freed.
+
+def load_pretrained(path: str | os.PathLike, allow_missing_weights: bool = False, **kwargs: Any) -> nn.Module:
+    """Load a checkpoint written by :func:`export_merged`, by ``save_pretrained`` of a planned model
+    (e.g. after merging LoRA into it), or any supported stock one, and run it fast.
+
+    The model is loaded by its stock transformers class (safetensors only, no remote code); the plan
+    stored in its config (``skipvlm_plan``) is re-applied and the skipped attentions' weights are freed.
 
     Args:
         path: a local checkpoint folder.
+        allow_missing_weights: accept a checkpoint that lacks some of the model's tensors (they are
+            initialised at random, as transformers does); by default that is an error, as are tensors
+            the model does not have, tensors of the wrong shape, and NaN / infinite weights.
         **kwargs: passed to ``from_pretrained`` (e.g. ``dtype``, ``device_map``).
 
     Raises:
         FileNotFoundError: ``path`` is not a folder with a ``config.json``.
+        ValueError: pickled weights only, or missing / unexpected / mismatched / non-finite tensors.
         UnsupportedModelError: the architecture is not supported.
     """
     path = Path(path)
@@ -378,10 +432,26 @@ def load_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
             f"{path} has {what}; skipvlm loads safetensors only and never unpickles a checkpoint (it can run "
             "code). Convert it where you trust it: model.save_pretrained(dir) writes safetensors"
         )
-    kwargs.update(trust_remote_code=False, use_safetensors=True)
+    kwargs.pop("trust_remote_code", None)
     config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
     facts = arch_facts(config)
-    model = model_class(config).from_pretrained(path, **kwargs)
+    try:
+        model, info = model_class(config).from_pretrained(
+            path, trust_remote_code=False, use_safetensors=True, output_loading_info=True, **kwargs
+        )
+    except OSError:
+        raise
+    except Exception as err:  # safetensors' own error for a truncated or damaged file
+        raise ValueError(f"{path}: the weights cannot be read ({type(err).__name__}: {err})") from None
+    _check_loading(path, info, allow_missing_weights)
+    nonfinite = [
+        n for n, p in model.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()
+    ]
+    if nonfinite:
+        raise ValueError(
+            f"{path}: {len(nonfinite)} weight tensor(s) hold NaN or infinite values (e.g. {nonfinite[0]}); "
+            "the checkpoint is damaged"
+        )
     stored = getattr(model.config, PLAN_KEY, None)
     if stored:
         plan = Plan.from_dict(stored)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +21,13 @@ __all__ = ["Plan"]
 
 _FORMAT_VERSION = 1
 _LAYER_LISTS = ("skip_attention", "skip_mlp")
+_CANDIDATE_KINDS = ("attention", "mlp", "attention_or_mlp", "layer")  # = skipvlm.search.CANDIDATE_KINDS
 FASTV_SOURCES = ("last", "text")
 # The visual-token exit fields, as named in Plan (and as CLI options).
 TOKEN_FIELDS = ("visual_exit_layer", "fastv_layer", "fastv_ratio", "fastv_source", "dyvte", "dyvte_threshold")
+# Attribute of a model's config holding the plan it runs (Plan.to_dict()), so save_pretrained carries it
+# and skipvlm.load_pretrained re-applies it.
+CONFIG_KEY = "skipvlm_plan"
 
 
 def _layer_list(name: str, values: Any) -> tuple[int, ...]:
@@ -93,6 +97,10 @@ class Plan:
         dyvte: DyVTE: a folder of routers saved by :func:`skipvlm.train_dyvte`; each example withdraws
             its visual tokens at the first layer whose router says exit.
         dyvte_threshold: DyVTE: the exit probability a router must exceed.
+        candidates: what the plan was searched over (``attention``, ``mlp``, ``attention_or_mlp`` or
+            ``layer``), recorded by :func:`skipvlm.search` so that training a saved plan gives the
+            right adapters (``layer``: DAS bottlenecks for whole skipped layers; otherwise PIA). None
+            for a hand-written plan. It does not change what runs, and plans compare equal without it.
 
     Raises:
         ValueError: an index is negative, not an integer or listed twice; more than one token-exit
@@ -108,8 +116,13 @@ class Plan:
     fastv_source: str = "last"
     dyvte: str | None = None
     dyvte_threshold: float = 0.5
+    candidates: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
+        if self.candidates is not None and self.candidates not in _CANDIDATE_KINDS:
+            raise ValueError(
+                f"Plan.candidates is {self.candidates!r}; use one of {list(_CANDIDATE_KINDS)} or None"
+            )
         for name in _LAYER_LISTS:
             object.__setattr__(self, name, _layer_list(name, getattr(self, name)))
         for name in ("visual_exit_layer", "fastv_layer"):
@@ -151,7 +164,7 @@ class Plan:
                 f.name.startswith("fastv_") and f.name != "fastv_layer" and not self.fastv_layer
             ):
                 continue
-            if f.name == "dyvte_threshold" and not self.dyvte:
+            if (f.name == "dyvte_threshold" and not self.dyvte) or f.name == "candidates":
                 continue
             shown.append(f"{f.name}={value!r}")
         return f"Plan({', '.join(shown)})"

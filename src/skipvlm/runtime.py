@@ -31,10 +31,10 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from skipvlm import compat
-from skipvlm.arch import ArchFacts, arch_facts, decoder_slot
+from skipvlm.arch import ArchFacts, arch_facts, decoder_slot, unwrap
 from skipvlm.compat import Cache, DummyLayer, DynamicCache
 from skipvlm.pia import PIALayers, pooled_prompt
-from skipvlm.plan import Plan
+from skipvlm.plan import CONFIG_KEY, Plan
 from skipvlm.tokens.exit import Frame, TokenExit, clear_exit_state, exit_state
 from skipvlm.tokens.layout import gather_tokens
 
@@ -620,10 +620,13 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     """Make ``model`` execute ``plan``, in place.
 
     Applying an empty ``Plan()`` puts the stock text model back, so the model runs exactly as it was
-    loaded. Weights are never changed or freed by this call.
+    loaded. Weights are never changed or freed by this call. The plan is also written to the model's
+    config (``skipvlm_plan``), so ``save_pretrained`` carries it and :func:`skipvlm.load_pretrained`
+    restores it.
 
     Args:
-        model: a supported transformers model (see :data:`skipvlm.arch.SUPPORTED_MODEL_TYPES`).
+        model: a supported transformers model (see :data:`skipvlm.arch.SUPPORTED_MODEL_TYPES`), or a
+            wrapper of one with ``get_base_model()`` such as a PEFT ``PeftModel``.
         plan: the plan to execute.
 
     Returns:
@@ -639,26 +642,33 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
             f"apply_plan needs a skipvlm.Plan, got {type(plan).__name__}; "
             "build one with skipvlm.Plan(skip_attention=[...], skip_mlp=[...])"
         )
-    facts = arch_facts(model)
+    target = unwrap(model)  # hooks and the config belong to the transformers model, not its wrapper
+    facts = arch_facts(target)
     plan.validate_for(facts.num_layers)
-    parent, name, decoder = decoder_slot(model, facts)
+    parent, name, decoder = decoder_slot(target, facts)
     if isinstance(decoder, SkipDecoder):
         owns_modules = ADAPTERS in decoder._modules or MERGER in decoder._modules
         if plan.is_empty and not owns_modules:
             setattr(parent, name, decoder.unwrap())
         else:
             decoder.plan = plan
-            decoder.watch_inputs(model)
+            decoder.watch_inputs(target)
     elif not plan.is_empty:
         decoder = SkipDecoder(decoder, facts, plan)
         setattr(parent, name, decoder)
-        decoder.watch_inputs(model)
+        decoder.watch_inputs(target)
+    if plan.is_empty:
+        if hasattr(target.config, CONFIG_KEY):
+            delattr(target.config, CONFIG_KEY)
+    else:
+        setattr(target.config, CONFIG_KEY, plan.to_dict())
     logger.debug("applied %s to %s", plan, type(model).__name__)
     return model
 
 
 def current_plan(model: nn.Module) -> Plan:
-    """The plan ``model`` executes now (an empty plan for a stock model)."""
+    """The plan ``model`` executes now (an empty plan for a stock model); ``model`` may be wrapped, e.g.
+    a PEFT ``PeftModel``."""
     decoder = decoder_slot(model, arch_facts(model))[2]
     return decoder.plan if isinstance(decoder, SkipDecoder) else Plan()
 
@@ -677,8 +687,8 @@ def kv_cache_bytes(cache: Cache | None) -> int:
 
 @contextlib.contextmanager
 def use_plan(model: nn.Module, plan: Plan) -> Iterator[nn.Module]:
-    """Run ``model`` (a transformers model or an :class:`~skipvlm.EASModel`) under ``plan`` in the block,
-    then put its previous plan back."""
+    """Run ``model`` (a transformers model, an :class:`~skipvlm.EASModel` or a PEFT ``PeftModel``) under
+    ``plan`` in the block, then put its previous plan back."""
     setter = getattr(model, "set_plan", None)
     previous = current_plan(model)
     (setter or functools.partial(apply_plan, model))(plan)

@@ -20,9 +20,10 @@ import transformers as tf
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from skipvlm.io import atomic_dir
+from skipvlm.io import atomic_files
 
 __all__ = [
+    "CHAT_TEMPLATE",
     "DOWNSTREAM_FAMILIES",
     "PRETRAIN_FAMILIES",
     "SHIPPED",
@@ -34,6 +35,7 @@ __all__ = [
     "load_toy",
     "pretrain",
     "save_toy",
+    "write_task_data",
 ]
 
 logger = logging.getLogger(__name__)
@@ -45,6 +47,38 @@ SHIPPED = Path(__file__).parent / "assets" / "toy-llava"  # the pretrained check
 
 PAD, BOS, EOS, UNK, IMAGE = "<pad>", "<s>", "</s>", "<unk>", "<image>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, IMAGE)
+
+# The toy's chat template: the one format it was pretrained on, ``USER: <image>\n{prompt} ASSISTANT:``
+# (the collator's default prompt) followed by `` {answer}</s>``. A system message, if any, comes first,
+# followed by a space. Saved with the processor as chat_template.jinja, so chat-style inputs (pipelines,
+# lmms-eval's --apply_chat_template) render the prompt the model knows.
+CHAT_TEMPLATE = """{#- skipvlm toy: "USER: <image>\\n{prompt} ASSISTANT: {answer}</s>", as in pretraining -#}
+{%- for message in messages -%}
+    {%- if message['content'] is string -%}
+        {%- set body = message['content'] -%}
+    {%- else -%}
+        {%- set parts = namespace(text='') -%}
+        {%- for part in message['content'] -%}
+            {%- if part['type'] == 'image' -%}
+                {%- set parts.text = parts.text + '<image>\\n' -%}
+            {%- elif part['type'] == 'text' -%}
+                {%- set parts.text = parts.text + part['text'] -%}
+            {%- endif -%}
+        {%- endfor -%}
+        {%- set body = parts.text -%}
+    {%- endif -%}
+    {%- if message['role'] == 'user' -%}
+        {{- 'USER: ' + body -}}
+    {%- elif message['role'] == 'assistant' -%}
+        {{- ' ASSISTANT: ' + body + eos_token -}}
+    {%- else -%}
+        {{- body + ' ' -}}
+    {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- ' ASSISTANT:' -}}
+{%- endif -%}
+"""
 
 
 @dataclass(frozen=True)
@@ -93,7 +127,8 @@ def build_tokenizer(words: Iterable[str]) -> tf.PreTrainedTokenizerFast:
 
 
 def build_processor(tokenizer: tf.PreTrainedTokenizerFast, config: ToyConfig) -> tf.LlavaProcessor:
-    """A ``LlavaProcessor`` with a PIL-based CLIP image processor at the toy's image size."""
+    """A ``LlavaProcessor`` with a PIL-based CLIP image processor at the toy's image size and the toy's
+    chat template (:data:`CHAT_TEMPLATE`)."""
     size = config.image_size
     images = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     return tf.LlavaProcessor(
@@ -103,6 +138,7 @@ def build_processor(tokenizer: tf.PreTrainedTokenizerFast, config: ToyConfig) ->
         vision_feature_select_strategy="default",  # LLaVA-1.5's: the CLS token is dropped
         image_token=IMAGE,
         num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
     )
 
 
@@ -148,7 +184,7 @@ def build_toy_model(
 
 def save_toy(model: tf.PreTrainedModel, processor: tf.LlavaProcessor, path: str | os.PathLike) -> Path:
     """Save model and processor together as one Hugging Face checkpoint folder (atomically)."""
-    with atomic_dir(path) as staging:
+    with atomic_files(path) as staging:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
     return Path(path)
@@ -169,6 +205,43 @@ def load_toy(path: str | os.PathLike = SHIPPED) -> tuple[tf.LlavaForConditionalG
             f"no toy checkpoint at {path}; build one with `skipvlm toy pretrain --out {path}`"
         )
     return load_pretrained(path).eval(), load_processor(path)
+
+
+def write_task_data(
+    out: str | os.PathLike,
+    sizes: dict[str, int] | None = None,
+    families: tuple[str, ...] = DOWNSTREAM_FAMILIES,
+    seed: int = 0,
+) -> dict[str, Path]:
+    """Write the toy's synthetic task as skipvlm JSON lines: ``train.jsonl``, ``val.jsonl``,
+    ``test.jsonl`` and their images under ``images/``, so the command line can be tried on the toy.
+
+    Args:
+        out: the folder to write.
+        sizes: examples per split (default: 256 train, 64 val, 100 test).
+        families: question families (default: the demo's downstream families).
+        seed: the task seed.
+
+    Returns:
+        Split name -> the JSON-lines file.
+    """
+    from skipvlm.data.synthetic import SyntheticTask
+    from skipvlm.io import atomic_path, atomic_write_text
+
+    sizes = sizes or {"train": 256, "val": 64, "test": 100}
+    task = SyntheticTask(families=tuple(families), image_size=ToyConfig().image_size)
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    files = {}
+    for split, n in sizes.items():
+        rows = []
+        for ex in task.examples(n, split, seed):
+            name = f"images/{ex.id}.png"
+            with atomic_path(out / name) as tmp:
+                ex.image.save(tmp, format="PNG")
+            rows.append(json.dumps({"id": ex.id, "prompt": ex.prompt, "answer": ex.answer, "image": name}))
+        files[split] = atomic_write_text(out / f"{split}.jsonl", "\n".join(rows) + "\n")
+    return files
 
 
 def pretrain(
@@ -231,7 +304,7 @@ def pretrain(
         "torch": torch.__version__,
         "transformers": tf.__version__,
     }
-    with atomic_dir(out) as staging:
+    with atomic_files(out) as staging:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
         (staging / "pretrain.json").write_text(json.dumps(info, indent=2) + "\n")

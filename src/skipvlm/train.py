@@ -21,10 +21,14 @@ and write files on rank 0 only. Nothing assumes a world size.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import hashlib
 import json
 import logging
 import math
 import os
+import signal
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,12 +41,21 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from skipvlm.eas import EASConfig, EASModel, get_eas_model
-from skipvlm.io import atomic_dir, atomic_write_text
+from skipvlm.io import atomic_dir, atomic_write_text, recover_dir
 from skipvlm.plan import Plan
 from skipvlm.plots import plot_preferences
 from skipvlm.search import Bandit, Candidates
 
-__all__ = ["SearchConfig", "SearchResult", "TrainConfig", "eas_config_for_plan", "fit", "search", "train"]
+__all__ = [
+    "Interrupted",
+    "SearchConfig",
+    "SearchResult",
+    "TrainConfig",
+    "eas_config_for_plan",
+    "fit",
+    "search",
+    "train",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +108,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_positive(self, "epochs", "grad_accum")
+        for name in ("lr", "weight_decay", "warmup_ratio", "max_grad_norm"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise ValueError(f"TrainConfig.{name} must be a finite number, got {value!r}")
         if not self.lr > 0:
             raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
         if not 0 <= self.warmup_ratio < 1:
@@ -146,6 +163,13 @@ class SearchConfig:
             raise ValueError(
                 f"k={self.k} is larger than the {arms} {self.candidates!r} candidates of a "
                 f"{num_layers}-layer model"
+            )
+        subsets = math.comb(arms, self.k)
+        if self.n_candidates > subsets:
+            raise ValueError(
+                f"n_candidates={self.n_candidates} distinct subsets are scored per update, but only "
+                f"{subsets} subset(s) of k={self.k} out of {arms} candidates exist; lower --n-candidates "
+                "or --k"
             )
         search_steps = self.search_epochs * steps_per_epoch
         if self.interval > search_steps:
@@ -362,6 +386,7 @@ class _Loop:
         meta = {"step": self.step, "param_groups": state["param_groups"], "extra": extra}
         if self.scaler:
             meta["scaler"] = self.scaler.state_dict()
+        recover_dir(self.checkpoint_dir)  # a crash mid-swap left `.old`: never delete the last good one
         with atomic_dir(self.checkpoint_dir) as tmp:
             save_file(tensors, str(tmp / "state.safetensors"))
             (tmp / "state.json").write_text(json.dumps(meta))
@@ -413,12 +438,34 @@ def _load_trainable(model: nn.Module, state: dict[str, torch.Tensor], source: An
             expected[name].copy_(value)
 
 
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out |= _flat(value, f"{prefix}{key}.")
+        return out
+    return {prefix.rstrip("."): tree}
+
+
+def _changed(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """The settings that differ between a checkpoint's identity and this run's, as ``name: old -> new``."""
+    a, b = _flat(saved), _flat(now)
+    return [
+        f"{k}: {a.get(k, '-')} -> {b.get(k, '-')}"
+        for k in sorted(a.keys() | b.keys())
+        if a.get(k) != b.get(k)
+    ]
+
+
 def _resume_guard(loop: _Loop, resume: bool, identity: dict[str, Any]) -> dict[str, Any] | None:
     """Load the checkpoint when resuming, checking that it belongs to a run with these settings."""
     if loop.checkpoint_dir is None:
         if resume:
             raise ValueError("resume=True needs the `out` folder that holds the checkpoint")
         return None
+    repaired = recover_dir(loop.checkpoint_dir)
+    if repaired:
+        logger.warning("checkpoint folder: %s", repaired)
     has = (loop.checkpoint_dir / "state.json").is_file()
     if not resume:
         if has:
@@ -427,15 +474,77 @@ def _resume_guard(loop: _Loop, resume: bool, identity: dict[str, Any]) -> dict[s
             )
         return None
     if not has:
-        logger.info("no checkpoint in %s yet; starting from the beginning", loop.checkpoint_dir)
-        return None
+        raise ValueError(
+            f"there is no checkpoint to resume in {loop.checkpoint_dir}; check --out, or drop --resume "
+            "to start from the beginning"
+        )
     extra = loop.load()
     if extra is not None and extra.get("identity") != identity:
+        changes = _changed(extra.get("identity") or {}, identity)
         raise ValueError(
-            f"the checkpoint in {loop.checkpoint_dir} belongs to a run with other settings; use another "
-            "--out or resume with the same settings"
+            f"the checkpoint in {loop.checkpoint_dir} belongs to a run with other settings ("
+            + "; ".join(changes)
+            + "); resume with the same settings and data, or use another --out"
         )
+    logger.warning("resumed from %s at step %d of %d", loop.checkpoint_dir, loop.step, loop.total_steps)
     return extra
+
+
+def data_fingerprint(batches: Any) -> str | None:
+    """A digest of the token ids and labels of in-memory batches (None when they are not a list of dicts
+    of tensors, e.g. a DataLoader); a resumed run must see the same data."""
+    if not isinstance(batches, list | tuple) or not all(isinstance(b, dict) for b in batches):
+        return None
+    digest = hashlib.sha256()
+    for batch in batches:
+        for key in ("input_ids", "labels"):
+            value = batch.get(key)
+            if isinstance(value, torch.Tensor):
+                digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+class Interrupted(Exception):
+    """A run stopped by Ctrl-C at a step boundary; the message says what was saved and how to resume."""
+
+
+class _StopOnInterrupt:
+    """Ctrl-C during a loop finishes the current step, then the loop saves a checkpoint and stops.
+
+    A second Ctrl-C stops at once. Outside the main thread (where signals cannot be caught) it does
+    nothing and Ctrl-C behaves as usual.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("interrupted: finishing this step and saving a checkpoint (Ctrl-C again to stop now)")
+
+    def __enter__(self) -> _StopOnInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def check(self, loop: _Loop, state: Callable[[], dict[str, Any]]) -> None:
+        """At a step boundary: if Ctrl-C was pressed, save a checkpoint and raise :class:`Interrupted`."""
+        if not self.requested:
+            return
+        if loop.checkpoint_dir is None:
+            raise Interrupted(f"interrupted at step {loop.step} of {loop.total_steps}; nothing was saved")
+        loop.save(state())
+        raise Interrupted(
+            f"interrupted at step {loop.step} of {loop.total_steps}; checkpoint saved in "
+            f"{loop.checkpoint_dir}; run the same command with --resume (resume=True) to continue"
+        )
 
 
 # --- search -------------------------------------------------------------------------------------------
@@ -466,6 +575,7 @@ def search(
     out: str | os.PathLike | None = None,
     resume: bool = False,
     callback: Callback | None = None,
+    data: str | None = None,
 ) -> SearchResult:
     """Find the k candidate modules that are safest to skip, training a supernet of adapters meanwhile.
 
@@ -478,6 +588,8 @@ def search(
         out: folder for ``plan.json``, ``search_log.json``, ``preferences.png`` and checkpoints.
         resume: continue from the checkpoint in ``out`` (a killed run ends as an uninterrupted one).
         callback: called after every optimiser step with ``{"step", "loss", "phase"}``.
+        data: a fingerprint of the training data (the CLI passes the data file's digest); by default
+            one is computed from in-memory batches. A resumed run must have the same.
 
     Returns:
         The :class:`SearchResult`.
@@ -510,7 +622,12 @@ def search(
     epochs = config.warmup_epochs + config.search_epochs
     loop = _Loop(eas_model, tc, steps_per_epoch, epochs, out_dir, "search")
     bandit = Bandit(cands.num_arms, config.k, config.beta, config.alpha, seed=tc.seed, noise=config.noise)
-    identity = {"search": asdict(config), "arms": cands.num_arms, "world": procs.world}
+    identity = {
+        "search": asdict(config),
+        "arms": cands.num_arms,
+        "world": procs.world,
+        "data": data if data is not None else data_fingerprint(batches),
+    }
     trajectory: list[dict[str, Any]] = [
         {"step": 0, "preferences": bandit.preferences.tolist(), "top_k": None}
     ]
@@ -546,38 +663,42 @@ def search(
     )
     last_loss = float("nan")
     start_epoch = loop.position()[0]
-    for epoch in range(start_epoch, epochs):
-        for group in loop.groups(train_batches, epoch):
-            phase = "warmup" if loop.step < warmup_steps else "search"
-            subset = bandit.uniform(1)[0] if phase == "warmup" else bandit.sample(1)[0]
-            eas_model.set_plan(cands.plan(subset))
-            last_loss = sum(loop.backward(b) for b in group) / len(group)
-            loop.update()
-            if phase == "search" and (loop.step - warmup_steps) % config.interval == 0:
-                subsets = bandit.sample(config.n_candidates)
-                losses = score(subsets)
-                rewards = bandit.update(subsets, losses)
-                trajectory.append(
-                    {
-                        "step": loop.step,
-                        "subsets": subsets,
-                        "losses": losses,
-                        "rewards": rewards,
-                        "preferences": bandit.preferences.tolist(),
-                        "top_k": bandit.top_k(),
-                    }
+    with _StopOnInterrupt() as stop:
+        for epoch in range(start_epoch, epochs):
+            for group in loop.groups(train_batches, epoch):
+                phase = "warmup" if loop.step < warmup_steps else "search"
+                subset = bandit.uniform(1)[0] if phase == "warmup" else bandit.sample(1)[0]
+                eas_model.set_plan(cands.plan(subset))
+                last_loss = sum(loop.backward(b) for b in group) / len(group)
+                loop.update()
+                if phase == "search" and (loop.step - warmup_steps) % config.interval == 0:
+                    subsets = bandit.sample(config.n_candidates)
+                    losses = score(subsets)
+                    rewards = bandit.update(subsets, losses)
+                    trajectory.append(
+                        {
+                            "step": loop.step,
+                            "subsets": subsets,
+                            "losses": losses,
+                            "rewards": rewards,
+                            "preferences": bandit.preferences.tolist(),
+                            "top_k": bandit.top_k(),
+                        }
+                    )
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{last_loss:.3f}", phase=phase, top_k=",".join(map(str, bandit.top_k()))
                 )
-            bar.update(1)
-            bar.set_postfix(loss=f"{last_loss:.3f}", phase=phase, top_k=",".join(map(str, bandit.top_k())))
-            if tc.checkpoint_every and loop.step % tc.checkpoint_every == 0:
-                loop.save(resume_state())
-            if callback is not None:
-                callback({"step": loop.step, "loss": last_loss, "phase": phase})
+                if tc.checkpoint_every and loop.step % tc.checkpoint_every == 0:
+                    loop.save(resume_state())
+                if callback is not None:
+                    callback({"step": loop.step, "loss": last_loss, "phase": phase})
+                stop.check(loop, resume_state)
     bar.close()
     loop.save(resume_state())
 
     arms = bandit.top_k()
-    plan = cands.plan(arms)
+    plan = dataclasses.replace(cands.plan(arms), candidates=config.candidates)
     eas_model.set_plan(plan)
     eas_model.eval()
     result = SearchResult(plan, arms, config.candidates, bandit, trajectory, eas_model)
@@ -619,6 +740,7 @@ def fit(
     callback: Callback | None = None,
     name: str = "fit",
     identity: dict[str, Any] | None = None,
+    data: str | None = None,
 ) -> list[dict[str, float]]:
     """Train whatever parameters of ``model`` require grad on ``batches`` (loss from their ``labels``).
 
@@ -633,6 +755,7 @@ def fit(
         callback: called after every optimiser step with ``{"step", "loss", "phase"}``.
         name: names the checkpoint folder and the progress bar.
         identity: settings a resumed checkpoint must match (the config is always included).
+        data: a fingerprint of the training data (default: computed from in-memory batches).
 
     Returns:
         The loss history, one ``{"step", "loss", "lr"}`` per optimiser step.
@@ -644,7 +767,12 @@ def fit(
     train_batches = _Batches(batches, procs, config.shuffle, config.seed)
     steps_per_epoch = math.ceil(train_batches.count / config.grad_accum)
     loop = _Loop(model, config, steps_per_epoch, config.epochs, out_dir, name)
-    identity = {"train": asdict(config), "world": procs.world, **(identity or {})}
+    identity = {
+        "train": asdict(config),
+        "world": procs.world,
+        "data": data if data is not None else data_fingerprint(batches),
+        **(identity or {}),
+    }
     history: list[dict[str, float]] = []
     torch.manual_seed(config.seed)
     extra = _resume_guard(loop, resume, identity)
@@ -655,19 +783,25 @@ def fit(
     bar = tqdm(
         total=loop.total_steps, initial=loop.step, desc=name, disable=not (config.progress and procs.is_main)
     )
-    for epoch in range(loop.position()[0], config.epochs):
-        for group in loop.groups(train_batches, epoch):
-            loss = sum(loop.backward(b) for b in group) / len(group)
-            loop.update()
-            history.append({"step": loop.step, "loss": loss, "lr": loop.lr_at(loop.step - 1)})
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}")
-            if config.checkpoint_every and loop.step % config.checkpoint_every == 0:
-                loop.save({"identity": identity, "history": history})
-            if callback is not None:
-                callback({"step": loop.step, "loss": loss, "phase": name})
+
+    def state() -> dict[str, Any]:
+        return {"identity": identity, "history": history}
+
+    with _StopOnInterrupt() as stop:
+        for epoch in range(loop.position()[0], config.epochs):
+            for group in loop.groups(train_batches, epoch):
+                loss = sum(loop.backward(b) for b in group) / len(group)
+                loop.update()
+                history.append({"step": loop.step, "loss": loss, "lr": loop.lr_at(loop.step - 1)})
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}")
+                if config.checkpoint_every and loop.step % config.checkpoint_every == 0:
+                    loop.save(state())
+                if callback is not None:
+                    callback({"step": loop.step, "loss": loss, "phase": name})
+                stop.check(loop, state)
     bar.close()
-    loop.save({"identity": identity, "history": history})
+    loop.save(state())
     model.eval()
     return history
 
@@ -680,6 +814,7 @@ def train(
     out: str | os.PathLike | None = None,
     resume: bool = False,
     callback: Callback | None = None,
+    data: str | None = None,
 ) -> EASModel:
     """Fine-tune the adapters of one plan; then (by default) gather the static-merge calibration means.
 
@@ -692,6 +827,7 @@ def train(
         out: folder for ``adapters/``, ``train_log.json`` and checkpoints.
         resume: continue from the checkpoint in ``out``.
         callback: called after every optimiser step with ``{"step", "loss", "phase"}``.
+        data: a fingerprint of the training data (default: computed from in-memory batches).
 
     Returns:
         The trained :class:`EASModel` (in eval mode).
@@ -699,7 +835,9 @@ def train(
     config = config or TrainConfig()
     eas_model = model if isinstance(model, EASModel) else get_eas_model(model, eas or EASConfig())
     identity = {"eas": eas_model.eas_config.to_dict()}
-    history = fit(eas_model, batches, config, out, resume, callback, name="train", identity=identity)
+    history = fit(
+        eas_model, batches, config, out, resume, callback, name="train", identity=identity, data=data
+    )
     device = next(eas_model.parameters()).device
     procs = _Dist(device)
     show = config.progress and procs.is_main

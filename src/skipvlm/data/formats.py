@@ -84,17 +84,41 @@ class _Checker:
         logger.warning("skipping %s", bad)
         self.report.skipped.append(bad)
 
-    def image(self, row: int | str, image: Any) -> Any | None:
-        """A verified image (PIL image or path), or ``None`` after reporting the row as bad."""
+    def image(self, row: int | str, image: Any, folder: Path | None = None) -> Any | None:
+        """A decodable image (PIL image or path), or ``None`` after reporting the row as bad.
+
+        A path given as a string resolves against ``folder`` and must stay inside it (``../`` may not
+        leave the image folder; absolute paths are taken as they are). The image is decoded once here,
+        so a file with valid checksums but broken pixel data is a bad row now rather than an error in
+        the middle of training or evaluation.
+        """
         if image is None or isinstance(image, Image.Image):
             return image
+        if not isinstance(image, str | os.PathLike):
+            self.bad(
+                row, f"field 'image' must be a file path (a string), got {type(image).__name__} {image!r}"
+            )
+            return None
         path = Path(image)
+        if folder is not None and not path.is_absolute():
+            path = folder / path
+            root = folder.resolve()
+            if root not in path.resolve().parents:
+                self.bad(
+                    row, f"image {image} resolves outside the image folder {folder}; keep images inside it"
+                )
+                return None
+        if path.is_dir():
+            self.bad(row, f"image {path} is a folder, not an image file")
+            return None
         if not path.is_file():
             self.bad(row, f"image {path} does not exist")
             return None
         try:
             with Image.open(path) as img:
                 img.verify()
+            with Image.open(path) as img:
+                img.load()  # verify() checks the container only; decoding finds broken pixel data
         except Exception as err:  # PIL raises many types for a corrupt file
             self.bad(row, f"image {path} is unreadable ({type(err).__name__}: {err})")
             return None
@@ -134,8 +158,13 @@ def load_chat_jsonl(
     path = _open(path)
     folder = Path(image_folder) if image_folder is not None else path.parent
     check = _Checker(str(path), on_bad_row, max_chars)
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                check.bad(line_no, f"not UTF-8 text (byte {raw[err.start]:#04x} at column {err.start + 1})")
+                continue
             if not line.strip():
                 continue
             try:
@@ -158,7 +187,7 @@ def load_chat_jsonl(
                 continue
             image = row.get("image")
             if image is not None:
-                image = check.image(line_no, image if Path(image).is_absolute() else folder / image)
+                image = check.image(line_no, image, folder)
                 if image is None:
                     continue
             answer = row.get("answer") if isinstance(row.get("answer"), str) else ""
@@ -186,6 +215,12 @@ def load_jsonl(path: str | os.PathLike, image_folder: str | os.PathLike | None =
 
 def _llava_rows(path: Path) -> Iterator[tuple[int, Any]]:
     """Rows of a JSON list (row = index) or a JSON-lines file (row = line number)."""
+    try:
+        path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start})"
+        ) from None
     with path.open(encoding="utf-8") as f:
         first = f.read(1)
         while first and first.isspace():
@@ -248,7 +283,7 @@ def load_llava(
             )
         image = item.get("image")
         if image is not None:
-            image = check.image(row, folder / image)
+            image = check.image(row, image, folder)
             if image is None:
                 continue
         example = ChatExample(
@@ -303,8 +338,14 @@ def load_scienceqa(
         pids = json.loads(splits_path.read_text(encoding="utf-8"))[split]
     except json.JSONDecodeError as err:
         raise ValueError(f"ScienceQA file is not valid JSON ({err})") from err
-    except KeyError as err:
-        raise ValueError(f"{splits_path} has no split {split!r}") from err
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{splits_path} has no split {split!r} (it must map split names to lists)") from err
+    if not isinstance(table, dict):
+        raise ValueError(f"{problems_path} must hold a JSON object of problems keyed by id")
+    if not isinstance(pids, list):
+        raise ValueError(
+            f"{splits_path}: split {split!r} must be a list of problem ids, got {type(pids).__name__}"
+        )
     folder = Path(image_folder) if image_folder is not None else problems_path.parent / "images"
     check = _Checker(str(problems_path), on_bad_row, max_chars)
     for pid in pids:
@@ -316,6 +357,13 @@ def load_scienceqa(
         if missing or not isinstance(problem.get("choices"), list) or not problem["choices"]:
             check.bad(pid, f"field(s) {missing or ['choices']} missing or empty")
             continue
+        if len(problem["choices"]) > len(_LETTERS):
+            check.bad(pid, f"{len(problem['choices'])} choices; at most {len(_LETTERS)} (A-J) are supported")
+            continue
+        grade_text = str(problem.get("grade", "grade0")).removeprefix("grade")
+        if not grade_text.isdigit() and grade_text != "":
+            check.bad(pid, f"grade {problem.get('grade')!r} is not of the form 'grade7'")
+            continue
         if not isinstance(problem["answer"], int) or not 0 <= problem["answer"] < len(problem["choices"]):
             check.bad(
                 pid, f"answer index {problem['answer']!r} is not one of the {len(problem['choices'])} choices"
@@ -323,11 +371,11 @@ def load_scienceqa(
             continue
         image = None
         if problem.get("image"):
-            image = check.image(pid, folder / split / str(pid) / problem["image"])
+            image = check.image(pid, Path(split) / str(pid) / str(problem["image"]), folder)
             if image is None:
                 continue
         prompt, target = scienceqa_prompt(problem, fmt)
-        grade = int(str(problem.get("grade", "grade0")).removeprefix("grade") or 0)
+        grade = int(grade_text or 0)
         meta = {
             "subject": problem.get("subject", ""),
             "grade": grade,

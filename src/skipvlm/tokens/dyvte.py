@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from skipvlm.arch import ArchFacts, arch_facts
-from skipvlm.io import atomic_dir
+from skipvlm.io import atomic_files
 from skipvlm.plan import Plan
 
 __all__ = ["DyVTE", "DyVTEConfig", "DyVTERouters", "after_image", "router_features", "train_dyvte"]
@@ -165,7 +165,7 @@ class DyVTERouters(nn.Module):
             "report": self.report,
         }
         state = {k: v.detach().float().contiguous().cpu() for k, v in self.state_dict().items()}
-        with atomic_dir(path) as staging:
+        with atomic_files(path) as staging:
             save_file(state, str(staging / WEIGHTS_NAME))
             (staging / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
         return Path(path)
