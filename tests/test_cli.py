@@ -172,8 +172,8 @@ def test_token_exit_commands_end_to_end(toy_dir, tmp_path, capsys):
     data = ["--data", str(toy_dir / "heldout.jsonl"), "--batch-size", "4"]
     calibrate = ["calibrate-vtw", *model, *data, "--out", str(tmp_path / "vtw")]
     assert main([*calibrate, "--eta", "0", "--min-layer", "1", "--limit", "6"]) == 0
-    assert "VTW exit layer 4 of 4" in capsys.readouterr().out  # no K reaches KL 0: nothing written
-    assert not (tmp_path / "vtw" / "plan.json").exists()
+    assert "VTW exit layer 4 of 4" in capsys.readouterr().out  # no K reaches KL 0: every token stays
+    assert json.loads((tmp_path / "vtw" / "plan.json").read_text())["visual_exit_layer"] is None
     saved = json.loads((tmp_path / "vtw" / "vtw_calibration.json").read_text())
     assert saved["num_examples"] == 6 and saved["min_layer"] == 1 and saved["eta"] == 0
     # the curve is the library's on the same six examples

@@ -131,8 +131,6 @@ def uninterrupted(toy_dir, tmp_path_factory):
     return load_file(str(out / "adapters" / "adapter_model.safetensors"))
 
 
-ISSUE_20 = pytest.mark.xfail(strict=True, reason="recovery of .old checkpoints: issue 20")
-
 SLOW = pytest.mark.slow  # the default suite kills three points; `make test-all` every one
 
 # (kill point, which save, the steps the resumed run may start from)
@@ -142,7 +140,7 @@ CASES = [
     pytest.param("after_tensors", 2, {2}, id="tensors-written-no-state-json", marks=SLOW),
     pytest.param("after_json", 2, {2}, id="staging-complete-before-swap", marks=SLOW),
     # the old checkpoint renamed aside, the new one not yet in place: either is a complete checkpoint
-    pytest.param("after_rename_1", 2, {2, 4}, id="between-the-two-renames", marks=ISSUE_20),
+    pytest.param("after_rename_1", 2, {2, 4}, id="between-the-two-renames"),
     pytest.param("after_rename_2", 2, {4}, id="swapped-old-not-yet-removed"),
     pytest.param("after_save", 2, {4}, id="save-complete", marks=SLOW),
     pytest.param("after_json", 1, {0}, id="first-save-never-completed", marks=SLOW),
