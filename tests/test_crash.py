@@ -149,7 +149,7 @@ CASES = [
 
 @pytest.mark.parametrize(("point", "save", "starts"), CASES)
 def test_sigkill_during_a_checkpoint_save_resumes_to_the_same_adapters(
-    toy_dir, tmp_path, uninterrupted, monkeypatch, point, save, starts
+    toy_dir, tmp_path, uninterrupted, monkeypatch, capsys, point, save, starts
 ):
     out = tmp_path / "run"
     args = train_args(toy_dir, out)
@@ -169,7 +169,12 @@ def test_sigkill_during_a_checkpoint_save_resumes_to_the_same_adapters(
         steps.append(self.step)
 
     monkeypatch.setattr(loops._Loop, "update", counted_update)
-    assert main([*args, "--resume"]) == 0
+    if starts == {0}:  # no save completed: --resume says so, and a fresh run starts over
+        assert main([*args, "--resume"]) == 2
+        assert "no checkpoint to resume" in capsys.readouterr().err
+        assert main(args) == 0
+    else:
+        assert main([*args, "--resume"]) == 0
     assert steps[-1] == STEPS
     assert steps[0] - 1 in starts, f"resumed after step {steps[0] - 1}, expected one of {sorted(starts)}"
     resumed = load_file(str(out / "adapters" / "adapter_model.safetensors"))
