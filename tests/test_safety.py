@@ -228,7 +228,7 @@ def test_resume_names_the_changed_settings_and_refuses_other_data(tmp_path):
 
 
 def test_ctrl_c_finishes_the_step_saves_and_resumes_exactly(tmp_path):
-    config = skipvlm.TrainConfig(**{**CONFIG, "checkpoint_every": 0})  # the default: no periodic saves
+    config = skipvlm.TrainConfig(**{**CONFIG, "checkpoint_every": 0})  # no periodic saves: Ctrl-C alone saves
     model, batches = _data()
     full = _adapters(skipvlm.train(model, batches, config))
 

@@ -85,7 +85,8 @@ class TrainConfig:
         precision: ``auto`` (bf16 autocast on a GPU that supports it, else fp32), ``fp32``, ``bf16``
             or ``fp16`` (GPU, with loss scaling).
         gradient_checkpointing: recompute layer activations in the backward pass to save memory.
-        checkpoint_every: save a resumable checkpoint every N optimiser steps (0: only at the end).
+        checkpoint_every: save a resumable checkpoint every N optimiser steps (0: only at the end and on
+            Ctrl-C); only when the run has an ``out`` folder.
         shuffle: reshuffle a list of batches every epoch (seeded; other iterables keep their order).
         seed: seed of the shuffling and of the torch random state (dropout).
         calibrate: after :func:`train`, gather the router means the static merge needs.
@@ -100,7 +101,9 @@ class TrainConfig:
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0: off)"})
     precision: str = field(default="auto", metadata={"help": "auto, fp32, bf16 or fp16"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations"})
-    checkpoint_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0: at the end)"})
+    checkpoint_every: int = field(
+        default=200, metadata={"help": "checkpoint every N steps (0: only at the end and on Ctrl-C)"}
+    )
     shuffle: bool = field(default=True, metadata={"help": "reshuffle a list of batches every epoch"})
     seed: int = field(default=0, metadata={"help": "seed of shuffling and dropout"})
     calibrate: bool = field(default=True, metadata={"help": "gather router means for the static merge"})
