@@ -25,7 +25,7 @@ demo: $(STAMP)
 	$(VENV)/bin/skipvlm demo
 
 test: $(STAMP)
-	@echo "running the default suite (about 4 minutes on 2 cores); pytest prints a dot per test"
+	@echo "running the default suite (about 2 minutes on 2 idle cores); pytest prints a dot per test"
 	$(PY) -m pytest -m "not slow and not gpu"
 
 test-slow: $(STAMP)
