@@ -489,3 +489,14 @@ def test_scienceqa_bad_rows_and_bad_splits(tmp_path):
     assert "11 choices; at most 10" in report.skipped[1].reason
     with pytest.raises(ValueError, match="must be a list of problem ids"):
         formats.load_scienceqa(tmp_path / "problems.json", tmp_path / "splits.json", "val")
+
+
+@pytest.mark.parametrize("command", ["merge", "eval"])
+def test_a_wrong_adapters_folder_fails_before_the_model_loads(
+    toy_dir, tmp_path, capsys, monkeypatch, command
+):
+    no_load(monkeypatch)
+    args = [command, "--model", str(toy_dir / "model"), "--adapters", str(tmp_path / "typo")]
+    args += ["--out", str(tmp_path / "o")] if command == "merge" else ["--data", str(toy_dir / "test.jsonl")]
+    assert main(args) == 2
+    assert "cannot load EAS adapters from" in err_line(capsys)

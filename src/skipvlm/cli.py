@@ -189,6 +189,13 @@ def _check_model_dir(path: str) -> Path:
     return folder
 
 
+def _check_adapters_dir(path: str) -> None:
+    """Read an adapters folder's config (no weights), so a wrong path fails before the model loads."""
+    from skipvlm.eas import _read_meta
+
+    _read_meta(Path(path))
+
+
 def _model_facts(folder: Path):
     """Architecture facts from config.json alone, to validate settings before loading any weights."""
     import transformers
@@ -420,13 +427,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from skipvlm.io import atomic_write_text
 
     folder = _check_model_dir(args.model)
-    examples = _data(args, "data")
-    collator = _collator(folder, args)
-    model = _load_model(folder, args)
     if args.merge != "none" and not args.adapters:
         raise ValueError(f"--merge {args.merge} merges --adapters; pass the adapters folder too")
     if args.merge == "per_example" and args.batch_size != 1:
         raise ValueError("--merge per_example re-merges for every example: pass --batch-size 1")
+    if args.adapters:
+        _check_adapters_dir(args.adapters)
+    examples = _data(args, "data")
+    collator = _collator(folder, args)
+    model = _load_model(folder, args)
     if args.adapters:
         model = EASModel.from_pretrained(model, args.adapters)
         if args.merge != "none":
@@ -456,6 +465,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     from skipvlm.eas import EASModel
 
     folder = _check_model_dir(args.model)
+    _check_adapters_dir(args.adapters)
     model = EASModel.from_pretrained(_load_model(folder, args), args.adapters)
     path = model.export_merged(args.out, processor=load_processor(folder))
     print(f"merged {model.plan} into a stock checkpoint -> {path}")
