@@ -322,11 +322,10 @@ def _record_prompt(out: str | None, collator: Any) -> None:
 
     if out is None or int(os.environ.get("RANK", "0")) != 0:
         return
-    owner = getattr(collator, "_owner", None)
     data = {
         "template": collator.template,
         "prompt_format": collator.prompt_format,
-        "chat_template": getattr(owner, "chat_template", None),
+        "chat_template": collator.chat_template,
     }
     atomic_write_text(Path(out) / "prompt.json", json.dumps(data, indent=1) + "\n")
 
@@ -720,6 +719,7 @@ def build_parser() -> argparse.ArgumentParser:
     pth.set_defaults(func=_cmd_toy_path)
 
     from skipvlm.eas import EASConfig
+    from skipvlm.plan import CANDIDATE_KINDS
     from skipvlm.train import SearchConfig, TrainConfig
 
     srch = sub.add_parser("search", help="search which modules are redundant for a task (bandit)")
@@ -741,7 +741,7 @@ def build_parser() -> argparse.ArgumentParser:
     trn.add_argument("--plan", help="plan.json from `skipvlm search` (else use --skip-attention ...)")
     trn.add_argument(
         "--candidates",
-        choices=["attention", "mlp", "attention_or_mlp", "layer"],
+        choices=CANDIDATE_KINDS,
         help="the candidate kind of an older --plan file that does not record it (plans from skipvlm "
         "search record it)",
     )

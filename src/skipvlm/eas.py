@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from skipvlm.arch import ArchFacts, arch_facts, decoder_slot
 from skipvlm.io import atomic_path, atomic_write_text
 from skipvlm.pia import PIALayers, prompt_mask_from_labels
-from skipvlm.plan import Plan
+from skipvlm.plan import CANDIDATE_KINDS, Plan
 from skipvlm.runtime import ADAPTERS, SkipDecoder
 
 __all__ = ["ADAPTER_FILE", "CONFIG_FILE", "EASConfig", "EASModel", "get_eas_model"]
@@ -93,8 +93,6 @@ class EASConfig:
     init_seed: int = field(default=0, metadata={"help": "seed of the adapters' initialisation"})
 
     def __post_init__(self) -> None:
-        from skipvlm.search import CANDIDATE_KINDS
-
         plan = Plan(skip_attention=self.skip_attention, skip_mlp=self.skip_mlp)
         self.skip_attention, self.skip_mlp = list(plan.skip_attention), list(plan.skip_mlp)
         self.skip_layers = list(Plan(skip_attention=self.skip_layers).skip_attention)

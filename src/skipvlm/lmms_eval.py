@@ -39,7 +39,7 @@ except ImportError as err:  # pragma: no cover - exercised only without lmms-eva
 
 from accelerate import Accelerator
 
-from skipvlm.data.chat import LEGACY_FORMAT, load_processor
+from skipvlm.data.chat import LEGACY_FORMAT, load_processor, template_owner
 from skipvlm.eas import EASModel
 from skipvlm.lmms_eval_plugin import CLASS_PATH, MODEL_NAME, manifest
 from skipvlm.merge import MODES, load_pretrained
@@ -237,8 +237,7 @@ class SkipVLM(lmms):
         self._tokenizer.padding_side = "left"
         self._image_token = getattr(self.processor, "image_token", None)
         # who renders chat templates: the processor, else its tokenizer (as skipvlm's collator does)
-        owners = (self.processor, self._tokenizer)
-        self._owner = next((o for o in owners if getattr(o, "chat_template", None)), None)
+        self._owner = template_owner(self.processor)
         self.max_new_tokens = int(max_new_tokens)
         self._chats: dict[str, tuple[list, bool]] = {}  # prompts apply_chat_template rendered: their chats
         plan, where = current_plan(self.model), (self._device, self._rank, self._world_size)

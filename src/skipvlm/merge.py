@@ -432,7 +432,8 @@ def load_pretrained(path: str | os.PathLike, allow_missing_weights: bool = False
             f"{path} has {what}; skipvlm loads safetensors only and never unpickles a checkpoint (it can run "
             "code). Convert it where you trust it: model.save_pretrained(dir) writes safetensors"
         )
-    kwargs.pop("trust_remote_code", None)
+    for fixed in ("trust_remote_code", "use_safetensors", "output_loading_info"):  # set below, always
+        kwargs.pop(fixed, None)
     config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
     facts = arch_facts(config)
     try:

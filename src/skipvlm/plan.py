@@ -21,7 +21,8 @@ __all__ = ["Plan"]
 
 _FORMAT_VERSION = 1
 _LAYER_LISTS = ("skip_attention", "skip_mlp")
-_CANDIDATE_KINDS = ("attention", "mlp", "attention_or_mlp", "layer")  # = skipvlm.search.CANDIDATE_KINDS
+# What a search can skip (skipvlm.search.Candidates): attentions (EAS), MLPs, either, or whole layers (DAS).
+CANDIDATE_KINDS = ("attention", "mlp", "attention_or_mlp", "layer")
 FASTV_SOURCES = ("last", "text")
 # The visual-token exit fields, as named in Plan (and as CLI options).
 TOKEN_FIELDS = ("visual_exit_layer", "fastv_layer", "fastv_ratio", "fastv_source", "dyvte", "dyvte_threshold")
@@ -119,9 +120,9 @@ class Plan:
     candidates: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
-        if self.candidates is not None and self.candidates not in _CANDIDATE_KINDS:
+        if self.candidates is not None and self.candidates not in CANDIDATE_KINDS:
             raise ValueError(
-                f"Plan.candidates is {self.candidates!r}; use one of {list(_CANDIDATE_KINDS)} or None"
+                f"Plan.candidates is {self.candidates!r}; use one of {list(CANDIDATE_KINDS)} or None"
             )
         for name in _LAYER_LISTS:
             object.__setattr__(self, name, _layer_list(name, getattr(self, name)))

@@ -23,11 +23,9 @@ from typing import Any
 
 import torch
 
-from skipvlm.plan import Plan
+from skipvlm.plan import CANDIDATE_KINDS, Plan
 
 __all__ = ["CANDIDATE_KINDS", "Bandit", "Candidates", "control_plan"]
-
-CANDIDATE_KINDS = ("attention", "mlp", "attention_or_mlp", "layer")
 
 
 class Bandit:

@@ -21,7 +21,6 @@ and write files on rank 0 only. Nothing assumes a world size.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import json
 import logging
@@ -30,7 +29,7 @@ import os
 import signal
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -220,6 +219,11 @@ class _Dist:
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
         return value.div_(self.world)
 
+    def barrier(self) -> None:
+        """Wait until every rank reaches this point."""
+        if self.active:
+            dist.barrier()
+
     def shard(self, n: int) -> list[int]:
         """The indices of ``n`` items this rank handles (the same count on every rank; a remainder drops)."""
         usable = n - n % self.world
@@ -389,7 +393,6 @@ class _Loop:
         meta = {"step": self.step, "param_groups": state["param_groups"], "extra": extra}
         if self.scaler:
             meta["scaler"] = self.scaler.state_dict()
-        recover_dir(self.checkpoint_dir)  # a crash mid-swap left `.old`: never delete the last good one
         with atomic_dir(self.checkpoint_dir) as tmp:
             save_file(tensors, str(tmp / "state.safetensors"))
             (tmp / "state.json").write_text(json.dumps(meta))
@@ -466,9 +469,11 @@ def _resume_guard(loop: _Loop, resume: bool, identity: dict[str, Any]) -> dict[s
         if resume:
             raise ValueError("resume=True needs the `out` folder that holds the checkpoint")
         return None
-    repaired = recover_dir(loop.checkpoint_dir)
-    if repaired:
-        logger.warning("checkpoint folder: %s", repaired)
+    if loop.procs.is_main:  # rank 0 alone repairs the folder it writes; the others then read it
+        repaired = recover_dir(loop.checkpoint_dir)
+        if repaired:
+            logger.warning("checkpoint folder: %s", repaired)
+    loop.procs.barrier()
     has = (loop.checkpoint_dir / "state.json").is_file()
     if not resume:
         if has:
@@ -701,7 +706,7 @@ def search(
     loop.save(resume_state())
 
     arms = bandit.top_k()
-    plan = dataclasses.replace(cands.plan(arms), candidates=config.candidates)
+    plan = replace(cands.plan(arms), candidates=config.candidates)
     eas_model.set_plan(plan)
     eas_model.eval()
     result = SearchResult(plan, arms, config.candidates, bandit, trajectory, eas_model)

@@ -87,7 +87,7 @@ def _open_image(example: ChatExample) -> Image.Image:
         raise ValueError(f"example {example.id}: cannot read image {image} ({err})") from err
 
 
-def _template_owner(processor: Any) -> Any | None:
+def template_owner(processor: Any) -> Any | None:
     """The object whose ``apply_chat_template`` renders prompts (processor first), or None."""
     tokenizer = getattr(processor, "tokenizer", processor)
     for owner in (processor, tokenizer):
@@ -120,7 +120,7 @@ class ChatCollator:
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.max_length = max_length
         self.image_token = image_token or getattr(processor, "image_token", None)
-        self._owner = _template_owner(processor) if prompt_format is None else None
+        self._owner = template_owner(processor) if prompt_format is None else None
         if prompt_format is None and self._owner is None:
             logger.warning(
                 "%s has no chat template; prompts use %r (pass prompt_format / --prompt-format to choose)",
@@ -133,6 +133,11 @@ class ChatCollator:
         self.prompt_format = prompt_format
         if self.tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token before collating")
+
+    @property
+    def chat_template(self) -> str | None:
+        """The Jinja chat template that builds the prompts, or None under a ``prompt_format``."""
+        return self._owner.chat_template if self._owner is not None else None
 
     @property
     def template(self) -> str:
