@@ -369,6 +369,14 @@ class EASModel(nn.Module):
             state |= {f"{_PROJECTOR_PREFIX}{k}": v for k, v in self.projector().state_dict().items()}
         return state
 
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """What a training checkpoint keeps of this model (the training loops ask every model for it)."""
+        return self.adapter_state_dict()
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor], source: Any = "state dict") -> None:
+        """Load what :meth:`trainable_state_dict` returned (see :meth:`load_adapter_state_dict`)."""
+        self.load_adapter_state_dict(state, source=source)
+
     def save_pretrained(self, path: str | os.PathLike) -> Path:
         """Write ``eas_config.json`` and ``adapter_model.safetensors`` (adapters only) to ``path``.
 
