@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -79,7 +80,7 @@ def test_skipped_attention_still_runs_nothing():
 def test_only_adapters_require_grad_and_get_gradients():
     model = randomize_adapters(build_eas("llava"))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert trainable and all(".pia_adapters." in n for n in trainable)
+    assert trainable and all(".routes." in n and ".adapters." in n for n in trainable)
     model.train()
     loss = model(**with_labels(make_inputs("llava", lengths=(6, 4)))).loss
     loss.backward()
@@ -95,7 +96,7 @@ def test_projector_trains_when_asked():
     model = build_eas("llava", train_projector=True)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any("multi_modal_projector" in n for n in trainable)
-    assert all(".pia_adapters." in n or "multi_modal_projector" in n for n in trainable)
+    assert all(".routes." in n or "multi_modal_projector" in n for n in trainable)
     with pytest.raises(ValueError, match="no multimodal projector"):
         build_eas("llama", train_projector=True)
 
@@ -176,7 +177,7 @@ def test_save_and_load_round_trip_exactly(arch, tmp_path):
     model.save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([ADAPTER_FILE, CONFIG_FILE])
     state = load_file(tmp_path / ADAPTER_FILE)
-    assert state and all(k.startswith("pia_adapters.") for k in state)
+    assert state and all(re.match(r"routes\.\d+\.adapters\.(replace|adapt)\.", k) for k in state)
     assert sum(v.numel() for k, v in state.items() if "calib" not in k) == model.trainable_parameters()[0]
 
     loaded = skipvlm.EASModel.from_pretrained(build_model(arch), tmp_path)
@@ -343,3 +344,41 @@ def test_config_rejects_a_layer_listed_twice_across_kinds():
         skipvlm.EASConfig(skip_attention=[2], skip_layers=[2])
     with pytest.raises(ValueError, match="candidates must be one of"):
         skipvlm.EASConfig(candidates="heads")
+
+
+DATA = __import__("pathlib").Path(__file__).parent / "data"
+
+
+def test_adapters_saved_in_format_1_still_load_exactly(tmp_path):
+    # Written by the code before the routes redesign (tests/data/make_eas_v1.py, commit 39bb2dc).
+    model = skipvlm.EASModel.from_pretrained(build_model("llama"), DATA / "eas_v1")
+    assert model.plan == skipvlm.Plan(skip_attention=[1, 3])
+    assert model.eas_config.supernet and model.eas_config.init_seed == 3
+    ids = torch.tensor([[1, 5, 6, 7, 8, 9]])
+    expected = load_file(DATA / "eas_v1" / "expected_logits.safetensors")["logits"]
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    assert int(model.adapters.replace["1"].calib_n) == 1
+    model.save_pretrained(tmp_path)  # re-saved in today's format, which loads to the same model
+    assert json.loads((tmp_path / CONFIG_FILE).read_text())["format_version"] == 2
+    again = skipvlm.EASModel.from_pretrained(build_model("llama"), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, expected, rtol=0, atol=1e-6)
+
+
+def test_apply_plan_and_set_plan_are_one_path():
+    model = build_eas("llama", skip=(1,))
+    for setter in (model.set_plan, lambda plan: skipvlm.apply_plan(model, plan)):
+        with pytest.raises(ValueError, match=r"layer\(s\) \[2\] have no adapter"):
+            setter(skipvlm.Plan(skip_attention=[1, 2]))
+        assert model.plan == skipvlm.Plan(skip_attention=[1])  # a refused plan changes nothing
+    supernet = build_eas("llama", skip=(1,), supernet=True)
+    skipvlm.apply_plan(supernet, skipvlm.Plan(skip_attention=[0, 2]))
+    assert supernet.eas_config.skip_attention == [0, 2] == list(supernet.plan.skip_attention)
+    skipvlm.apply_plan(supernet.base_model, skipvlm.Plan(skip_attention=[3]))  # the base model too
+    assert supernet.eas_config.skip_attention == [3]
+    assert skipvlm.current_plan(supernet) == skipvlm.Plan(skip_attention=[3])
+    with skipvlm.use_plan(supernet, skipvlm.Plan()):
+        assert supernet.eas_config.skip_attention == []
+    assert supernet.eas_config.skip_attention == [3]

@@ -9,9 +9,10 @@ import torch
 import transformers as tf
 
 import skipvlm
+from skipvlm.adapters import LayerAdapters
 from skipvlm.arch import get_decoder, get_layers
-from skipvlm.merge import PLAN_KEY, PerExampleMerger
-from skipvlm.pia import PIABase, PIALayers
+from skipvlm.merge import PLAN_KEY, PerExampleRoute
+from skipvlm.pia import PIABase
 from skipvlm.runtime import RemovedAttention
 
 from conftest import build_eas, build_model, greedy, logits, make_inputs, randomize_adapters
@@ -30,8 +31,8 @@ def trained(arch: str, skip=(1, 2), **cfg) -> tuple[skipvlm.EASModel, dict]:
 
 
 def assert_no_adapters_left(model, skipped):
-    assert not any(isinstance(m, (PIABase, PIALayers)) for m in model.modules())
-    assert not any("pia_adapters" in n for n, _ in model.named_parameters())
+    assert not any(isinstance(m, (PIABase, LayerAdapters)) for m in model.modules())
+    assert not any(".routes." in n for n, _ in model.named_parameters())
     for i, layer in enumerate(get_layers(model)):
         attention = layer.self_attn
         assert isinstance(attention, RemovedAttention) == (i in skipped)
@@ -198,10 +199,11 @@ def test_load_pretrained_refuses_a_folder_without_config(tmp_path):
 
 def test_per_example_merger_is_registered_and_holds_no_state_dict_entries():
     model, _ = trained("llama")
-    keys_before = {k for k in model.base_model.state_dict() if "pia_" not in k}
+    keys_before = {k for k in model.base_model.state_dict() if ".routes." not in k}
     merged = model.merge_and_unload(mode="per_example")
-    assert isinstance(get_decoder(merged).pia_merger, PerExampleMerger)
-    assert not any("pia_" in k for k in merged.state_dict())
+    routes = get_decoder(merged).routes
+    assert all(isinstance(routes[i], PerExampleRoute) for i in range(4))
+    assert not any(".routes." in k for k in merged.state_dict())
     attention_keys = {k for k in keys_before if ".1.self_attn." in k or ".2.self_attn." in k}
     assert attention_keys and not attention_keys & set(merged.state_dict())
 

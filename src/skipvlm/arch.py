@@ -8,21 +8,28 @@ to resolve the dotted paths the facts name. See ``shared/METHODS.md`` §1 for th
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
+import torch
 from torch import nn
 from transformers import PretrainedConfig
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "ArchFacts",
+    "HostFamily",
     "UnsupportedModelError",
     "arch_facts",
     "decoder_slot",
     "get_decoder",
     "get_layers",
+    "host_family",
     "model_class",
+    "register_host",
     "unwrap",
+    "visual_token_mask",
 ]
 
 
@@ -31,38 +38,83 @@ class UnsupportedModelError(ValueError):
 
 
 @dataclass(frozen=True)
-class _Family:
-    decoder_path: str  # dotted path from the top-level model to the text model that owns ``layers``
-    rope: str  # "default" (1-D positions) or "mrope" (Qwen2-VL's 3-D multimodal positions)
-    text_types: tuple[str, ...] = ()  # allowed text-config model types for a composite model
-    projector_path: str | None = None  # dotted path to the multimodal projector, if any
+class HostFamily:
+    """Everything skipvlm needs to know about one model family, in one entry (see :func:`register_host`).
+
+    Args:
+        model_type: ``model_type`` of the top-level config (what ``from_pretrained`` dispatches on).
+        model_class: the transformers generation class loaders and presets instantiate.
+        decoder_path: dotted path from the top-level model to the text model that owns ``layers``.
+        rope: ``"default"`` (1-D positions) or ``"mrope"`` (Qwen2-VL's 3-D multimodal positions).
+        text_types: allowed text-config model types of a composite model (empty: the model is its own
+            text model).
+        projector_path: dotted path to the multimodal projector, if any.
+        visual_tokens: ``visual_tokens(config, images, image_patches)``: visual tokens in a prompt, for
+            cost accounting (None: text-only).
+        vision_macs: ``vision_macs(config, images, image_patches)`` -> (vision tower MACs, projector
+            MACs) of a prompt's images, for cost accounting (None: text-only).
+        description: how the supported-models list names it (default: ``model_class``).
+        attention_name, mlp_name, input_norm_name, post_norm_name: sub-module names in a decoder layer.
+        image_token_attrs / video_token_attrs: config attributes holding the placeholder token ids.
+    """
+
+    model_type: str
+    model_class: str
+    decoder_path: str = "model"
+    rope: str = "default"
+    text_types: tuple[str, ...] = ()
+    projector_path: str | None = None
+    visual_tokens: Callable[[PretrainedConfig, int, int], int] | None = None
+    vision_macs: Callable[[PretrainedConfig, int, int], tuple[int, int]] | None = None
+    description: str = ""
+    attention_name: str = "self_attn"
+    mlp_name: str = "mlp"
+    input_norm_name: str = "input_layernorm"
+    post_norm_name: str = "post_attention_layernorm"
+    image_token_attrs: tuple[str, ...] = ("image_token_id", "image_token_index")
+    video_token_attrs: tuple[str, ...] = ("video_token_id",)
 
 
-_TEXT_TYPES = ("llama", "mistral", "qwen2")
+_HOSTS: dict[str, HostFamily] = {}
 
-# model_type of the top-level config -> where its decoder lives. Keys are config model types, which is
-# what `from_pretrained` itself dispatches on; the class names are listed in the error message.
-_FAMILIES: dict[str, _Family] = {
-    "llama": _Family("model", "default"),
-    "mistral": _Family("model", "default"),
-    "qwen2": _Family("model", "default"),
-    "llava": _Family("model.language_model", "default", _TEXT_TYPES, "model.multi_modal_projector"),
-    "qwen2_vl": _Family(
-        "model.language_model", "mrope", ("qwen2_vl_text", "qwen2_vl"), "model.visual.merger"
-    ),
-    "qwen2_5_vl": _Family(
-        "model.language_model", "mrope", ("qwen2_5_vl_text", "qwen2_5_vl"), "model.visual.merger"
-    ),
-}
 
-SUPPORTED_MODEL_TYPES: dict[str, str] = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "llava": "LlavaForConditionalGeneration (Llama, Mistral or Qwen2 text model)",
-    "qwen2_vl": "Qwen2VLForConditionalGeneration",
-    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-}
+def register_host(family: HostFamily) -> HostFamily:
+    """Add a model family: plans, adapters, token exit and cost accounting then support it. Returns it."""
+    _HOSTS[family.model_type] = family
+    return family
+
+
+def host_family(model_type: str) -> HostFamily:
+    """The registered family of a config ``model_type``.
+
+    Raises:
+        UnsupportedModelError: none is registered; the message lists the supported ones.
+    """
+    import skipvlm.hosts  # noqa: F401  (registers the built-in families)
+
+    family = _HOSTS.get(model_type)
+    if family is None:
+        raise _unsupported(f"model_type {model_type!r} is not supported")
+    return family
+
+
+class _Supported(Mapping):
+    """model_type -> the supported family's name, read live from the registry."""
+
+    def __getitem__(self, model_type: str) -> str:
+        family = _HOSTS[model_type]
+        return family.description or family.model_class
+
+    def __iter__(self) -> Iterator[str]:
+        import skipvlm.hosts  # noqa: F401
+
+        return iter(_HOSTS)
+
+    def __len__(self) -> int:
+        return len(list(iter(self)))
+
+
+SUPPORTED_MODEL_TYPES: Mapping[str, str] = _Supported()
 
 
 @dataclass(frozen=True)
@@ -84,6 +136,7 @@ class ArchFacts:
         image_token_id: id of the image placeholder token, ``None`` for text-only models.
         video_token_id: id of the video placeholder token where the architecture has one.
         projector_path: dotted path to the multimodal projector (``None`` for text-only models).
+        family: the registered :class:`HostFamily` entry these facts were read with.
     """
 
     model_type: str
@@ -102,16 +155,39 @@ class ArchFacts:
     image_token_id: int | None = None
     video_token_id: int | None = None
     projector_path: str | None = None
-
-    # Sub-module names inside one decoder layer; identical across the supported families.
-    attention_name: str = "self_attn"
-    mlp_name: str = "mlp"
-    input_norm_name: str = "input_layernorm"
-    post_norm_name: str = "post_attention_layernorm"
+    family: HostFamily | None = None
 
     @property
     def is_multimodal(self) -> bool:
         return self.image_token_id is not None
+
+    @property
+    def attention_name(self) -> str:
+        return self.family.attention_name
+
+    @property
+    def mlp_name(self) -> str:
+        return self.family.mlp_name
+
+    @property
+    def input_norm_name(self) -> str:
+        return self.family.input_norm_name
+
+    @property
+    def post_norm_name(self) -> str:
+        return self.family.post_norm_name
+
+    @property
+    def visual_token_ids(self) -> tuple[int, ...]:
+        """The placeholder ids whose positions hold visual tokens (image, and video where it has one)."""
+        ids = (self.image_token_id, self.video_token_id)
+        return tuple(int(i) for i in ids if i is not None)
+
+
+def visual_token_mask(input_ids: torch.Tensor, facts: ArchFacts) -> torch.Tensor:
+    """(B, T) bool: the positions of ``input_ids`` that hold visual tokens (image or video)."""
+    ids = torch.tensor(facts.visual_token_ids, device=input_ids.device, dtype=input_ids.dtype)
+    return torch.isin(input_ids, ids)
 
 
 def _unsupported(what: str) -> UnsupportedModelError:
@@ -148,9 +224,7 @@ def arch_facts(model_or_config: nn.Module | PretrainedConfig) -> ArchFacts:
             "load the model with transformers first (e.g. AutoModelForCausalLM.from_pretrained)"
         )
     model_type = getattr(config, "model_type", "")
-    family = _FAMILIES.get(model_type)
-    if family is None:
-        raise _unsupported(f"model_type {model_type!r} is not supported")
+    family = host_family(model_type)
     text_config = config.get_text_config(decoder=True)
     text_type = getattr(text_config, "model_type", "")
     if family.text_types and text_type not in family.text_types:
@@ -159,9 +233,8 @@ def arch_facts(model_or_config: nn.Module | PretrainedConfig) -> ArchFacts:
     num_layers = int(text_config.num_hidden_layers)
     heads = int(text_config.num_attention_heads)
     head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
-    image_token_id = getattr(config, "image_token_id", None)
-    if image_token_id is None:
-        image_token_id = getattr(config, "image_token_index", None)
+    image_token_id = _first_attr(config, family.image_token_attrs)
+    video_token_id = _first_attr(config, family.video_token_attrs)
     return ArchFacts(
         model_type=model_type,
         text_model_type=text_type,
@@ -177,9 +250,14 @@ def arch_facts(model_or_config: nn.Module | PretrainedConfig) -> ArchFacts:
         rope=family.rope,
         layer_types=_layer_types(text_config, num_layers),
         image_token_id=None if image_token_id is None else int(image_token_id),
-        video_token_id=getattr(config, "video_token_id", None),
+        video_token_id=None if video_token_id is None else int(video_token_id),
         projector_path=family.projector_path,
+        family=family,
     )
+
+
+def _first_attr(config: PretrainedConfig, names: tuple[str, ...]) -> Any:
+    return next((v for v in (getattr(config, n, None) for n in names) if v is not None), None)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -232,18 +310,6 @@ def get_layers(model: nn.Module, facts: ArchFacts | None = None) -> nn.ModuleLis
     return layers
 
 
-# The transformers class of each supported model_type (what loaders and presets instantiate; never code
-# from a checkpoint).
-_MODEL_CLASSES = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "llava": "LlavaForConditionalGeneration",
-    "qwen2_vl": "Qwen2VLForConditionalGeneration",
-    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-}
-
-
 def model_class(config: PretrainedConfig) -> type:
     """The transformers generation-model class for a supported config.
 
@@ -253,4 +319,4 @@ def model_class(config: PretrainedConfig) -> type:
     import transformers
 
     facts = arch_facts(config)
-    return getattr(transformers, _MODEL_CLASSES[facts.model_type])
+    return getattr(transformers, host_family(facts.model_type).model_class)

@@ -16,7 +16,6 @@ tokens; DyVTE: text only from the ``exit_layer`` given, since its exit is decide
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,28 +76,6 @@ class CostReport:
         }
 
 
-def _vision_macs(vision: PretrainedConfig) -> int:
-    """A CLIP-style tower over one image: patch embedding, then attention + MLP per layer."""
-    c, f = vision.hidden_size, vision.intermediate_size
-    patches = (vision.image_size // vision.patch_size) ** 2
-    n = patches + 1  # the class token
-    embed = patches * c * vision.num_channels * vision.patch_size**2
-    per_layer = n * (4 * c * c + 2 * c * f) + 2 * n * n * c
-    return embed + vision.num_hidden_layers * per_layer
-
-
-def _qwen_vision_macs(vision: PretrainedConfig, patches: int) -> int:
-    """Qwen2-VL's tower over one image of ``patches`` 14x14 patches: 3-D patch embedding, full-attention
-    blocks, then the 2x2 patch merger into the text hidden size."""
-    e = vision.embed_dim
-    f = int(e * vision.mlp_ratio)
-    patch_in = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
-    merge = vision.spatial_merge_size**2
-    per_block = patches * (4 * e * e + 2 * e * f) + 2 * patches * patches * e
-    merger = patches // merge * (merge * e * merge * e + merge * e * vision.hidden_size)
-    return patches * e * patch_in + vision.depth * per_block + merger
-
-
 def count_macs(
     model_or_config: nn.Module | PretrainedConfig,
     prompt_tokens: int,
@@ -138,25 +115,17 @@ def count_macs(
     c_q = facts.num_attention_heads * facts.head_dim
     images = (1 if facts.is_multimodal else 0) if images is None else images
     if visual_tokens is None:
-        visual_tokens = 0
-        if facts.model_type == "llava":
-            vision = config.vision_config
-            visual_tokens = images * (vision.image_size // vision.patch_size) ** 2
-        elif facts.model_type in ("qwen2_vl", "qwen2_5_vl"):
-            visual_tokens = images * image_patches // config.vision_config.spatial_merge_size**2
+        rule = facts.family.visual_tokens
+        visual_tokens = rule(config, images, image_patches) if rule is not None else 0
     if visual_tokens > n:
         raise ValueError(
             f"{visual_tokens} visual tokens do not fit in a {n}-token prompt; raise prompt_tokens (it counts "
             "the visual tokens) or pass visual_tokens"
         )
     start, dropped = facts.num_layers, 0  # from layer `start` on, `dropped` visual tokens are gone
-    if plan.visual_exit_layer is not None:
-        start, dropped = plan.visual_exit_layer, visual_tokens
-    elif plan.fastv_layer is not None:
-        kept = math.floor((1.0 - plan.fastv_ratio) * visual_tokens + 0.5)
-        start, dropped = plan.fastv_layer, visual_tokens - kept
-    elif plan.dyvte is not None and exit_layer is not None:
-        start, dropped = exit_layer, visual_tokens
+    if plan.token_exit is not None:
+        start, dropped = plan.token_exit.macs(plan, visual_tokens, exit_layer)
+        start = facts.num_layers if start is None else start
     layers = []
     for i in range(facts.num_layers):
         attn = i not in plan.skip_attention
@@ -174,13 +143,8 @@ def count_macs(
         n, layers, lm_head=scored_tokens * c * facts.vocab_size, plan=plan, extra=n * extra_per_token
     )
     report.visual_tokens = visual_tokens
-    if facts.model_type == "llava":
-        vision = config.vision_config
-        image_tokens = (vision.image_size // vision.patch_size) ** 2
-        report.vision = images * _vision_macs(vision)
-        report.projector = images * image_tokens * (vision.hidden_size * c + c * c)
-    elif facts.model_type in ("qwen2_vl", "qwen2_5_vl") and images:
-        report.vision = images * _qwen_vision_macs(config.vision_config, image_patches)
+    if facts.family.vision_macs is not None and images:
+        report.vision, report.projector = facts.family.vision_macs(config, images, image_patches)
     return report
 
 

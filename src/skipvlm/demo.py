@@ -22,7 +22,7 @@ import logging
 import platform
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -247,7 +247,7 @@ def run_demo(config: DemoConfig, out: str | Path | None = None, progress: bool =
         plot=out_dir / "vtw_kl.png" if out_dir is not None else None,
         progress=False,
     )
-    apply_plan(vtw, replace(current_plan(vtw), visual_exit_layer=calibration.layer))
+    apply_plan(vtw, current_plan(vtw).replace(visual_exit_layer=calibration.layer))
     eas_row = next(r for r in rows if r["name"] == f"eas k={k1}")
     record("eas_vtw", vtw, eas_row["trainable_params"], k1, True, vtw_kl=calibration.kl)
     steps.update(1)

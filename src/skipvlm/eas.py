@@ -1,15 +1,16 @@
 """The EAS model: a base model with attentions skipped and PIA adapters injected (``shared/METHODS.md`` §2).
 
 :func:`get_eas_model` freezes a supported transformers model, puts skipvlm's layer loop in place of its
-text model (:class:`~skipvlm.runtime.SkipDecoder`) and attaches a :class:`~skipvlm.pia.PIALayers`: a
-replace-PIA in every layer whose attention is skipped and, with ``adapt_layers="kept"``, an adapt-PIA
-in every layer whose attention runs. Only the adapters (parameters named ``...pia_adapters...``) and,
-if asked, the multimodal projector train. The wrapped model keeps the Hugging Face interface
+text model (:class:`~skipvlm.runtime.SkipDecoder`) and gives each layer's route its adapters
+(:class:`~skipvlm.adapters.LayerAdapters`): a replace-PIA in every layer whose attention is skipped
+and, with ``adapt_layers="kept"``, an adapt-PIA in every layer whose attention runs. Only the adapters
+(parameters named ``...routes.<layer>.adapters...``) and, if asked, the multimodal projector train. The wrapped model keeps the Hugging Face interface
 (``forward`` with ``labels`` -> loss, ``generate``); in training the adapters pool over the prompt
 tokens found from the labels, so answers never leak into the pooled vector.
 
 Adapters are saved as ``eas_config.json`` + ``adapter_model.safetensors`` (adapters only) and merged
-into the weights by :mod:`skipvlm.merge`.
+into the weights by :mod:`skipvlm.merge`. File format 2 names tensors ``routes.<layer>.adapters.<kind>...``;
+format 1 (``pia_adapters.<kind>.<layer>...``, skipvlm before the routes) is still read.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field, fields
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +30,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from skipvlm.adapters import DASRoute, LayerAdapters
 from skipvlm.arch import ArchFacts, arch_facts, decoder_slot
 from skipvlm.io import atomic_path, atomic_write_text
-from skipvlm.pia import PIALayers, prompt_mask_from_labels
+from skipvlm.pia import AdaptPIA, BottleneckAdapter, ReplacePIA, prompt_mask_from_labels
 from skipvlm.plan import CANDIDATE_KINDS, Plan
-from skipvlm.runtime import ADAPTERS, SkipDecoder
+from skipvlm.runtime import SkipDecoder, apply_plan
 
 __all__ = ["ADAPTER_FILE", "CONFIG_FILE", "EASConfig", "EASModel", "get_eas_model"]
 
@@ -40,9 +43,10 @@ logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "eas_config.json"
 ADAPTER_FILE = "adapter_model.safetensors"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 _PROJECTOR_PREFIX = "projector."
-_ADAPTER_PREFIX = f"{ADAPTERS}."
+_ROUTES_PREFIX = "routes."  # every adapter tensor of a decoder: routes.<layer>.adapters.<kind>....
+_V1_KEY = re.compile(r"^pia_adapters\.(replace|adapt|bottleneck)\.(\d+)\.(.+)$")  # format 1
 
 
 @dataclass
@@ -187,13 +191,13 @@ class EASModel(nn.Module):
         super().__init__()
         facts = arch_facts(base_model)
         self.base_model = base_model
-        self.eas_config = config
+        object.__setattr__(self, "_config", config)
         object.__setattr__(self, "facts", facts)
 
         for p in base_model.parameters():
             p.requires_grad_(False)
         parent, name, decoder = decoder_slot(base_model, facts)
-        if ADAPTERS in getattr(decoder, "_modules", {}):
+        if isinstance(decoder, SkipDecoder) and decoder.owns_modules():
             raise ValueError(
                 "this model already has EAS adapters (get_eas_model, search and EASModel.from_pretrained "
                 "change the base model in place); load a fresh base model for another EAS model, or keep "
@@ -201,18 +205,15 @@ class EASModel(nn.Module):
             )
         plan = config.plan()
         plan.validate_for(facts.num_layers)
-        if isinstance(decoder, SkipDecoder):
-            decoder.plan = plan
-        else:
-            decoder = SkipDecoder(decoder, facts, plan)
+        if not isinstance(decoder, SkipDecoder):
+            decoder = SkipDecoder(decoder, facts, Plan())
             setattr(parent, name, decoder)
-        decoder.watch_inputs(base_model)
-
         reference = next(base_model.parameters())
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.init_seed)
             adapters = _build_adapters(facts, config)
-        decoder.add_module(ADAPTERS, adapters.to(device=reference.device, dtype=reference.dtype))
+        decoder.attach({i: a.to(device=reference.device, dtype=reference.dtype) for i, a in adapters.items()}, plan)
+        apply_plan(base_model, plan)  # the plan in the config, the hooks on the top-level model
         if config.train_projector:
             for p in self.projector().parameters():
                 p.requires_grad_(True)
@@ -231,16 +232,33 @@ class EASModel(nn.Module):
         """The runtime wrapper that runs the text model's layers."""
         return decoder_slot(self.base_model, self.facts)[2]
 
+    def get_base_model(self) -> nn.Module:
+        """The transformers model (as PEFT models hand theirs out), so every skipvlm function accepts an
+        EAS model where it takes a model."""
+        return self.base_model
+
     @property
-    def adapters(self) -> PIALayers:
-        """The adapters, keyed by layer (``adapters.replace`` / ``adapters.adapt``)."""
-        adapters = self.decoder._modules.get(ADAPTERS)
-        if adapters is None:
+    def adapters(self) -> AdapterSet:
+        """The adapters, by kind and layer (``adapters.replace["3"]``); they live in the layers' routes."""
+        adapters = AdapterSet(self.decoder)
+        if not adapters.layers:
             raise ValueError(
                 "the adapters of this model were already merged by merge_and_unload; train, save or "
                 "export_merged before merging"
             )
         return adapters
+
+    @property
+    def eas_config(self) -> EASConfig:
+        """The configuration, with the skips of the plan that runs now."""
+        plan, routes = self.plan, self.decoder.routes
+        das = [i for i, route in enumerate(routes) if isinstance(route, DASRoute)]
+        return replace(
+            self._config,
+            skip_layers=das,
+            skip_attention=[i for i in plan.skip_attention if i not in das],
+            skip_mlp=[i for i in plan.skip_mlp if i not in das],
+        )
 
     @property
     def skip_attention(self) -> list[int]:
@@ -300,33 +318,15 @@ class EASModel(nn.Module):
         self.set_plan(self.plan.with_skips(skip_attention=list(layers)))
 
     def set_plan(self, plan: Plan) -> None:
-        """Run ``plan`` from now on: skipped attentions use their replace-PIA, layers skipped whole their
-        DAS adapter (or nothing), kept attentions their adapt-PIA.
+        """Run ``plan`` from now on (the same as ``skipvlm.apply_plan(model, plan)``): skipped attentions
+        use their replace-PIA, layers skipped whole their DAS adapter (or nothing), kept attentions their
+        adapt-PIA (see :class:`~skipvlm.adapters.LayerAdapters`).
 
         Raises:
             ValueError: an index is out of range, or a layer lacks the adapter it would need (build
                 with ``EASConfig(supernet=True, candidates=...)`` to be able to skip any layer).
         """
-        plan.validate_for(self.facts.num_layers)
-        adapters = self.adapters
-        whole = sorted(set(plan.skip_attention) & set(plan.skip_mlp))
-        missing = [i for i in plan.skip_attention if i not in whole and adapters.adapter(i, True) is None]
-        if self.eas_config.adapt_layers == "kept":
-            missing += [
-                i
-                for i in range(self.facts.num_layers)
-                if i not in plan.skip_attention and adapters.adapter(i, False) is None
-            ]
-        if missing:
-            raise ValueError(
-                f"layer(s) {sorted(missing)} have no adapter for that role; build the model with "
-                "EASConfig(supernet=True) to move skips anywhere"
-            )
-        self.decoder.plan = plan
-        cfg = self.eas_config
-        cfg.skip_layers = [i for i in whole if str(i) in adapters.bottleneck]
-        cfg.skip_attention = [i for i in plan.skip_attention if i not in cfg.skip_layers]
-        cfg.skip_mlp = [i for i in plan.skip_mlp if i not in cfg.skip_layers]
+        apply_plan(self, plan)
 
     @torch.no_grad()
     def calibrate(self, batches: Iterable[dict[str, Any]], progress: bool = True) -> int:
@@ -364,7 +364,7 @@ class EASModel(nn.Module):
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """The tensors :meth:`save_pretrained` writes: the adapters (and the projector if trained)."""
-        state = {f"{_ADAPTER_PREFIX}{k}": v for k, v in self.adapters.state_dict().items()}
+        state = _routes_state(self.decoder.routes)
         if self.eas_config.train_projector:
             state |= {f"{_PROJECTOR_PREFIX}{k}": v for k, v in self.projector().state_dict().items()}
         return state
@@ -429,6 +429,8 @@ class EASModel(nn.Module):
         if not weights.is_file():
             raise FileNotFoundError(f"{weights} is missing; the folder holds no adapter weights")
         state = read_safetensors(weights)
+        if meta["format_version"] == 1:
+            state = _from_format_1(state)
         # Everything that can fail is checked on a copy of the layout first, so a bad folder leaves the
         # caller's model exactly as it was.
         trial = {k: v.shape for k, v in _adapter_shapes(facts, config).items()}
@@ -492,21 +494,32 @@ def _check_state(state: dict[str, torch.Tensor], shapes: dict[str, torch.Size], 
         raise ValueError(f"{source}: tensor {nonfinite[0]} holds NaN or infinite values; the file is damaged")
 
 
-def _build_adapters(facts: ArchFacts, config: EASConfig) -> PIALayers:
-    """The adapters of ``config`` for a model with ``facts`` (on the current default device)."""
-    replace, adapt, bottleneck = config.adapter_layout(facts.num_layers)
-    return PIALayers(
-        facts.hidden_size,
-        replace,
-        adapt,
-        config.replace_dim,
-        config.adapt_dim,
-        bottleneck_layers=bottleneck,
-        groups=config.groups,
-        scale=config.scale,
-        temperature=config.temperature,
-        dropout=config.dropout,
+def _build_adapters(facts: ArchFacts, config: EASConfig) -> dict[int, LayerAdapters]:
+    """The adapters of ``config`` for a model with ``facts``, by layer (on the current default device).
+
+    Built kind by kind in layer order (replace-PIAs, adapt-PIAs, DAS bottlenecks), so that one
+    ``init_seed`` always gives the same initial weights.
+    """
+    replace_at, adapt_at, bottleneck_at = config.adapter_layout(facts.num_layers)
+    c = facts.hidden_size
+    pia = dict(
+        groups=config.groups, scale=config.scale, temperature=config.temperature, dropout=config.dropout
     )
+    replace = {i: ReplacePIA(c, config.replace_dim, **pia) for i in replace_at}
+    adapt = {i: AdaptPIA(c, config.adapt_dim, **pia) for i in adapt_at}
+    bottleneck = {i: BottleneckAdapter(c, config.replace_dim, config.dropout) for i in bottleneck_at}
+    kept = config.adapt_layers == "kept"
+    return {
+        i: LayerAdapters(replace.get(i), adapt.get(i), bottleneck.get(i), kept)
+        for i in range(facts.num_layers)
+    }
+
+
+def _routes_state(routes: Iterable[nn.Module]) -> dict[str, torch.Tensor]:
+    """The adapter tensors held by a decoder's routes, named as in the decoder (``routes.<i>....``)."""
+    return {
+        f"{_ROUTES_PREFIX}{i}.{k}": v for i, route in enumerate(routes) for k, v in route.state_dict().items()
+    }
 
 
 def _adapter_shapes(facts: ArchFacts, config: EASConfig) -> dict[str, torch.Tensor]:
@@ -514,7 +527,72 @@ def _adapter_shapes(facts: ArchFacts, config: EASConfig) -> dict[str, torch.Tens
     device (no memory, the caller's model untouched)."""
     with torch.device("meta"):
         adapters = _build_adapters(facts, config)
-    return {f"{_ADAPTER_PREFIX}{k}": v for k, v in adapters.state_dict().items()}
+    return {
+        f"{_ROUTES_PREFIX}{i}.adapters.{k}": v for i, a in adapters.items() for k, v in a.state_dict().items()
+    }
+
+
+def _from_format_1(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Format-1 tensor names (``pia_adapters.<kind>.<layer>.…``) in today's (``routes.<layer>.adapters.<kind>.…``)."""
+    out = {}
+    for key, value in state.items():
+        match = _V1_KEY.match(key)
+        out[f"{_ROUTES_PREFIX}{match[2]}.adapters.{match[1]}.{match[3]}" if match else key] = value
+    return out
+
+
+class AdapterSet:
+    """A view of an EAS model's adapters by kind and layer; the modules live in the layers' routes.
+
+    ``replace`` / ``adapt`` / ``bottleneck`` map a layer (as a string) to that kind's module;
+    ``use_calibration`` and ``collecting`` switch every layer at once.
+    """
+
+    def __init__(self, decoder: SkipDecoder):
+        self.layers: dict[int, LayerAdapters] = {
+            i: route.adapters for i, route in enumerate(decoder.routes) if "adapters" in route._modules
+        }
+
+    def _kind(self, kind: str) -> dict[str, nn.Module]:
+        return {str(i): getattr(a, kind) for i, a in self.layers.items() if getattr(a, kind) is not None}
+
+    @property
+    def replace(self) -> dict[str, nn.Module]:
+        return self._kind("replace")
+
+    @property
+    def adapt(self) -> dict[str, nn.Module]:
+        return self._kind("adapt")
+
+    @property
+    def bottleneck(self) -> dict[str, nn.Module]:
+        return self._kind("bottleneck")
+
+    def modules(self) -> Iterator[nn.Module]:
+        for adapters in self.layers.values():
+            yield from adapters.modules()
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        for adapters in self.layers.values():
+            yield from adapters.parameters()
+
+    @property
+    def use_calibration(self) -> bool:
+        return any(a.use_calibration for a in self.layers.values())
+
+    @use_calibration.setter
+    def use_calibration(self, value: bool) -> None:
+        for adapters in self.layers.values():
+            adapters.use_calibration = value
+
+    @property
+    def collecting(self) -> bool:
+        return any(a.collecting for a in self.layers.values())
+
+    @collecting.setter
+    def collecting(self, value: bool) -> None:
+        for adapters in self.layers.values():
+            adapters.collecting = value
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -545,8 +623,10 @@ def _read_meta(path: Path) -> dict[str, Any]:
             f"{config} must hold a JSON object, got a {type(meta).__name__}; the file is damaged"
         )
     version = meta.get("format_version")
-    if version != _FORMAT_VERSION:
-        raise ValueError(f"{config} has format_version {version!r}; this skipvlm reads {_FORMAT_VERSION}")
+    if version not in (1, _FORMAT_VERSION):
+        raise ValueError(
+            f"{config} has format_version {version!r}; this skipvlm reads 1 to {_FORMAT_VERSION}"
+        )
     return meta
 
 

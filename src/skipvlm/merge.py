@@ -31,6 +31,7 @@ import torch
 import transformers
 from torch import nn
 
+from skipvlm.adapters import AdaptPIARoute, DASRoute, ReplacePIARoute
 from skipvlm.arch import ArchFacts, arch_facts, decoder_slot, get_layers, model_class
 from skipvlm.eas import EASModel
 from skipvlm.io import atomic_files
@@ -38,16 +39,17 @@ from skipvlm.pia import (
     AffineMap,
     FrozenPIA,
     PIABase,
-    PIALayers,
     ReplacePIA,
     collapse_adapt,
     collapse_replace,
     fold_into_linear,
+    pooled_prompt,
 )
 from skipvlm.plan import CONFIG_KEY, Plan
-from skipvlm.runtime import ADAPTERS, MERGER, RemovedAttention, apply_plan
+from skipvlm.routes import Route, Step, plain_route
+from skipvlm.runtime import RemovedAttention, SkipDecoder, apply_plan
 
-__all__ = ["PerExampleMerger", "export_merged", "load_pretrained", "merge_and_unload", "remove_attention"]
+__all__ = ["PerExampleRoute", "export_merged", "load_pretrained", "merge_and_unload", "remove_attention"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,26 +61,25 @@ _REPLACE_TARGETS = ("mlp.gate_proj", "mlp.up_proj")
 _ADAPT_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 
 
-def _active_adapters(adapters: PIALayers, plan: Plan, num_layers: int) -> dict[int, PIABase]:
-    """The PIA each layer runs under ``plan`` (a supernet's idle adapters are left out).
+def _active_adapters(decoder: SkipDecoder) -> dict[int, PIABase]:
+    """The PIA each layer's route runs now (a supernet's idle adapters are left out).
 
     Raises:
         ValueError: a layer runs a DAS bottleneck adapter, which has a ReLU and cannot be merged.
     """
-    whole = set(plan.skip_attention) & set(plan.skip_mlp)
-    das = sorted(i for i in whole if str(i) in adapters.bottleneck)
+    routes = decoder.routes
+    das = [i for i, route in enumerate(routes) if isinstance(route, DASRoute)]
     if das:
         raise ValueError(
             f"layer(s) {das} are skipped whole with DAS bottleneck adapters, which have a ReLU and so are "
             "not affine: they cannot be folded into the weights; serve the model unmerged"
         )
-    active = {}
-    for i in range(num_layers):
-        if i in whole:
-            continue
-        adapter = adapters.adapter(i, i in plan.skip_attention)
-        if adapter is not None:
-            active[i] = adapter
+    active: dict[int, PIABase] = {}
+    for i, route in enumerate(routes):
+        if isinstance(route, ReplacePIARoute):
+            active[i] = route.adapters.replace
+        elif isinstance(route, AdaptPIARoute):
+            active[i] = route.adapters.adapt
     return active
 
 
@@ -149,11 +150,11 @@ def merge_and_unload(eas_model: EASModel, mode: str = "static") -> nn.Module:
     """
     if mode not in MODES:
         raise ValueError(f"unknown merge mode {mode!r}; use one of {MODES}")
-    base, decoder, adapters = eas_model.base_model, eas_model.decoder, eas_model.adapters
-    facts = eas_model.facts
+    eas_model.adapters  # noqa: B018  (raises if they were merged already)
+    base, decoder, facts = eas_model.base_model, eas_model.decoder, eas_model.facts
     plan = decoder.plan
     layers = get_layers(base, facts)
-    active = _active_adapters(adapters, plan, facts.num_layers)
+    active = _active_adapters(decoder)
     if mode == "static":
         folded = {
             i: _fold_layer(layers[i], _calibrated_affine(i, a), isinstance(a, ReplacePIA))
@@ -164,16 +165,18 @@ def merge_and_unload(eas_model: EASModel, mode: str = "static") -> nn.Module:
                 _set_linear(layers[i], name, w, b)
             if isinstance(active[i], ReplacePIA):
                 layers[i].post_attention_layernorm.weight.fill_(1.0)
+        decoder.attach({})
     else:
-        decoder.add_module(MERGER, PerExampleMerger(layers, active))
-    del decoder._modules[ADAPTERS]
+        decoder.attach({i: _LayerRecipe(layers[i], a) for i, a in active.items()})
     remove_attention(base, list(plan.skip_attention))
     logger.info("merged %d adapters (%s) into %s", len(active), mode, type(base).__name__)
     return base
 
 
 class _LayerRecipe(nn.Module):
-    """One layer's per-example merge: the frozen adapter and the original input projections."""
+    """One layer's per-example merge: the frozen adapter and the original input projections (all
+    non-persistent buffers). Prepares the layer on construction: biased linears to merge into, holding
+    the original weights for now, and ``gamma_post = 1`` for a replace-PIA."""
 
     def __init__(self, layer: nn.Module, adapter: PIABase):
         super().__init__()
@@ -193,8 +196,29 @@ class _LayerRecipe(nn.Module):
             )
         else:
             self.pre_scale = self.post_scale = None
+        for name in self.targets:
+            linear = layer.get_submodule(name)
+            bias = linear.bias if linear.bias is not None else torch.zeros_like(linear.weight[:, 0])
+            _set_linear(layer, name, linear.weight, bias)
+        if self.pia.is_replace:
+            layer.post_attention_layernorm.weight.fill_(1.0)
 
+    def route(self, plan: Plan, i: int) -> Route:
+        return PerExampleRoute(i, self, plain_route(plan, i))
+
+    @torch.no_grad()
     def merge(self, layer: nn.Module, pooled: torch.Tensor) -> None:
+        """Fold this adapter, for one prompt's pooled vector (1, C), into the layer's weights.
+
+        Raises:
+            ValueError: the batch holds more than one example.
+        """
+        if pooled.shape[0] != 1:
+            raise ValueError(
+                f"a per_example merge folds one prompt's adapters into the weights, so it runs batch size "
+                f"1, got {pooled.shape[0]}; for batches use merge_and_unload(mode='static') or keep the "
+                "adapters unmerged"
+            )
         w = self.pia.route(pooled)[0]
         g = self.pia.pooled_path(pooled)[0] if self.pia.is_replace else None
         affine = self.pia.collapse(w, g)
@@ -211,44 +235,20 @@ class _LayerRecipe(nn.Module):
             linear.bias.copy_(bias)
 
 
-class PerExampleMerger(nn.Module):
-    """Re-merges each prompt's adapters into the layer weights at prefill (batch size 1).
+class PerExampleRoute(Route):
+    """A layer merged per example (``merge_and_unload("per_example")``): at prefill, fold this prompt's
+    adapter into the layer's weights (batch size 1); then, and while decoding, run the plain route of
+    the plan with those weights (a replace-PIA layer: ``out = h + MLP'(rms(h))``)."""
 
-    Registered on the :class:`~skipvlm.runtime.SkipDecoder` by ``merge_and_unload("per_example")``; the
-    runtime calls :meth:`merge_layer` for each covered layer at prefill, with the pooled prompt
-    vector of that layer's input, and then runs the layer plainly with the merged weights. Decoding
-    reuses the weights merged at prefill. All its tensors are non-persistent buffers.
-    """
+    def __init__(self, index: int, recipe: _LayerRecipe, inner: Route):
+        super().__init__(index, recipe)
+        self.inner = inner
+        self.runs_attention = inner.runs_attention
 
-    def __init__(self, layers: nn.ModuleList, adapters: dict[int, PIABase]):
-        super().__init__()
-        self.recipes = nn.ModuleDict({str(i): _LayerRecipe(layers[i], a) for i, a in adapters.items()})
-        for i, recipe in self.recipes.items():
-            layer = layers[int(i)]
-            for name in recipe.targets:  # biased linears to merge into, holding the originals for now
-                linear = layer.get_submodule(name)
-                bias = linear.bias if linear.bias is not None else torch.zeros_like(linear.weight[:, 0])
-                _set_linear(layer, name, linear.weight, bias)
-            if recipe.pia.is_replace:
-                layer.post_attention_layernorm.weight.fill_(1.0)
-
-    def covers(self, layer: int) -> bool:
-        return str(layer) in self.recipes
-
-    @torch.no_grad()
-    def merge_layer(self, index: int, layer: nn.Module, pooled: torch.Tensor) -> None:
-        """Merge layer ``index``'s adapter for one example, given its pooled prompt vector (1, C).
-
-        Raises:
-            ValueError: the batch holds more than one example.
-        """
-        if pooled.shape[0] != 1:
-            raise ValueError(
-                f"a per_example merge folds one prompt's adapters into the weights, so it runs batch size "
-                f"1, got {pooled.shape[0]}; for batches use merge_and_unload(mode='static') or keep the "
-                "adapters unmerged"
-            )
-        self.recipes[str(index)].merge(layer, pooled)
+    def forward(self, layer: nn.Module, h: torch.Tensor, step: Step) -> torch.Tensor:
+        if step.prefill:
+            self.adapters.merge(layer, pooled_prompt(layer.input_layernorm(h), step.pool_mask()))
+        return self.inner(layer, h, step)
 
 
 # --- export ----------------------------------------------------------------------------------------------
@@ -309,13 +309,15 @@ def export_merged(eas_model: EASModel, path: str | os.PathLike, processor: Any =
     if plan.skip_mlp:
         raise ValueError("export_merged supports attention skips only; this plan also skips MLPs")
     layers = get_layers(base, facts)
-    active = _active_adapters(eas_model.adapters, plan, facts.num_layers)
+    eas_model.adapters  # noqa: B018  (raises if they were merged already)
+    active = _active_adapters(eas_model.decoder)
     replace = any(isinstance(a, ReplacePIA) for a in active.values())
     adapt = any(not isinstance(a, ReplacePIA) for a in active.values())
     need = _export_biases(facts, replace, adapt)
 
     prefix = f"{facts.decoder_path}.layers"
-    state = {k: v for k, v in base.state_dict().items() if f".{ADAPTERS}." not in k}
+    routes = f"{facts.decoder_path}.routes."
+    state = {k: v for k, v in base.state_dict().items() if not k.startswith(routes)}
     for i, adapter in active.items():
         is_replace = isinstance(adapter, ReplacePIA)
         for name, (w, b) in _fold_layer(layers[i], _calibrated_affine(i, adapter), is_replace).items():

@@ -29,7 +29,6 @@ __all__ = [
     "BlockDiagonalLinear",
     "BottleneckAdapter",
     "FrozenPIA",
-    "PIALayers",
     "ReplacePIA",
     "collapse_adapt",
     "collapse_replace",
@@ -216,81 +215,6 @@ class BottleneckAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(self.dropout(torch.relu(self.down(x))))
-
-
-class PIALayers(nn.Module):
-    """All the adapters of one model, keyed by decoder layer: what the skip runtime calls per layer.
-
-    A layer whose attention is skipped uses its replace-PIA; a layer whose attention runs uses its
-    adapt-PIA (if it has one); a layer skipped whole uses its DAS bottleneck adapter (if it has one).
-    Router weights ``w`` and pooled paths ``g`` come from the pooled prompt vector, or from the
-    calibration means when :attr:`use_calibration` is set; with :attr:`collecting` set, every computed
-    ``w`` / ``g`` is folded into those means.
-
-    Args:
-        hidden_size: C.
-        replace_layers: layers that get a replace-PIA (every layer whose attention may be skipped).
-        adapt_layers: layers that get an adapt-PIA.
-        replace_dim / adapt_dim: bottleneck widths d_r and d_a.
-        bottleneck_layers: layers that get a DAS bottleneck adapter (width ``replace_dim``).
-        **kwargs: groups, scale, temperature, dropout for the PIAs.
-    """
-
-    def __init__(
-        self,
-        hidden_size: int,
-        replace_layers: list[int],
-        adapt_layers: list[int],
-        replace_dim: int,
-        adapt_dim: int,
-        bottleneck_layers: tuple[int, ...] = (),
-        **kwargs,
-    ):
-        super().__init__()
-        self.replace = nn.ModuleDict(
-            {str(i): ReplacePIA(hidden_size, replace_dim, **kwargs) for i in replace_layers}
-        )
-        self.adapt = nn.ModuleDict({str(i): AdaptPIA(hidden_size, adapt_dim, **kwargs) for i in adapt_layers})
-        dropout = kwargs.get("dropout", 0.0)
-        self.bottleneck = nn.ModuleDict(
-            {str(i): BottleneckAdapter(hidden_size, replace_dim, dropout) for i in bottleneck_layers}
-        )
-        self.use_calibration = False
-        self.collecting = False
-
-    def adapter(self, layer: int, skipped: bool) -> PIABase | None:
-        """The adapter that layer ``layer`` runs when its attention is (not) skipped, or ``None``."""
-        return (self.replace if skipped else self.adapt)._modules.get(str(layer))
-
-    def router_state(
-        self, layer: int, skipped: bool, x: torch.Tensor, prompt_mask: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(w (B, 2), g (B, d_r) or None) for layer ``layer`` from its normed input x (B, T, C)."""
-        adapter = self.adapter(layer, skipped)
-        batch = x.shape[0]
-        is_replace = isinstance(adapter, ReplacePIA)
-        if self.use_calibration:
-            if int(adapter.calib_n) == 0:
-                raise ValueError(
-                    f"layer {layer}'s adapter has no calibration means yet; run model.calibrate(batches) "
-                    "over training prompts first"
-                )
-            w = adapter.calib_w.to(x.dtype).expand(batch, -1)
-            g = adapter.calib_g.to(x.dtype).expand(batch, -1) if is_replace else None
-            return w, g
-        pooled = pooled_prompt(x, prompt_mask)
-        w = adapter.route(pooled)
-        g = adapter.pooled_path(pooled) if is_replace else None
-        if self.collecting:
-            adapter.record(w, g)
-        return w, g
-
-    def forward(
-        self, layer: int, skipped: bool, x: torch.Tensor, w: torch.Tensor, g: torch.Tensor | None
-    ) -> torch.Tensor:
-        """The adapter output y (B, T, C) of layer ``layer`` with frozen router weights and pooled path."""
-        adapter = self.adapter(layer, skipped)
-        return adapter(x, None, w=w, g=g) if skipped else adapter(x, None, w=w)
 
 
 class FrozenPIA(nn.Module):

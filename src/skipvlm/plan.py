@@ -1,9 +1,14 @@
 """The plan: which decoder modules a model runs and which visual tokens it keeps, as a serialisable value.
 
 A :class:`Plan` names, per decoder layer, whether its self-attention and / or its MLP is skipped
-(``shared/METHODS.md`` §1), and at most one visual-token exit method (§4): VTW, FastV or DyVTE. It is
-pure data: :mod:`skipvlm.runtime` executes it on a model. Plans travel beside adapters, checkpoints
-and results as JSON.
+(``shared/METHODS.md`` §1), and at most one visual-token exit method (§4). It is pure data:
+:mod:`skipvlm.runtime` executes it on a model. Plans travel beside adapters, checkpoints and results
+as JSON.
+
+Token-exit methods are not written here: each declares, in its own file, its plan fields, how it runs
+and what it costs (a :class:`TokenExitMethod`, registered with :func:`register_token_exit`); the
+built-in ones (VTW, FastV, DyVTE) are in :mod:`skipvlm.tokens`. Their fields read as attributes of the
+plan (``plan.visual_exit_layer``) and serialise flat beside the skip lists.
 """
 
 from __future__ import annotations
@@ -11,21 +16,26 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field, fields, replace
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from skipvlm.io import atomic_write_text
 
-__all__ = ["Plan"]
+__all__ = [
+    "Plan",
+    "PlanField",
+    "TokenExitMethod",
+    "register_token_exit",
+    "token_exit_fields",
+    "token_exit_methods",
+]
 
 _FORMAT_VERSION = 1
 _LAYER_LISTS = ("skip_attention", "skip_mlp")
 # What a search can skip (skipvlm.search.Candidates): attentions (EAS), MLPs, either, or whole layers (DAS).
 CANDIDATE_KINDS = ("attention", "mlp", "attention_or_mlp", "layer")
-FASTV_SOURCES = ("last", "text")
-# The visual-token exit fields, as named in Plan (and as CLI options).
-TOKEN_FIELDS = ("visual_exit_layer", "fastv_layer", "fastv_ratio", "fastv_source", "dyvte", "dyvte_threshold")
 # Attribute of a model's config holding the plan it runs (Plan.to_dict()), so save_pretrained carries it
 # and skipvlm.load_pretrained re-applies it.
 CONFIG_KEY = "skipvlm_plan"
@@ -76,99 +86,220 @@ def _fraction(name: str, value: Any) -> float:
     return float(value)
 
 
+def exit_layer_value(name: str, value: Any) -> int | None:
+    """A plan field that names the layer visual tokens leave before (None: off); 1 or more."""
+    return _optional_layer(name, value)
+
+
+def fraction_value(name: str, value: Any) -> float:
+    """A plan field in [0, 1]."""
+    return _fraction(name, value)
+
+
 @dataclass(frozen=True)
+class PlanField:
+    """One field a token-exit method adds to :class:`Plan` (also a CLI option, ``--name-with-dashes``).
+
+    Args:
+        name: the attribute and JSON key.
+        default: its value when not given (the method is off while its switch field is at default).
+        check: ``check(name, value)`` returns the value to store or raises ValueError naming the fix.
+        help: one line for the CLI and the docs.
+        type: how the CLI parses it.
+        choices: the allowed values, if a closed set.
+        layer: True for a layer index (checked against the model's layer count, 1..L).
+    """
+
+    name: str
+    default: Any
+    check: Callable[[str, Any], Any]
+    help: str
+    type: Callable[[str], Any] = str
+    choices: tuple[Any, ...] | None = None
+    layer: bool = False
+
+
+@dataclass(frozen=True)
+class TokenExitMethod:
+    """A visual-token exit method, declared in its own file and registered once.
+
+    Args:
+        name: short name (``"vtw"``).
+        fields: its plan fields; the first is the switch (set: the method is on).
+        runner: ``runner(plan, facts)`` compiles the plan for a model (loading what it needs and
+            refusing what cannot run); the result's ``begin(step, input_ids, attention_mask)`` gives
+            each forward's hook (see :class:`skipvlm.runtime.ExitHook`).
+        exit_layer: ``exit_layer(plan)``: the first layer without visual tokens when the plan fixes it
+            (``None`` for a per-example exit such as DyVTE's).
+        macs: ``macs(plan, visual_tokens, exit_layer)`` -> ``(first layer, visual tokens dropped
+            from it on)`` for :mod:`skipvlm.cost` (``exit_layer``: a measured one, or None).
+        validate: ``validate(plan)`` raises ValueError for a plan the method cannot run whatever the
+            model (e.g. FastV ranking by a skipped attention).
+    """
+
+    name: str
+    fields: tuple[PlanField, ...]
+    runner: Callable[[Any, Any], Any]
+    exit_layer: Callable[[Any], int | None]
+    macs: Callable[[Any, int, int | None], tuple[int, int]]
+    validate: Callable[[Any], None] = lambda plan: None
+
+    @property
+    def switch(self) -> str:
+        return self.fields[0].name
+
+
+_METHODS: dict[str, TokenExitMethod] = {}
+
+
+def register_token_exit(method: TokenExitMethod) -> TokenExitMethod:
+    """Add a token-exit method; its fields become :class:`Plan` fields. Returns ``method``.
+
+    Raises:
+        ValueError: a method of that name, or a field of one of its names, is registered already.
+    """
+    taken = {f.name for m in _METHODS.values() if m.name != method.name for f in m.fields}
+    clash = sorted(taken & {f.name for f in method.fields} | (set(_CORE) & {f.name for f in method.fields}))
+    if clash:
+        raise ValueError(f"token-exit method {method.name!r}: plan field(s) {clash} are taken")
+    _METHODS[method.name] = method
+    return method
+
+
+def token_exit_methods() -> tuple[TokenExitMethod, ...]:
+    """The registered token-exit methods (the built-in ones are loaded on first use)."""
+    import skipvlm.tokens  # noqa: F401  (registers VTW, FastV and DyVTE)
+
+    return tuple(_METHODS.values())
+
+
+def token_exit_fields() -> tuple[PlanField, ...]:
+    """Every registered token-exit method's plan fields (what the CLI offers as options)."""
+    return tuple(f for m in token_exit_methods() for f in m.fields)
+
+
+def _token_fields() -> dict[str, tuple[TokenExitMethod, PlanField]]:
+    return {f.name: (m, f) for m in token_exit_methods() for f in m.fields}
+
+
+_CORE = ("skip_attention", "skip_mlp", "candidates")
+
+
 class Plan:
     """Which attention and MLP modules of the decoder are skipped, and when visual tokens leave.
 
-    Layer indices are stored sorted, as tuples. An empty plan is the stock model. Visual tokens (the
-    positions holding the image / video token id) are withdrawn by at most one of three methods
-    (``shared/METHODS.md`` §4); from the exit layer on, the layers run on the remaining tokens only
-    and their KV cache holds those only.
+    Layer indices are stored sorted, as tuples. An empty plan is the stock model. Plans are immutable
+    values: compare, hash and :meth:`replace` them. Visual tokens (the positions holding the image /
+    video token id) are withdrawn by at most one token-exit method (``shared/METHODS.md`` §4); from
+    the exit layer on, the layers run on the remaining tokens only and their KV cache holds those only.
 
     Args:
         skip_attention: layers whose self-attention runs nothing (no q/k/v/o, no kernel, no KV cache).
         skip_mlp: layers whose MLP runs nothing.
-        visual_exit_layer: VTW: every visual token is withdrawn before this layer (1..L; L changes
-            nothing). Calibrate it with :func:`skipvlm.calibrate_vtw`.
-        fastv_layer: FastV: from this layer on only the top ``1 - fastv_ratio`` visual tokens are kept,
-            ranked by the attention they receive at layer ``fastv_layer - 1``.
-        fastv_ratio: FastV: the fraction R of each example's visual tokens that is dropped.
-        fastv_source: FastV: whose attention ranks the visual tokens: ``"last"`` (the last prompt token,
-            the paper's choice) or ``"text"`` (every text token, averaged).
-        dyvte: DyVTE: a folder of routers saved by :func:`skipvlm.train_dyvte`; each example withdraws
-            its visual tokens at the first layer whose router says exit.
-        dyvte_threshold: DyVTE: the exit probability a router must exceed.
         candidates: what the plan was searched over (``attention``, ``mlp``, ``attention_or_mlp`` or
             ``layer``), recorded by :func:`skipvlm.search` so that training a saved plan gives the
             right adapters (``layer``: DAS bottlenecks for whole skipped layers; otherwise PIA). None
             for a hand-written plan. It does not change what runs, and plans compare equal without it.
+        **token_exit: the fields of a registered token-exit method (:func:`token_exit_methods`):
+
+            * VTW: ``visual_exit_layer`` (every visual token is withdrawn before this layer, 1..L;
+              calibrate it with :func:`skipvlm.calibrate_vtw`);
+            * FastV: ``fastv_layer`` (from this layer on only the top ``1 - fastv_ratio`` visual
+              tokens stay, ranked by the attention they receive at layer ``fastv_layer - 1``),
+              ``fastv_ratio`` (0.5), ``fastv_source`` (``"last"``: the last prompt token; ``"text"``:
+              every text token);
+            * DyVTE: ``dyvte`` (a router folder saved by :func:`skipvlm.train_dyvte`),
+              ``dyvte_threshold`` (0.5).
 
     Raises:
-        ValueError: an index is negative, not an integer or listed twice; more than one token-exit
-            method is set; FastV ranks by an attention the plan skips; or no attention runs before the
-            exit layer (the KV cache would then have no layer that holds the full sequence).
+        ValueError: an index is negative, not an integer or listed twice; a field is unknown or out of
+            range; more than one token-exit method is set; or no attention runs before the exit layer
+            (the KV cache would then have no layer that holds the full sequence).
     """
 
-    skip_attention: tuple[int, ...] = ()
-    skip_mlp: tuple[int, ...] = ()
-    visual_exit_layer: int | None = None
-    fastv_layer: int | None = None
-    fastv_ratio: float = 0.5
-    fastv_source: str = "last"
-    dyvte: str | None = None
-    dyvte_threshold: float = 0.5
-    candidates: str | None = field(default=None, compare=False)
+    __slots__ = ("_exit", "candidates", "skip_attention", "skip_mlp")
 
-    def __post_init__(self) -> None:
-        if self.candidates is not None and self.candidates not in CANDIDATE_KINDS:
+    def __init__(
+        self,
+        skip_attention: Any = (),
+        skip_mlp: Any = (),
+        candidates: str | None = None,
+        **token_exit: Any,
+    ):
+        if candidates is not None and candidates not in CANDIDATE_KINDS:
+            raise ValueError(f"Plan.candidates is {candidates!r}; use one of {list(CANDIDATE_KINDS)} or None")
+        known = _token_fields()
+        unknown = sorted(set(token_exit) - set(known))
+        if unknown:
+            raise ValueError(f"unknown plan field(s) {unknown}; known fields are {sorted([*_CORE, *known])}")
+        values = {}
+        for name, (_, spec) in known.items():
+            value = token_exit.get(name, spec.default)
+            values[name] = spec.default if value is None and spec.default is None else spec.check(name, value)
+        setter = object.__setattr__
+        setter(self, "skip_attention", _layer_list("skip_attention", skip_attention))
+        setter(self, "skip_mlp", _layer_list("skip_mlp", skip_mlp))
+        setter(self, "candidates", candidates)
+        setter(self, "_exit", values)
+        on = [m for m in token_exit_methods() if values[m.switch] not in (None, m.fields[0].default)]
+        if len(on) > 1:
             raise ValueError(
-                f"Plan.candidates is {self.candidates!r}; use one of {list(CANDIDATE_KINDS)} or None"
+                f"the plan sets {[m.switch for m in on]}; use one visual-token exit method at a time "
+                f"({', '.join(m.name for m in token_exit_methods())})"
             )
-        for name in _LAYER_LISTS:
-            object.__setattr__(self, name, _layer_list(name, getattr(self, name)))
-        for name in ("visual_exit_layer", "fastv_layer"):
-            object.__setattr__(self, name, _optional_layer(name, getattr(self, name)))
-        object.__setattr__(self, "fastv_ratio", _fraction("fastv_ratio", self.fastv_ratio))
-        object.__setattr__(self, "dyvte_threshold", _fraction("dyvte_threshold", self.dyvte_threshold))
-        if self.fastv_source not in FASTV_SOURCES:
-            raise ValueError(f"Plan.fastv_source is {self.fastv_source!r}; use one of {list(FASTV_SOURCES)}")
-        if self.dyvte is not None:
-            if not isinstance(self.dyvte, (str, os.PathLike)) or not str(self.dyvte):
+        method = on[0] if on else None
+        setter(self, "_exit", {"method": method, **values})
+        if method is not None:
+            method.validate(self)
+            exit_layer = method.exit_layer(self)
+            if exit_layer is not None and all(i in self.skip_attention for i in range(exit_layer)):
                 raise ValueError(
-                    f"Plan.dyvte must be the path of a router folder saved by skipvlm.train_dyvte, got "
-                    f"{self.dyvte!r}"
+                    f"visual tokens leave at layer {exit_layer}, but every attention before it is skipped, "
+                    "so no cache layer would hold the whole sequence; keep an attention below the exit layer"
                 )
-            object.__setattr__(self, "dyvte", str(self.dyvte))
-        methods = [name for name in ("visual_exit_layer", "fastv_layer", "dyvte") if getattr(self, name)]
-        if len(methods) > 1:
-            raise ValueError(
-                f"the plan sets {methods}; use one visual-token exit method at a time (VTW, FastV or DyVTE)"
-            )
-        if self.fastv_layer is not None and self.fastv_layer - 1 in self.skip_attention:
-            raise ValueError(
-                f"FastV ranks visual tokens by the attention of layer {self.fastv_layer - 1}, which the plan "
-                "skips; choose a fastv_layer whose previous layer keeps its attention"
-            )
-        exit_layer = self.visual_exit_layer or self.fastv_layer
-        if exit_layer is not None and all(i in self.skip_attention for i in range(exit_layer)):
-            raise ValueError(
-                f"visual tokens leave at layer {exit_layer}, but every attention before it is skipped, so no "
-                "cache layer would hold the whole sequence; keep an attention below the exit layer"
-            )
+
+    def __getattr__(self, name: str) -> Any:
+        exit_fields = object.__getattribute__(self, "_exit")
+        if name != "method" and name in exit_fields:
+            return exit_fields[name]
+        raise AttributeError(f"Plan has no field {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("a Plan is immutable; build another with plan.replace(...)")
+
+    def _key(self) -> tuple:
+        return (self.skip_attention, self.skip_mlp, tuple(sorted(self.token_fields().items(), key=str)))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Plan) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __reduce__(self) -> tuple:
+        return (_from_fields, (self.to_dict(),))
 
     def __repr__(self) -> str:
-        # Only what differs from the stock model (FastV's ratio and source only with FastV on).
-        shown = []
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if value == f.default or (
-                f.name.startswith("fastv_") and f.name != "fastv_layer" and not self.fastv_layer
-            ):
-                continue
-            if (f.name == "dyvte_threshold" and not self.dyvte) or f.name == "candidates":
-                continue
-            shown.append(f"{f.name}={value!r}")
+        # Only what differs from the stock model, and only the active method's fields.
+        shown = [f"{n}={v!r}" for n in ("skip_attention", "skip_mlp") if (v := getattr(self, n))]
+        method = self.token_exit
+        if method is not None:
+            shown += [f"{f.name}={self._exit[f.name]!r}" for f in method.fields if f is method.fields[0]]
+            shown += [
+                f"{f.name}={self._exit[f.name]!r}"
+                for f in method.fields[1:]
+                if self._exit[f.name] != f.default
+            ]
         return f"Plan({', '.join(shown)})"
+
+    def token_fields(self) -> dict[str, Any]:
+        """The token-exit fields, every registered method's, by name."""
+        return {k: v for k, v in self._exit.items() if k != "method"}
+
+    @property
+    def token_exit(self) -> TokenExitMethod | None:
+        """The plan's token-exit method, or None."""
+        return self._exit["method"]
 
     @property
     def is_empty(self) -> bool:
@@ -177,8 +308,14 @@ class Plan:
 
     @property
     def exits_tokens(self) -> bool:
-        """True when the plan withdraws visual tokens (VTW, FastV or DyVTE)."""
-        return bool(self.visual_exit_layer or self.fastv_layer or self.dyvte)
+        """True when the plan withdraws visual tokens."""
+        return self.token_exit is not None
+
+    def replace(self, **changes: Any) -> Plan:
+        """This plan with ``changes`` (any field, e.g. ``skip_attention=[1]`` or ``visual_exit_layer=8``)."""
+        fields = {"skip_attention": self.skip_attention, "skip_mlp": self.skip_mlp}
+        fields |= {"candidates": self.candidates, **self.token_fields(), **changes}
+        return Plan(**fields)
 
     def skips_only(self) -> Plan:
         """This plan without its visual-token exit."""
@@ -186,8 +323,7 @@ class Plan:
 
     def with_skips(self, skip_attention: Any = None, skip_mlp: Any = None) -> Plan:
         """This plan with other skipped modules (``None`` keeps the current list); token exit is kept."""
-        return replace(
-            self,
+        return self.replace(
             skip_attention=self.skip_attention if skip_attention is None else skip_attention,
             skip_mlp=self.skip_mlp if skip_mlp is None else skip_mlp,
         )
@@ -205,9 +341,9 @@ class Plan:
                     f"Plan.{name} names layer(s) {bad}, but the model has {num_layers} decoder layers; "
                     f"allowed indices are 0..{num_layers - 1}"
                 )
-        for name in ("visual_exit_layer", "fastv_layer"):
-            value = getattr(self, name)
-            if value is not None and value > num_layers:
+        for name, (_, spec) in _token_fields().items():
+            value = self._exit[name]
+            if spec.layer and value is not None and value > num_layers:
                 raise ValueError(
                     f"Plan.{name} is {value}, but the model has {num_layers} decoder layers; use "
                     f"1..{num_layers} ({num_layers} keeps every visual token)"
@@ -223,10 +359,8 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (layer lists as lists, plus a format version)."""
-        d: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
-        for name in _LAYER_LISTS:
-            d[name] = list(d[name])
-        d["format_version"] = _FORMAT_VERSION
+        d: dict[str, Any] = {name: list(getattr(self, name)) for name in _LAYER_LISTS}
+        d |= {**self.token_fields(), "candidates": self.candidates, "format_version": _FORMAT_VERSION}
         return d
 
     @classmethod
@@ -245,10 +379,6 @@ class Plan:
                 f"plan format version {version} is not readable by this skipvlm "
                 f"(reads version {_FORMAT_VERSION}); upgrade skipvlm"
             )
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown plan field(s) {unknown}; known fields are {sorted(known)}")
         return cls(**data)
 
     def to_json(self) -> str:
@@ -281,3 +411,7 @@ class Plan:
             return cls.from_json(path.read_text())
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
+
+
+def _from_fields(data: dict[str, Any]) -> Plan:
+    return Plan.from_dict(data)

@@ -29,9 +29,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from skipvlm.arch import ArchFacts, arch_facts
+from skipvlm.arch import ArchFacts, arch_facts, visual_token_mask
 from skipvlm.io import atomic_files
-from skipvlm.plan import Plan
+from skipvlm.plan import Plan, PlanField, TokenExitMethod, fraction_value, register_token_exit
+from skipvlm.tokens.exit import ExitRunner
 
 __all__ = ["DyVTE", "DyVTEConfig", "DyVTERouters", "after_image", "router_features", "train_dyvte"]
 
@@ -224,6 +225,56 @@ class DyVTE:
         return contextlib.nullcontext()
 
 
+def _router_folder(name: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)) or not str(value):
+        raise ValueError(
+            f"Plan.{name} must be the path of a router folder saved by skipvlm.train_dyvte, got {value!r}"
+        )
+    return str(value)
+
+
+_LOADED: dict[tuple[str, int | None], DyVTERouters] = {}  # re-read a folder only when its weights change
+
+
+def _runner(plan: Plan, facts: ArchFacts) -> ExitRunner:
+    """Load (once) and check the plan's routers against the model and the plan's skips."""
+    weights = Path(plan.dyvte) / WEIGHTS_NAME
+    key = (plan.dyvte, weights.stat().st_mtime_ns if weights.is_file() else None)
+    if key not in _LOADED:
+        routers = DyVTERouters.load(plan.dyvte)
+        routers.check_model(facts)
+        _LOADED[key] = routers
+    routers = _LOADED[key]
+    attends = [i for i in range(facts.num_layers) if i not in plan.skip_attention]
+    if not attends or attends[0] >= routers.layers[0]:
+        raise ValueError(
+            f"the DyVTE routers may exit at layer {routers.layers[0]}, but no attention runs before it "
+            "under this plan; keep an earlier attention or train routers for later layers"
+        )
+    return ExitRunner(lambda device: DyVTE(routers.to(device), plan.dyvte_threshold), facts.visual_token_ids)
+
+
+def _macs(plan: Plan, visual_tokens: int, exit_layer: int | None) -> tuple[int, int]:
+    """Per-example exits: counted only at a given (e.g. measured mean) exit layer."""
+    return (exit_layer, visual_tokens) if exit_layer is not None else (None, 0)
+
+
+METHOD = register_token_exit(
+    TokenExitMethod(
+        name="dyvte",
+        fields=(
+            PlanField("dyvte", None, _router_folder, "DyVTE: router folder from `skipvlm train-dyvte`"),
+            PlanField("dyvte_threshold", 0.5, fraction_value, "DyVTE: exit probability to pass (0.5)", float),
+        ),
+        runner=_runner,
+        exit_layer=lambda plan: None,
+        macs=_macs,
+    )
+)
+
+
 # --- training --------------------------------------------------------------------------------------
 
 
@@ -266,7 +317,7 @@ def _label(
     for chunk in tqdm(chunks, desc="DyVTE labels", disable=not progress):
         prompt = next(prompt_batches(model, chunk, collator, len(chunk)))
         full = {k: v.to(device) for k, v in collator(chunk, train=True).items()}
-        visual = prompt["input_ids"] == facts.image_token_id
+        visual = visual_token_mask(prompt["input_ids"], facts)
         rows = visual.any(1)
         if not bool(rows.any()):
             continue
@@ -276,7 +327,7 @@ def _label(
             reference = _greedy(model, prompt, config.max_new_tokens, pad)
             loss_full = _answer_losses(model, full)
         for layer in rng.sample(layers, min(config.layers_per_batch, len(layers))):
-            with use_plan(model, replace(base, visual_exit_layer=layer)):
+            with use_plan(model, base.replace(visual_exit_layer=layer)):
                 answer = _greedy(model, prompt, config.max_new_tokens, pad)
                 loss_exit = _answer_losses(model, full)
             agree = (answer == reference).float().mean(1)

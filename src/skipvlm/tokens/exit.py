@@ -1,35 +1,35 @@
-"""Visual-token exit inside skipvlm's layer loop: one forward's layouts, and the state decoding keeps.
+"""Visual-token exit as a hook of skipvlm's layer loop: one forward's layouts, and the state decoding keeps.
 
-``shared/METHODS.md`` §4. A :class:`TokenExit` runs beside :class:`~skipvlm.runtime.SkipDecoder`'s
-layer loop. Before each layer it asks the plan's method (VTW, FastV or DyVTE: a *policy*) which
-positions to keep. When visual tokens leave, the hidden states, the original position ids, the rotary
-tables and a 2-D attention mask are gathered into a packed layout (:mod:`skipvlm.tokens.layout`), and
-the following layers run on it.
+``shared/METHODS.md`` §4. A :class:`TokenExit` is the hook a token-exit plan gives each forward of
+:class:`~skipvlm.runtime.SkipDecoder`. Before each layer it asks the plan's method (VTW, FastV or DyVTE:
+a *policy*) which positions to keep. When visual tokens leave, the hidden states, the original position
+ids, the rotary tables and a 2-D attention mask are gathered into a packed layout
+(:mod:`skipvlm.layout`), which becomes the step's frame; the following layers, and the tokens adapters
+pool over, follow it.
 
 The KV cache stays one ``DynamicCache``: the layers from the exit on store the kept tokens only. Masks
 for those layers are built against a *view* of it, a second ``DynamicCache`` sharing those layer
 objects with :class:`~transformers.cache_utils.DummyLayer` below the exit, so the stock mask builders
 read the packed length. The layers below the exit still hold the whole sequence, so the cache length
-and the positions ``generate`` computes are the true ones. The packed masks are kept on the cache and
-grow with every decoded token.
+and the positions ``generate`` computes are the true ones. The packed masks are kept in the step's
+memory (:class:`~skipvlm.routes.Memory`) and grow with every decoded token.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from skipvlm.compat import Cache, DummyLayer, DynamicCache
-from skipvlm.tokens.layout import gather_positions, gather_tokens, pack, scatter_tokens
+from skipvlm.compat import DummyLayer, DynamicCache
+from skipvlm.layout import gather_positions, gather_tokens, pack, scatter_tokens
+from skipvlm.routes import Frame, Step
 
-__all__ = ["ExitState", "Frame", "Policy", "TokenExit", "clear_exit_state", "exit_state"]
-
-_STATE = "skipvlm_token_exit"  # attribute of a DynamicCache: the packed layouts, for decoding
+__all__ = ["ExitRunner", "ExitState", "Policy", "TokenExit"]
 
 
 @dataclass
@@ -43,7 +43,7 @@ class _Segment:
 
 @dataclass
 class ExitState:
-    """What a prefill's token exit leaves on the KV cache for the decoding steps.
+    """What a prefill's token exit leaves in the step memory for the decoding steps.
 
     Attributes:
         segments: the packed layouts, by first layer.
@@ -55,40 +55,6 @@ class ExitState:
     exit_layers: list[int]
 
 
-def exit_state(cache: Cache | None) -> ExitState | None:
-    """The token-exit state a prefill left on ``cache`` (``None`` if it withdrew nothing)."""
-    return None if cache is None else cache.__dict__.get(_STATE)
-
-
-def clear_exit_state(cache: Cache | None) -> None:
-    """Forget a previous prefill's token-exit state (a new prefill under a plan without token exit)."""
-    if cache is not None:
-        cache.__dict__.pop(_STATE, None)
-
-
-@dataclass
-class Frame:
-    """What the layers of one layout need besides hidden states: positions, rotary tables and masks.
-
-    ``index`` (B, T') maps slots to original positions (``None``: this forward's own positions) and
-    ``mask`` (B, T') marks real slots. Masks are built on first use, since a layout whose layers all
-    skip attention never needs them.
-    """
-
-    index: torch.Tensor | None
-    mask: torch.Tensor | None
-    text_ids: torch.Tensor | None
-    rope_ids: torch.Tensor | None
-    position_embeddings: tuple[torch.Tensor, torch.Tensor]
-    build_masks: Callable[[], dict[str, Any]]
-    _masks: dict[str, Any] | None = field(default=None, repr=False)
-
-    def attention_mask(self, kind: str) -> Any:
-        if self._masks is None:
-            self._masks = self.build_masks()
-        return self._masks[kind]
-
-
 class Policy(Protocol):
     """A token-exit method: before layer ``i`` of a prefill, which positions stay (None: no change)."""
 
@@ -97,57 +63,77 @@ class Policy(Protocol):
     def watch(self, i: int, layer: nn.Module) -> contextlib.AbstractContextManager: ...
 
 
+class ExitRunner:
+    """A token-exit plan compiled for one model: builds each forward's :class:`TokenExit`.
+
+    Args:
+        policy: builds the method's policy for a prefill on a device.
+        image_token_ids: the ids whose positions are visual tokens (image and video).
+    """
+
+    def __init__(self, policy: Callable[[torch.device], Policy], image_token_ids: tuple[int, ...]):
+        self.policy = policy
+        self.image_token_ids = image_token_ids
+
+    def begin(self, step: Step, ids: torch.Tensor | None, attention_mask: Any) -> TokenExit | None:
+        """The hook of one forward (None while decoding after a prefill that withdrew nothing)."""
+        if isinstance(attention_mask, dict):
+            raise ValueError(
+                "visual-token exit builds its own masks from the 2-D (batch, length) attention_mask; pass "
+                "that instead of prepared masks"
+            )
+        if not step.prefill:
+            state = step.memory.token_exit
+            if state is None:
+                raise ValueError(
+                    "this KV cache was filled without visual-token exit; start a new cache after changing "
+                    "the plan"
+                )
+            return TokenExit(None, step, None, attention_mask) if state.segments else None
+        if ids is None or tuple(ids.shape) != step.shape:
+            raise ValueError(
+                "visual-token exit finds the image tokens from input_ids; call the model with input_ids "
+                "(not inputs_embeds), or apply the plan with skipvlm.apply_plan on the full model"
+            )
+        visual = torch.isin(ids, torch.tensor(self.image_token_ids, device=ids.device))
+        return TokenExit(self.policy(ids.device), step, visual, attention_mask)
+
+
 class TokenExit:
     """One forward's visual-token exit.
 
     Args:
-        policy: the plan's method.
-        frame: the forward's own frame (all positions).
-        num_layers: L.
-        attends: per layer, whether its attention runs (a packed layout needs a full-length layer
-            before it in the cache).
-        cache: the KV cache, or None.
+        policy: the plan's method (None while decoding).
+        step: the forward's step; its frame is switched to each new layout.
         visual: (B, T) bool, the visual positions (prefill; None while decoding).
         attention_mask: the 2-D (B, T) mask given to the forward, or None.
-        masks: builds a layer-type -> mask dict from (2-D mask, hidden states, cache).
-        rotary: builds the rotary tables from (hidden states, position ids).
     """
 
-    def __init__(
-        self,
-        policy: Policy,
-        frame: Frame,
-        num_layers: int,
-        attends: list[bool],
-        cache: Cache | None,
-        visual: torch.Tensor | None,
-        attention_mask: torch.Tensor | None,
-        masks: Callable[[torch.Tensor, torch.Tensor, Cache | None], dict[str, Any]],
-        rotary: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-    ):
+    def __init__(self, policy: Policy | None, step: Step, visual: torch.Tensor | None, attention_mask: Any):
         self.policy = policy
-        self.root = frame  # the forward's own frame
-        self.frame = frame  # the current layout's
-        self.num_layers = num_layers
-        self.attends = attends
-        self.cache = cache
+        self.step = step
+        self.root = step.frame  # the forward's own frame
+        self.num_layers = len(step.attends)
         self.visual = visual
         self.attention_mask = attention_mask
-        self._build_masks = masks
-        self._rotary = rotary
         self._home: torch.Tensor | None = None  # (B, T, C): the latest state of every position
         self.decoding = visual is None
+        self.exit_layers: list[int] | None = None
         if self.decoding:
-            self.state = exit_state(cache)
-            self._by_start = {s.start: s for s in self.state.segments} if self.state else {}
+            self.state = step.memory.token_exit
+            self._by_start = {s.start: s for s in self.state.segments}
             return
-        batch = visual.shape[0]
         real = torch.ones_like(visual) if attention_mask is None else attention_mask.bool()
         self.keep = real  # (B, T): positions in the current layout (padding included at first)
         self.real = real
-        self.state = ExitState([], [num_layers] * batch)
-        if cache is not None:
-            cache.__dict__[_STATE] = self.state
+        self.state = ExitState([], [self.num_layers] * visual.shape[0])
+        self.exit_layers = self.state.exit_layers
+        step.memory.token_exit = self.state
+
+    @property
+    def frame(self) -> Frame:
+        """The current layout."""
+        return self.step.frame
 
     # --- prefill -------------------------------------------------------------------------------
 
@@ -157,7 +143,8 @@ class TokenExit:
                 "visual-token exit needs left-padded batches (the last position of every row is a real "
                 "token); set tokenizer.padding_side = 'left'"
             )
-        if self.cache is not None and not any(self.attends[:i]):
+        cache = self.step.cache
+        if cache is not None and not any(self.step.attends[:i]):
             raise ValueError(
                 f"visual tokens leave at layer {i}, but no attention runs before it, so no cache layer "
                 "holds the whole sequence; keep an attention below the exit layer"
@@ -175,18 +162,19 @@ class TokenExit:
         rope_ids = gather_positions(self.root.rope_ids, index)
         text_ids = gather_positions(self.root.text_ids, index)
         view = None
-        if self.cache is not None:
+        if cache is not None:
             view = DynamicCache()
-            view.layers = [DummyLayer() for _ in range(i)] + list(self.cache.layers[i:])
+            view.layers = [DummyLayer() for _ in range(i)] + list(cache.layers[i:])
         mask2d = mask.long()
         self.state.segments.append(_Segment(i, view, mask2d))
-        self.frame = Frame(
+        build = self.step.build_masks
+        self.step.frame = Frame(
             index,
             mask,
             text_ids,
             rope_ids,
-            self._rotary(hidden, rope_ids),
-            lambda: self._build_masks(mask2d, hidden, view),
+            self.step.rotary(hidden, rope_ids),
+            lambda: build(mask2d, hidden, view),
         )
         self.keep = keep
         return hidden
@@ -215,7 +203,7 @@ class TokenExit:
 
     # --- the loop ------------------------------------------------------------------------------
 
-    def before_layer(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
+    def before_layer(self, i: int, hidden: torch.Tensor, step: Step) -> torch.Tensor:
         """Switch layouts if layer ``i`` starts a new one; returns the hidden states to run it on."""
         if self.decoding:
             segment = self._by_start.get(i)
@@ -244,14 +232,14 @@ class TokenExit:
             columns = segment.mask.new_ones(batch, new)
         segment.mask = torch.cat([segment.mask, columns], dim=1)
         mask2d, view = segment.mask, segment.view
-        root = self.root
-        self.frame = Frame(
+        root, build = self.root, self.step.build_masks
+        self.step.frame = Frame(
             None,
             None,
             root.text_ids,
             root.rope_ids,
             root.position_embeddings,
-            lambda: self._build_masks(mask2d, hidden, view),
+            lambda: build(mask2d, hidden, view),
         )
 
     def expand(self, hidden: torch.Tensor) -> torch.Tensor:

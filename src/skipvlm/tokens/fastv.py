@@ -10,13 +10,19 @@ attention kernel: nothing is switched to eager attention.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
+from skipvlm.plan import PlanField, TokenExitMethod, exit_layer_value, fraction_value, register_token_exit
+from skipvlm.tokens.exit import ExitRunner
+
 __all__ = ["FastV", "received_attention"]
+
+SOURCES = ("last", "text")
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -132,3 +138,56 @@ class FastV:
         order = torch.arange(ranked.shape[1], device=ranked.device).expand_as(ranked)
         rank = torch.empty_like(ranked).scatter_(1, ranked, order)  # (B, T): rank of each position
         return ~visual | (rank < keep_count[:, None])
+
+
+def _source(name: str, value: Any) -> str:
+    if value not in SOURCES:
+        raise ValueError(f"Plan.{name} is {value!r}; use one of {list(SOURCES)}")
+    return value
+
+
+def _validate(plan: Any) -> None:
+    if plan.fastv_layer - 1 in plan.skip_attention:
+        raise ValueError(
+            f"FastV ranks visual tokens by the attention of layer {plan.fastv_layer - 1}, which the plan "
+            "skips; choose a fastv_layer whose previous layer keeps its attention"
+        )
+
+
+def _runner(plan: Any, facts: Any) -> ExitRunner:
+    def policy(device: torch.device) -> FastV:
+        return FastV(plan.fastv_layer, plan.fastv_ratio, plan.fastv_source, facts)
+
+    return ExitRunner(policy, facts.visual_token_ids)
+
+
+def _macs(plan: Any, visual_tokens: int, exit_layer: int | None) -> tuple[int, int]:
+    kept = math.floor((1.0 - plan.fastv_ratio) * visual_tokens + 0.5)
+    return plan.fastv_layer, visual_tokens - kept
+
+
+METHOD = register_token_exit(
+    TokenExitMethod(
+        name="fastv",
+        fields=(
+            PlanField(
+                "fastv_layer",
+                None,
+                exit_layer_value,
+                "FastV: keep the top visual tokens from this layer",
+                int,
+                layer=True,
+            ),
+            PlanField(
+                "fastv_ratio", 0.5, fraction_value, "FastV: fraction of visual tokens dropped (0.5)", float
+            ),
+            PlanField(
+                "fastv_source", "last", _source, "FastV: whose attention ranks them (last)", str, SOURCES
+            ),
+        ),
+        runner=_runner,
+        exit_layer=lambda plan: plan.fastv_layer,
+        macs=_macs,
+        validate=_validate,
+    )
+)

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +21,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from skipvlm.arch import arch_facts
+from skipvlm.arch import arch_facts, visual_token_mask
 from skipvlm.io import atomic_write_text
+from skipvlm.plan import PlanField, TokenExitMethod, exit_layer_value, register_token_exit
+from skipvlm.tokens.exit import ExitRunner
 
 __all__ = ["VTW", "VTWCalibration", "calibrate_vtw", "prompt_batches"]
 
@@ -40,6 +42,28 @@ class VTW:
 
     def watch(self, i: int, layer: nn.Module) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
+
+
+METHOD = register_token_exit(
+    TokenExitMethod(
+        name="vtw",
+        fields=(
+            PlanField(
+                "visual_exit_layer",
+                None,
+                exit_layer_value,
+                "VTW: every visual token leaves before this layer (1..L)",
+                int,
+                layer=True,
+            ),
+        ),
+        runner=lambda plan, facts: ExitRunner(
+            lambda device: VTW(plan.visual_exit_layer), facts.visual_token_ids
+        ),
+        exit_layer=lambda plan: plan.visual_exit_layer,
+        macs=lambda plan, visual_tokens, exit_layer: (plan.visual_exit_layer, visual_tokens),
+    )
+)
 
 
 def prompt_batches(
@@ -162,7 +186,7 @@ def calibrate_vtw(
     candidates = []
     for k in range(min_layer, num_layers):
         try:
-            candidates.append((k, replace(base, visual_exit_layer=k)))
+            candidates.append((k, base.replace(visual_exit_layer=k)))
         except ValueError as e:  # e.g. every attention below k is skipped
             logger.info("VTW calibration skips K=%d: %s", k, e)
     if not candidates:
@@ -176,7 +200,7 @@ def calibrate_vtw(
         bar = tqdm(total=len(batches) * (len(candidates) + 1), desc="VTW calibration", disable=not progress)
         for batch in batches:
             ids = batch["input_ids"]
-            has_image = (ids == facts.image_token_id).any(1)
+            has_image = visual_token_mask(ids, facts).any(1)
             with use_plan(model, base):
                 full = _last_logprobs(model, batch)[has_image]
             bar.update()

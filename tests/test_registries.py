@@ -1,0 +1,99 @@
+"""A token-exit method and a host family plug in from their own code: no edit of the runtime, the plan,
+the cost model or the CLI (issue 14). Both are registered here, by a test, and removed afterwards."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import transformers as tf
+
+import skipvlm
+from skipvlm import arch, plan
+from skipvlm.arch import HostFamily, register_host
+from skipvlm.cost import count_macs
+from skipvlm.plan import PlanField, TokenExitMethod, exit_layer_value, register_token_exit
+from skipvlm.tokens.exit import ExitRunner
+
+from conftest import VOCAB, build_model, logits, make_inputs, text_config_kwargs, zero_out
+
+
+class _WithdrawAll:
+    """The policy of the test's method: every visual token leaves before ``layer`` (VTW's rule)."""
+
+    def __init__(self, layer: int):
+        self.layer = layer
+
+    def keep(self, i, run, hidden):
+        return ~run.visual if i == self.layer else None
+
+    def watch(self, i, layer):
+        return contextlib.nullcontext()
+
+
+@pytest.fixture
+def fourth_method():
+    method = TokenExitMethod(
+        name="withdraw",
+        fields=(PlanField("withdraw_layer", None, exit_layer_value, "test: withdraw at", int, layer=True),),
+        runner=lambda p, facts: ExitRunner(lambda device: _WithdrawAll(p.withdraw_layer), facts.visual_token_ids),
+        exit_layer=lambda p: p.withdraw_layer,
+        macs=lambda p, visual, measured: (p.withdraw_layer, visual),
+    )
+    register_token_exit(method)
+    yield method
+    del plan._METHODS[method.name]
+
+
+def test_a_fourth_token_exit_method_runs_through_the_plan_runtime_and_cost(fourth_method):
+    model = build_model("llava")
+    inputs = make_inputs("llava", lengths=(40, 30))
+    mine = skipvlm.Plan(skip_attention=[3], withdraw_layer=2)
+    assert mine.token_exit is fourth_method and mine == skipvlm.Plan.from_dict(mine.to_dict())
+    with pytest.raises(ValueError, match="one visual-token exit method at a time"):
+        skipvlm.Plan(withdraw_layer=2, visual_exit_layer=2)
+    with pytest.raises(ValueError, match="decoder layers"):
+        skipvlm.apply_plan(model, skipvlm.Plan(withdraw_layer=9))
+    vtw = skipvlm.Plan(skip_attention=[3], visual_exit_layer=2)
+    skipvlm.apply_plan(model, vtw)
+    expected = logits(model, inputs)
+    skipvlm.apply_plan(model, mine)
+    torch.testing.assert_close(logits(model, inputs), expected, rtol=0, atol=0)
+    assert skipvlm.exit_layers(model) == [2, 2]
+    assert count_macs(model, 600, mine).total == count_macs(model, 600, vtw).total
+    from skipvlm.cli import build_parser
+
+    assert "--withdraw-layer" in build_parser().format_help() or _offers(build_parser(), "--withdraw-layer")
+
+
+def _offers(parser, flag: str) -> bool:
+    """Whether some subcommand of ``parser`` takes ``flag``."""
+    import argparse
+
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return any(flag in p._option_string_actions for s in subs for p in s.choices.values())
+
+
+@pytest.fixture
+def qwen3_host():
+    family = register_host(HostFamily("qwen3", "Qwen3ForCausalLM"))
+    yield family
+    del arch._HOSTS["qwen3"]
+
+
+def test_a_new_host_family_is_one_entry(qwen3_host):
+    torch.manual_seed(0)
+    model = tf.Qwen3ForCausalLM(tf.Qwen3Config(**text_config_kwargs(head_dim=8))).eval()
+    assert skipvlm.arch_facts(model).family is qwen3_host
+    ids = torch.randint(3, VOCAB, (2, 9))
+    reference = zero_out(model, 1, "attention")
+    with torch.no_grad():
+        expected = reference(input_ids=ids).logits
+        skipvlm.apply_plan(model, skipvlm.Plan(skip_attention=[1], skip_mlp=[2]))
+        skipped_mlp = zero_out(reference, 2, "mlp")(input_ids=ids).logits
+        torch.testing.assert_close(model(input_ids=ids).logits, skipped_mlp, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(expected, skipped_mlp)
+    eas = skipvlm.get_eas_model(model, skipvlm.EASConfig(skip_attention=[1]))
+    with torch.no_grad():
+        torch.testing.assert_close(eas(input_ids=ids).logits.shape, expected.shape)
