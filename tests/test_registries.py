@@ -37,7 +37,9 @@ def fourth_method():
     method = TokenExitMethod(
         name="withdraw",
         fields=(PlanField("withdraw_layer", None, exit_layer_value, "test: withdraw at", int, layer=True),),
-        runner=lambda p, facts: ExitRunner(lambda device: _WithdrawAll(p.withdraw_layer), facts.visual_token_ids),
+        runner=lambda p, facts: ExitRunner(
+            lambda device: _WithdrawAll(p.withdraw_layer), facts.visual_token_ids
+        ),
         exit_layer=lambda p: p.withdraw_layer,
         macs=lambda p, visual, measured: (p.withdraw_layer, visual),
     )

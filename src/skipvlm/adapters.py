@@ -11,11 +11,13 @@ attention / MLP        adapter             route and formula
 kept / kept            adapt-PIA           :class:`AdaptPIARoute`: ``a = h + Attn(PIA_a(N_in(h)))``,
                                            ``out = a + MLP(N_post(a))``
 kept / skipped         adapt-PIA           :class:`AdaptPIARoute` without the MLP: ``out = a``
-skipped / kept         replace-PIA         :class:`ReplacePIARoute`: ``out = h + MLP(g_post * PIA_r(N_in(h)))``
+skipped / kept         replace-PIA         :class:`ReplacePIARoute`: ``out = h + MLP(g * PIA_r(N_in(h)))``
 skipped / skipped      DAS bottleneck      :class:`DASRoute`: ``out = h + A(N_in(h))``
 skipped / skipped      none                :class:`~skipvlm.routes.SkipLayer`: ``out = h``
 kept                   none                the plain route (stock, or MLP skipped)
 =====================  ==================  ==========================================================
+
+(``g``: ``gamma_post``, the weight of the layer's post-attention norm.)
 
 A plan whose skipped attention has no replace-PIA (or, with ``adapt_layers="kept"``, whose kept
 attention has no adapt-PIA) is refused. PIA's router weights and pooled path are computed from the

@@ -4,13 +4,15 @@
 text model (:class:`~skipvlm.runtime.SkipDecoder`) and gives each layer's route its adapters
 (:class:`~skipvlm.adapters.LayerAdapters`): a replace-PIA in every layer whose attention is skipped
 and, with ``adapt_layers="kept"``, an adapt-PIA in every layer whose attention runs. Only the adapters
-(parameters named ``...routes.<layer>.adapters...``) and, if asked, the multimodal projector train. The wrapped model keeps the Hugging Face interface
-(``forward`` with ``labels`` -> loss, ``generate``); in training the adapters pool over the prompt
-tokens found from the labels, so answers never leak into the pooled vector.
+(parameters named ``...routes.<layer>.adapters...``) and, if asked, the multimodal projector train.
+The wrapped model keeps the Hugging Face interface (``forward`` with ``labels`` -> loss, ``generate``);
+in training the adapters pool over the prompt tokens found from the labels, so answers never leak
+into the pooled vector.
 
 Adapters are saved as ``eas_config.json`` + ``adapter_model.safetensors`` (adapters only) and merged
-into the weights by :mod:`skipvlm.merge`. File format 2 names tensors ``routes.<layer>.adapters.<kind>...``;
-format 1 (``pia_adapters.<kind>.<layer>...``, skipvlm before the routes) is still read.
+into the weights by :mod:`skipvlm.merge`. File format 2 names tensors
+``routes.<layer>.adapters.<kind>...``; format 1 (``pia_adapters.<kind>.<layer>...``, written before
+the routes) is still read.
 """
 
 from __future__ import annotations
@@ -212,7 +214,9 @@ class EASModel(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.init_seed)
             adapters = _build_adapters(facts, config)
-        decoder.attach({i: a.to(device=reference.device, dtype=reference.dtype) for i, a in adapters.items()}, plan)
+        decoder.attach(
+            {i: a.to(device=reference.device, dtype=reference.dtype) for i, a in adapters.items()}, plan
+        )
         apply_plan(base_model, plan)  # the plan in the config, the hooks on the top-level model
         if config.train_projector:
             for p in self.projector().parameters():
@@ -283,7 +287,7 @@ class EASModel(nn.Module):
         over all non-padding tokens."""
         if prompt_mask is None and labels is not None:
             prompt_mask = prompt_mask_from_labels(labels, kwargs.get("attention_mask"))
-        with self.decoder.pooling_mask(prompt_mask):
+        with self.decoder.inputs.pooling(prompt_mask):
             return self.base_model(*args, labels=labels, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
@@ -533,7 +537,8 @@ def _adapter_shapes(facts: ArchFacts, config: EASConfig) -> dict[str, torch.Tens
 
 
 def _from_format_1(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Format-1 tensor names (``pia_adapters.<kind>.<layer>.…``) in today's (``routes.<layer>.adapters.<kind>.…``)."""
+    """Format-1 tensor names (``pia_adapters.<kind>.<layer>.…``) renamed as format 2 names them
+    (``routes.<layer>.adapters.<kind>.…``)."""
     out = {}
     for key, value in state.items():
         match = _V1_KEY.match(key)

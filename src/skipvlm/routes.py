@@ -125,7 +125,8 @@ class Step:
 
 
 def attend(layer: nn.Module, i: int, h: torch.Tensor, x: torch.Tensor, step: Step) -> torch.Tensor:
-    """``h + Attn(x)``: layer ``i``'s attention on its (normed) input ``x``, with the step's cache and mask."""
+    """``h + Attn(x)``: layer ``i``'s attention on its (normed) input ``x``, with the step's cache, mask
+    and positions."""
     frame = step.frame
     out, weights = layer.self_attn(
         hidden_states=x,

@@ -42,6 +42,8 @@ __all__ = [
     "ExitHook",
     "RemovedAttention",
     "SkipDecoder",
+    "StockWrapper",
+    "TopInputs",
     "apply_plan",
     "current_plan",
     "exit_layers",
@@ -78,7 +80,7 @@ class ExitHook(Protocol):
     def expand(self, h: torch.Tensor) -> torch.Tensor: ...
 
 
-class _Inputs:
+class TopInputs:
     """What the top-level model was called with that its text model does not receive: the ``input_ids``
     (a LLaVA-style model hands its text model embeddings only; token exit finds the image tokens in
     them) and the tokens adapters pool over (set by :meth:`~skipvlm.eas.EASModel.forward`)."""
@@ -86,41 +88,60 @@ class _Inputs:
     def __init__(self) -> None:
         self.input_ids: torch.Tensor | None = None
         self.pool_mask: torch.Tensor | None = None
+        self.hooks: tuple = ()
+
+    def watch(self, model: nn.Module, path: str) -> None:
+        """Record the ``input_ids`` of every call of ``model`` whose text model is at ``path``;
+        idempotent, undone by :meth:`unwatch`."""
+        if self.hooks:
+            return
+        self.hooks = (
+            model.register_forward_pre_hook(functools.partial(_remember_ids, path=path), with_kwargs=True),
+            model.register_forward_hook(
+                functools.partial(_forget_ids, path=path), with_kwargs=True, always_call=True
+            ),
+        )
+
+    def unwatch(self) -> None:
+        for handle in self.hooks:
+            handle.remove()
+        self.hooks = ()
+
+    @contextlib.contextmanager
+    def pooling(self, mask: torch.Tensor | None) -> Iterator[None]:
+        """Within the block, adapters pool over ``mask`` (B, T) instead of the attention mask at prefill.
+
+        Training passes the prompt mask derived from the labels here, so answers never leak into the
+        pooled vector.
+        """
+        previous, self.pool_mask = self.pool_mask, mask
+        try:
+            yield
+        finally:
+            self.pool_mask = previous
 
 
-class SkipDecoder(nn.Module):
-    """Runs a stock text model's decoder layers under a :class:`~skipvlm.plan.Plan`.
+class StockWrapper(nn.Module):
+    """Stands where a stock module was, holding its children under their own names.
 
-    Built by :func:`apply_plan`; not usually constructed directly. Attributes that are not its own
-    (``config``, ``get_input_embeddings``, ...) are read from the wrapped stock module, whose children
-    are the very same objects. ``routes[i]`` is what layer ``i`` computes.
-
-    Args:
-        base: the stock text model (e.g. ``LlamaModel``), which owns ``embed_tokens``, ``layers``,
-            ``norm`` and ``rotary_emb``.
-        facts: the architecture facts of the full model.
-        plan: the plan to execute.
+    State-dict keys, weights and ``from_pretrained`` / ``save_pretrained`` are untouched; attributes
+    that are not the wrapper's own (``config``, ``get_input_embeddings``, ...) are read from the stock
+    module, whose children are the very same objects. :meth:`unwrap` gives the stock module back.
     """
 
-    def __init__(self, base: nn.Module, facts: ArchFacts, plan: Plan):
+    def __init__(self, base: nn.Module):
         super().__init__()
-        object.__setattr__(self, "facts", facts)
         for name, child in base.named_children():
             self.add_module(name, child)
         for name, param in base.named_parameters(recurse=False):
             self.register_parameter(name, param)
         for name, buf in base.named_buffers(recurse=False):
             self.register_buffer(name, buf, persistent=name not in base._non_persistent_buffers_set)
-        self.routes = nn.ModuleList([plain_route(Plan(), i) for i in range(facts.num_layers)])
-        object.__setattr__(self, "inputs", _Inputs())
-        object.__setattr__(self, "_memory", weakref.WeakKeyDictionary())  # KV cache -> Memory
-        object.__setattr__(self, "_hooks", ())
-        object.__setattr__(self, "last_exit_layers", None)
+        object.__setattr__(self, "_own", set())  # child names that are the wrapper's, not the stock's
         # Held outside the module tree (its children are registered above under their own names);
         # set last, since attribute look-ups fall back to it.
         object.__setattr__(self, "_base", base)
         self.train(base.training)
-        self.plan = plan
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -133,8 +154,47 @@ class SkipDecoder(nn.Module):
 
     @property
     def base(self) -> nn.Module:
-        """The stock text model this wrapper runs."""
+        """The stock module this wrapper runs."""
         return self._base
+
+    def get_decoder(self) -> nn.Module:
+        return self
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.base.set_input_embeddings(value)
+        self.embed_tokens = value
+
+    def unwrap(self) -> nn.Module:
+        """Return the stock module, with its children and train/eval mode as this wrapper has them."""
+        for name, child in self.named_children():
+            if name not in self._own:
+                setattr(self.base, name, child)
+        self.base.train(self.training)
+        return self.base
+
+
+class SkipDecoder(StockWrapper):
+    """Runs a stock text model's decoder layers under a :class:`~skipvlm.plan.Plan`.
+
+    Built by :func:`apply_plan`; not usually constructed directly. ``routes[i]`` is what layer ``i``
+    computes.
+
+    Args:
+        base: the stock text model (e.g. ``LlamaModel``), which owns ``embed_tokens``, ``layers``,
+            ``norm`` and ``rotary_emb``.
+        facts: the architecture facts of the full model.
+        plan: the plan to execute.
+    """
+
+    def __init__(self, base: nn.Module, facts: ArchFacts, plan: Plan):
+        super().__init__(base)
+        object.__setattr__(self, "facts", facts)
+        self.routes = nn.ModuleList([plain_route(Plan(), i) for i in range(facts.num_layers)])
+        self._own.add("routes")
+        object.__setattr__(self, "inputs", TopInputs())
+        object.__setattr__(self, "_memory", weakref.WeakKeyDictionary())  # KV cache -> Memory
+        object.__setattr__(self, "last_exit_layers", None)
+        self.plan = plan
 
     @property
     def plan(self) -> Plan:
@@ -186,61 +246,19 @@ class SkipDecoder(nn.Module):
         """True when a route holds modules of its own (adapters, a per-example merge)."""
         return any(next(route.children(), None) is not None for route in self.routes)
 
-    def watch_inputs(self, model: nn.Module) -> None:
-        """Let this decoder see the ``input_ids`` given to ``model`` (the top-level model that holds it).
-
-        Idempotent; :meth:`unwrap` removes the hooks.
-        """
-        if self._hooks or not self.facts.is_multimodal:
-            return
-        path = self.facts.decoder_path
-        hooks = (
-            model.register_forward_pre_hook(functools.partial(_remember_ids, path=path), with_kwargs=True),
-            model.register_forward_hook(
-                functools.partial(_forget_ids, path=path), with_kwargs=True, always_call=True
-            ),
-        )
-        object.__setattr__(self, "_hooks", hooks)
-
     def removed_attention(self) -> list[int]:
         """Layers whose attention weights were freed by a merge (see :class:`RemovedAttention`)."""
         return [i for i, layer in enumerate(self.layers) if isinstance(layer.self_attn, RemovedAttention)]
 
-    @contextlib.contextmanager
-    def pooling_mask(self, mask: torch.Tensor | None) -> Iterator[None]:
-        """Within the block, adapters pool over ``mask`` (B, T) instead of the attention mask at prefill.
-
-        Training passes the prompt mask derived from the labels here, so answers never leak into the
-        pooled vector.
-        """
-        previous, self.inputs.pool_mask = self.inputs.pool_mask, mask
-        try:
-            yield
-        finally:
-            self.inputs.pool_mask = previous
-
-    def get_decoder(self) -> nn.Module:
-        return self
-
-    def set_input_embeddings(self, value: nn.Module) -> None:
-        self.base.set_input_embeddings(value)
-        self.embed_tokens = value
-
     def unwrap(self) -> nn.Module:
-        """Return the stock module, with its children and train/eval mode as this wrapper has them."""
+        """Return the stock text model (see :meth:`StockWrapper.unwrap`), removing the input hooks."""
         if self.removed_attention():
             raise ValueError(
                 f"layer(s) {self.removed_attention()} had their attention removed by a merge, so this "
                 "model cannot run as the stock model; keep its plan, or reload the base model"
             )
-        for handle in self._hooks:
-            handle.remove()
-        object.__setattr__(self, "_hooks", ())
-        for name, child in self.named_children():
-            if name != "routes":
-                setattr(self.base, name, child)
-        self.base.train(self.training)
-        return self.base
+        self.inputs.unwatch()
+        return super().unwrap()
 
     # --- the forward ---------------------------------------------------------------------------------
 
@@ -270,12 +288,13 @@ class SkipDecoder(nn.Module):
         compat.check_forward_kwargs(kwargs)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        cache = self._prepare_cache(cache, use_cache)
+        checkpointing = self.training and self._checkpointing_enabled()
+        attends = [route.runs_attention for route in self.routes]
+        cache = _prepare_cache(self.config, cache, use_cache, attends, checkpointing)
         step = self._step(inputs_embeds, attention_mask, position_ids, cache, kwargs, output_attentions)
         ids = input_ids if input_ids is not None else self.inputs.input_ids
         hook = self._exit.begin(step, ids, attention_mask) if self._exit is not None else None
         lengths = _cache_lengths(cache, self.routes)
-        checkpointing = self.training and self._checkpointing_enabled()
 
         h = inputs_embeds
         all_hidden = [] if output_hidden_states or self.config.output_hidden_states else None
@@ -312,46 +331,6 @@ class SkipDecoder(nn.Module):
             getattr(layer, "gradient_checkpointing", False) for layer in self.layers
         )
 
-    def _prepare_cache(self, cache: Cache | None, use_cache: bool | None) -> Cache | None:
-        """The cache to use, with a DummyLayer in every layer whose attention does not run."""
-        attends = [route.runs_attention for route in self.routes]
-        if use_cache is None:  # a model that attends nowhere has nothing to cache
-            use_cache = bool(getattr(self.config, "use_cache", False)) and any(attends)
-        if self.training and self._checkpointing_enabled() and (use_cache or cache is not None):
-            # Recomputing a layer in the backward pass would append to the cache twice.
-            logger.warning(
-                "use_cache=True is incompatible with gradient checkpointing; running without a cache"
-            )
-            return None
-        if cache is None and not use_cache:
-            return None
-        if not any(attends):
-            raise ValueError(
-                f"the plan skips all {len(attends)} attentions, so there is nothing to cache; run with "
-                "use_cache=False (e.g. model.generate(..., use_cache=False)) or keep at least one attention"
-            )
-        if cache is None:
-            cache = DynamicCache(config=self.config)
-        if not isinstance(cache, DynamicCache):
-            raise ValueError(
-                f"skipvlm plans run with a DynamicCache, got {type(cache).__name__}; drop the "
-                f"cache_implementation / {compat.CACHE_KWARG} argument to use the default cache"
-            )
-        layers = cache.layers
-        if len(layers) < len(attends):  # a cache built without a config grows lazily; size it now
-            layers.extend(DynamicCache(config=self.config).layers[len(layers) :])
-        filled = cache.get_seq_length() > 0
-        for i, runs in enumerate(attends):
-            if runs != isinstance(layers[i], DummyLayer):
-                continue
-            if filled:
-                raise ValueError(
-                    f"this KV cache was filled under another plan (layer {i}'s attention is "
-                    f"{'run' if runs else 'skipped'} now); start a new cache after changing the plan"
-                )
-            layers[i] = DynamicCache(config=self.config).layers[i] if runs else DummyLayer()
-        return cache
-
     def _step(
         self,
         embeds: torch.Tensor,
@@ -375,7 +354,8 @@ class SkipDecoder(nn.Module):
                     "after changing the plan"
                 )
         rope_ids, text_ids = _positions(self.facts.rope, position_ids, embeds, cache)
-        masks = functools.partial(self._masks, attention_mask, embeds, cache, text_ids)
+        config, types = self.config, self.facts.layer_types
+        masks = functools.partial(_masks, config, types, attention_mask, embeds, cache, text_ids)
         return Step(
             shape=tuple(embeds.shape[:2]),
             cache=cache,
@@ -384,49 +364,92 @@ class SkipDecoder(nn.Module):
             layer_types=self.facts.layer_types,
             attention_kwargs=kwargs,
             memory=memory,
-            prompt_mask=functools.partial(self._prompt_mask, attention_mask, embeds),
+            prompt_mask=functools.partial(_prompt_mask, self.inputs.pool_mask, attention_mask, embeds),
             attends=tuple(route.runs_attention for route in self.routes),
-            build_masks=lambda mask, hidden, view: self._masks(mask, hidden, view, None),
+            build_masks=lambda mask, hidden, view: _masks(config, types, mask, hidden, view, None),
             rotary=self.rotary_emb,
             attentions=[] if output_attentions else None,
         )
 
-    def _masks(
-        self,
-        attention_mask: torch.Tensor | dict | None,
-        embeds: torch.Tensor,
-        cache: Cache | None,
-        text_ids: torch.Tensor | None,
-    ) -> dict[str, Any]:
-        if isinstance(attention_mask, dict):  # already prepared per layer type, e.g. by `generate`
-            return attention_mask
-        return compat.build_masks(
-            self.config, self.facts.layer_types, embeds, attention_mask, cache, text_ids
-        )
-
-    def _prompt_mask(self, attention_mask: torch.Tensor | dict | None, embeds: torch.Tensor) -> torch.Tensor:
-        """(B, T) bool: what adapters pool over at prefill: the mask given to :meth:`pooling_mask`, else
-        the non-padding tokens of the 2-D attention mask."""
-        batch, length = embeds.shape[:2]
-        mask = self.inputs.pool_mask
-        if mask is None:
-            if attention_mask is None:
-                return torch.ones(batch, length, dtype=torch.bool, device=embeds.device)
-            if not (isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2):
-                raise ValueError(
-                    "PIA adapters pool over the prompt's non-padding tokens and need the 2-D (batch, "
-                    "length) attention_mask to find them; pass that instead of a prepared mask"
-                )
-            mask = attention_mask
-        if tuple(mask.shape) != (batch, length):
-            raise ValueError(
-                f"the pooling mask has shape {tuple(mask.shape)} but the input is (batch={batch}, "
-                f"length={length}); it must mark the prompt tokens of every row"
-            )
-        return mask.to(embeds.device, torch.bool)
-
 
 # --- helpers of the forward --------------------------------------------------------------------------
+
+
+def _prepare_cache(
+    config: Any, cache: Cache | None, use_cache: bool | None, attends: list[bool], checkpointing: bool
+) -> Cache | None:
+    """The cache to use, with a DummyLayer in every layer whose attention does not run."""
+    if use_cache is None:  # a model that attends nowhere has nothing to cache
+        use_cache = bool(getattr(config, "use_cache", False)) and any(attends)
+    if checkpointing and (use_cache or cache is not None):
+        # Recomputing a layer in the backward pass would append to the cache twice.
+        logger.warning("use_cache=True is incompatible with gradient checkpointing; running without a cache")
+        return None
+    if cache is None and not use_cache:
+        return None
+    if not any(attends):
+        raise ValueError(
+            f"the plan skips all {len(attends)} attentions, so there is nothing to cache; run with "
+            "use_cache=False (e.g. model.generate(..., use_cache=False)) or keep at least one attention"
+        )
+    if cache is None:
+        cache = DynamicCache(config=config)
+    if not isinstance(cache, DynamicCache):
+        raise ValueError(
+            f"skipvlm plans run with a DynamicCache, got {type(cache).__name__}; drop the "
+            f"cache_implementation / {compat.CACHE_KWARG} argument to use the default cache"
+        )
+    layers = cache.layers
+    if len(layers) < len(attends):  # a cache built without a config grows lazily; size it now
+        layers.extend(DynamicCache(config=config).layers[len(layers) :])
+    filled = cache.get_seq_length() > 0
+    for i, runs in enumerate(attends):
+        if runs != isinstance(layers[i], DummyLayer):
+            continue
+        if filled:
+            raise ValueError(
+                f"this KV cache was filled under another plan (layer {i}'s attention is "
+                f"{'run' if runs else 'skipped'} now); start a new cache after changing the plan"
+            )
+        layers[i] = DynamicCache(config=config).layers[i] if runs else DummyLayer()
+    return cache
+
+
+def _masks(
+    config: Any,
+    layer_types: tuple[str, ...],
+    attention_mask: torch.Tensor | dict | None,
+    embeds: torch.Tensor,
+    cache: Cache | None,
+    text_ids: torch.Tensor | None,
+) -> dict[str, Any]:
+    if isinstance(attention_mask, dict):  # already prepared per layer type, e.g. by `generate`
+        return attention_mask
+    return compat.build_masks(config, layer_types, embeds, attention_mask, cache, text_ids)
+
+
+def _prompt_mask(
+    pool_mask: torch.Tensor | None, attention_mask: torch.Tensor | dict | None, embeds: torch.Tensor
+) -> torch.Tensor:
+    """(B, T) bool: what adapters pool over at prefill: ``pool_mask`` (see
+    :meth:`SkipDecoder.pooling_mask`), else the non-padding tokens of the 2-D attention mask."""
+    batch, length = embeds.shape[:2]
+    mask = pool_mask
+    if mask is None:
+        if attention_mask is None:
+            return torch.ones(batch, length, dtype=torch.bool, device=embeds.device)
+        if not (isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2):
+            raise ValueError(
+                "PIA adapters pool over the prompt's non-padding tokens and need the 2-D (batch, "
+                "length) attention_mask to find them; pass that instead of a prepared mask"
+            )
+        mask = attention_mask
+    if tuple(mask.shape) != (batch, length):
+        raise ValueError(
+            f"the pooling mask has shape {tuple(mask.shape)} but the input is (batch={batch}, "
+            f"length={length}); it must mark the prompt tokens of every row"
+        )
+    return mask.to(embeds.device, torch.bool)
 
 
 def _positions(
@@ -524,11 +547,11 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
             setattr(parent, name, decoder.unwrap())
         else:
             decoder.plan = plan
-            decoder.watch_inputs(target)
     elif not plan.is_empty:
         decoder = SkipDecoder(decoder, facts, plan)
         setattr(parent, name, decoder)
-        decoder.watch_inputs(target)
+    if isinstance(getattr(parent, name), SkipDecoder) and facts.is_multimodal:
+        decoder.inputs.watch(target, facts.decoder_path)
     if plan.is_empty:
         if hasattr(target.config, CONFIG_KEY):
             delattr(target.config, CONFIG_KEY)
