@@ -477,7 +477,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 def _skip_plan(args: argparse.Namespace, num_layers: int):
     """The plan of --skip-attention N (N attentions, the benchmark's pattern) or --skip-attention-layers."""
     from skipvlm.bench import skip_layers
-    from skipvlm.plan import TOKEN_FIELDS, Plan
+    from skipvlm.plan import Plan, token_exit_fields
 
     attention = list(args.skip_attention_layers or [])
     if args.skip_attention:
@@ -485,9 +485,9 @@ def _skip_plan(args: argparse.Namespace, num_layers: int):
     from skipvlm.cli_tokens import check_token_flags
 
     tokens = {
-        name: getattr(args, name)
-        for name in TOKEN_FIELDS  # those this command offers as options
-        if getattr(args, name, None) is not None
+        f.name: getattr(args, f.name)
+        for f in token_exit_fields()  # those this command offers as options
+        if getattr(args, f.name, None) is not None
     }
     check_token_flags(tokens)
     plan = Plan(skip_attention=attention, skip_mlp=list(args.skip_mlp_layers or []), **tokens)

@@ -7,7 +7,6 @@ skip plan, with or without adapters, plus one visual-token exit method (``shared
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ def _model_with_plan(args: argparse.Namespace) -> Any:
     """The checkpoint of ``--model`` (with ``--adapters``), running the plan the options describe."""
     from skipvlm import cli
     from skipvlm.eas import EASModel
-    from skipvlm.plan import TOKEN_FIELDS, Plan
+    from skipvlm.plan import Plan, token_exit_fields
     from skipvlm.runtime import apply_plan, current_plan
 
     folder = cli._check_model_dir(args.model)
@@ -45,9 +44,11 @@ def _model_with_plan(args: argparse.Namespace) -> Any:
         plan = Plan.load(args.plan)
     if getattr(args, "skip_attention_layers", None) is not None:
         plan = plan.with_skips(skip_attention=args.skip_attention_layers)
-    tokens = {name: getattr(args, name) for name in TOKEN_FIELDS if getattr(args, name, None) is not None}
+    tokens = {
+        f.name: getattr(args, f.name) for f in token_exit_fields() if getattr(args, f.name, None) is not None
+    }
     check_token_flags(tokens, plan)
-    plan = dataclasses.replace(plan, **tokens)
+    plan = plan.replace(**tokens)
     if isinstance(model, EASModel):
         model.set_plan(plan)
     else:
@@ -101,7 +102,7 @@ def _cmd_calibrate_vtw(args: argparse.Namespace) -> int:
     result.save(out / "vtw_calibration.json")
     base = current_plan(model).skips_only()
     exit_layer = result.layer if result.layer < result.num_layers else None  # L: every token stays
-    dataclasses.replace(base, visual_exit_layer=exit_layer).save(out / "plan.json")
+    base.replace(visual_exit_layer=exit_layer).save(out / "plan.json")
     print(result.table())
     print(
         f"VTW exit layer {result.layer} of {result.num_layers} (eta {result.eta:g}, {result.num_examples} "
@@ -128,7 +129,7 @@ def _cmd_train_dyvte(args: argparse.Namespace) -> int:
 
 def _add_plan_args(parser: argparse.ArgumentParser, tokens: bool = True) -> None:
     from skipvlm import cli
-    from skipvlm.plan import FASTV_SOURCES
+    from skipvlm.tokens.fastv import SOURCES as FASTV_SOURCES
 
     group = parser.add_argument_group("plan (default: the plan the checkpoint / adapters carry)")
     group.add_argument("--adapters", help="EAS adapters folder from `skipvlm train`")

@@ -29,7 +29,7 @@ import os
 import signal
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -706,7 +706,7 @@ def search(
     loop.save(resume_state())
 
     arms = bandit.top_k()
-    plan = replace(cands.plan(arms), candidates=config.candidates)
+    plan = cands.plan(arms).replace(candidates=config.candidates)
     eas_model.set_plan(plan)
     eas_model.eval()
     result = SearchResult(plan, arms, config.candidates, bandit, trajectory, eas_model)
