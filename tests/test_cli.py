@@ -125,9 +125,9 @@ def test_search_train_merge_eval_end_to_end(toy_dir, tmp_path, capsys):
 def test_search_settings_are_checked_before_loading_the_model(
     toy_dir, tmp_path, capsys, monkeypatch, extra, message
 ):
-    import skipvlm.cli as cli
+    from skipvlm.cli import loading
 
-    monkeypatch.setattr(cli, "_load_model", lambda *a: pytest.fail("loaded the model before checking"))
+    monkeypatch.setattr(loading, "load_model", lambda *a: pytest.fail("loaded the model before checking"))
     args = ["search", "--model", str(toy_dir / "model"), "--train", str(toy_dir / "train.jsonl")]
     args += ["--heldout", str(toy_dir / "heldout.jsonl"), "--out", str(tmp_path), *extra]
     assert main(args) == 2

@@ -26,9 +26,9 @@ SRC = pathlib.Path(__file__).resolve().parents[1] / "src" / "skipvlm"
 
 
 def no_load(monkeypatch):
-    import skipvlm.cli as cli
+    from skipvlm.cli import loading
 
-    monkeypatch.setattr(cli, "_load_model", lambda *a: pytest.fail("loaded weights before checking"))
+    monkeypatch.setattr(loading, "load_model", lambda *a: pytest.fail("loaded weights before checking"))
 
 
 def err_line(capsys) -> str:
@@ -457,10 +457,10 @@ def test_undecodable_and_escaping_images_are_bad_rows(tmp_path):
 
 
 def test_cli_batches_are_collated_lazily(toy_dir):
-    from skipvlm.cli import _batches
+    from skipvlm.cli.loading import Batches
 
     calls = []
-    batches = _batches(list(range(10)), lambda ex: calls.append(ex) or ex, 4)
+    batches = Batches(list(range(10)), lambda ex: calls.append(ex) or ex, 4)
     assert len(batches) == 3 and calls == []
     assert batches[2] == [8, 9] and calls == [[8, 9]]
     with pytest.raises(IndexError):

@@ -1,7 +1,7 @@
-"""``skipvlm generate``, ``calibrate-vtw`` and ``train-dyvte``: the inference-side subcommands.
+"""``skipvlm generate``, ``calibrate-vtw`` and ``train-dyvte``: the inference-side commands.
 
-Kept apart from :mod:`skipvlm.cli` (which registers them) because they share the plan options: any
-skip plan, with or without adapters, plus one visual-token exit method (``shared/METHODS.md`` §4).
+They share the plan options: any skip plan, with or without adapters, plus one visual-token exit method
+(``shared/METHODS.md`` §4).
 """
 
 from __future__ import annotations
@@ -12,42 +12,39 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["check_token_flags", "register"]
+from skipvlm.cli import loading
+from skipvlm.cli.options import (
+    add_allow_missing,
+    add_command,
+    add_config_args,
+    add_device_option,
+    add_dtype_option,
+    add_model_option,
+    add_out_option,
+    add_prompt_format_option,
+    add_run_options,
+    add_token_exit_options,
+    config_from_args,
+    parse_layers,
+    plan_from_args,
+    positive_int,
+)
 
 
-def check_token_flags(tokens: dict[str, Any], plan: Any = None) -> None:
-    """Refuse token-exit options that would be ignored: a FastV ratio or source without a FastV layer,
-    a DyVTE threshold without routers (in the options or in ``plan``)."""
-    for option, needs in (
-        ("fastv_ratio", "fastv_layer"),
-        ("fastv_source", "fastv_layer"),
-        ("dyvte_threshold", "dyvte"),
-    ):
-        if option in tokens and tokens.get(needs) is None and getattr(plan, needs, None) is None:
-            raise ValueError(
-                f"--{option.replace('_', '-')} has no effect without --{needs.replace('_', '-')}; pass both"
-            )
-
-
-def _model_with_plan(args: argparse.Namespace) -> Any:
+def _model_with_plan(args: argparse.Namespace) -> tuple[Any, Path]:
     """The checkpoint of ``--model`` (with ``--adapters``), running the plan the options describe."""
-    from skipvlm import cli
     from skipvlm.eas import EASModel
-    from skipvlm.plan import TOKEN_FIELDS, Plan
+    from skipvlm.plan import Plan
     from skipvlm.runtime import apply_plan, current_plan
 
-    folder = cli._check_model_dir(args.model)
-    model = cli._load_model(folder, args)
-    if getattr(args, "adapters", None):
+    folder = loading.check_model_dir(args.model)
+    model = loading.load_model(folder, args)
+    if args.adapters:
         model = EASModel.from_pretrained(model, args.adapters)
-    plan = current_plan(model)
-    if getattr(args, "plan", None):
-        plan = Plan.load(args.plan)
-    if getattr(args, "skip_attention_layers", None) is not None:
+    plan = Plan.load(args.plan) if args.plan else current_plan(model)
+    if args.skip_attention_layers is not None:
         plan = plan.with_skips(skip_attention=args.skip_attention_layers)
-    tokens = {name: getattr(args, name) for name in TOKEN_FIELDS if getattr(args, name, None) is not None}
-    check_token_flags(tokens, plan)
-    plan = dataclasses.replace(plan, **tokens)
+    plan = plan_from_args(args, plan)
     if isinstance(model, EASModel):
         model.set_plan(plan)
     else:
@@ -81,13 +78,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_calibrate_vtw(args: argparse.Namespace) -> int:
-    from skipvlm import cli
     from skipvlm.runtime import current_plan
     from skipvlm.tokens.vtw import calibrate_vtw
 
-    examples = cli._data(args, "data")[: args.limit]
+    examples = loading.data(args, "data")[: args.limit]
     model, folder = _model_with_plan(args)
-    collator = cli._collator(folder, args)
+    collator = loading.collator(folder, args)
     out = Path(args.out)
     result = calibrate_vtw(
         model,
@@ -111,13 +107,12 @@ def _cmd_calibrate_vtw(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_dyvte(args: argparse.Namespace) -> int:
-    from skipvlm import cli
     from skipvlm.tokens.dyvte import DyVTEConfig, train_dyvte
 
-    examples = cli._data(args, "train")
-    config = cli._config_from_args(DyVTEConfig, args, batch_size=args.batch_size)
+    examples = loading.data(args, "train")
+    config = config_from_args(DyVTEConfig, args, batch_size=args.batch_size)
     model, folder = _model_with_plan(args)
-    routers = train_dyvte(model, examples, cli._collator(folder, args), config, output_dir=args.out)
+    routers = train_dyvte(model, examples, loading.collator(folder, args), config, output_dir=args.out)
     report = routers.report
     print(
         f"trained routers for layers {routers.layers} on {report['samples']} labels "
@@ -127,61 +122,46 @@ def _cmd_train_dyvte(args: argparse.Namespace) -> int:
 
 
 def _add_plan_args(parser: argparse.ArgumentParser, tokens: bool = True) -> None:
-    from skipvlm import cli
-    from skipvlm.plan import FASTV_SOURCES
-
+    """The plan to run: the checkpoint's own, or ``--adapters`` / ``--plan``, with skips and (with
+    ``tokens``) a token exit given as options on top."""
     group = parser.add_argument_group("plan (default: the plan the checkpoint / adapters carry)")
     group.add_argument("--adapters", help="EAS adapters folder from `skipvlm train`")
     group.add_argument("--plan", help="a plan.json to run")
-    group.add_argument("--skip-attention-layers", type=cli._parse_layers, help="attentions to skip, e.g. 3,5")
-    if not tokens:
-        return
-    group.add_argument("--visual-exit-layer", type=int, help="VTW: withdraw visual tokens before this layer")
-    group.add_argument("--fastv-layer", type=int, help="FastV: keep the top visual tokens from this layer")
-    group.add_argument("--fastv-ratio", type=float, help="FastV: fraction of visual tokens dropped (0.5)")
-    group.add_argument("--fastv-source", choices=FASTV_SOURCES, help="FastV: ranking queries (last)")
-    group.add_argument("--dyvte", help="DyVTE: router folder from `skipvlm train-dyvte`")
-    group.add_argument("--dyvte-threshold", type=float, help="DyVTE: exit probability to pass (0.5)")
+    group.add_argument("--skip-attention-layers", type=parse_layers, help="attentions to skip, e.g. 3,5")
+    if tokens:
+        add_token_exit_options(group)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add the subcommands to the ``skipvlm`` parser."""
-    from skipvlm import cli
+    """Add ``generate``, ``calibrate-vtw`` and ``train-dyvte`` to the ``skipvlm`` parser."""
     from skipvlm.tokens.dyvte import DyVTEConfig
 
-    gen = sub.add_parser("generate", help="answer one prompt (+ image) under any plan, token exit included")
-    gen.add_argument("--model", required=True, help="a locally saved Hugging Face checkpoint folder")
+    gen = add_command(sub, "generate", "answer one prompt (+ image) under any plan, token exit included")
+    add_model_option(gen)
     gen.add_argument("--prompt", required=True, help="the user's question")
     gen.add_argument("--image", help="an image file")
-    gen.add_argument(
-        "--prompt-format",
-        help="a custom prompt layout with {image} and {prompt} (default: the model's chat template)",
-    )
+    add_prompt_format_option(gen)
     gen.add_argument("--max-new-tokens", type=int, default=32)
-    gen.add_argument("--device", help="cpu, cuda ... (default: cuda if available)")
-    gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    cli._add_allow_missing(gen)
+    add_device_option(gen)
+    add_dtype_option(gen)
+    add_allow_missing(gen)
     _add_plan_args(gen)
     gen.set_defaults(func=_cmd_generate)
 
-    cal = sub.add_parser(
-        "calibrate-vtw", help="choose VTW's exit layer by the KL of the next-token distribution"
+    cal = add_command(
+        sub, "calibrate-vtw", "choose VTW's exit layer by the KL of the next-token distribution"
     )
-    cli._add_common(cal, ("data",))
-    cal.add_argument("--out", required=True, help="folder for vtw_calibration.json, vtw_kl.png, plan.json")
-    cli._add_overwrite(cal)
+    add_run_options(cal, ("data",))
+    add_out_option(cal, "folder for vtw_calibration.json, vtw_kl.png, plan.json", required=True)
     cal.add_argument("--eta", type=float, default=0.003, help="KL threshold (default 0.003, for 7B models)")
     cal.add_argument("--min-layer", type=int, default=1, help="first candidate exit layer (default 1)")
-    cal.add_argument(
-        "--limit", type=cli._positive_int, default=64, help="calibration examples used (default 64)"
-    )
+    cal.add_argument("--limit", type=positive_int, default=64, help="calibration examples used (default 64)")
     _add_plan_args(cal, tokens=False)
     cal.set_defaults(func=_cmd_calibrate_vtw)
 
-    dyv = sub.add_parser("train-dyvte", help="train DyVTE's exit routers on a frozen model")
-    cli._add_common(dyv, ("train",))
-    dyv.add_argument("--out", required=True, help="folder for the routers")
-    cli._add_overwrite(dyv)
-    cli._add_config_args(dyv, DyVTEConfig, skip=("batch_size",))
+    dyv = add_command(sub, "train-dyvte", "train DyVTE's exit routers on a frozen model")
+    add_run_options(dyv, ("train",))
+    add_out_option(dyv, "folder for the routers", required=True)
+    add_config_args(dyv, DyVTEConfig, skip=("batch_size",))
     _add_plan_args(dyv, tokens=False)
     dyv.set_defaults(func=_cmd_train_dyvte)

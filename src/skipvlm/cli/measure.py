@@ -1,0 +1,201 @@
+"""``skipvlm cost`` and ``bench``: the analytic MACs of a plan, and measured latency / KV cache against
+the alternatives, for a preset architecture or a local checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from skipvlm.cli import loading
+from skipvlm.cli.options import (
+    add_command,
+    add_device_option,
+    add_dtype_option,
+    add_model_option,
+    add_out_option,
+    add_token_exit_options,
+    parse_layers,
+    plan_from_args,
+)
+
+# The token-exit methods whose MACs do not depend on the data (DyVTE's exit layer does).
+_COST_TOKEN_FIELDS = ("visual_exit_layer", "fastv_layer", "fastv_ratio")
+
+
+def _skip_plan(args: argparse.Namespace, num_layers: int) -> Any:
+    """The plan of --skip-attention N (N attentions, the benchmark's pattern) or --skip-attention-layers."""
+    from skipvlm.bench import skip_layers
+    from skipvlm.plan import Plan
+
+    attention = list(args.skip_attention_layers or [])
+    if args.skip_attention:
+        attention = skip_layers(num_layers, args.skip_attention)
+    skips = Plan(skip_attention=attention, skip_mlp=list(args.skip_mlp_layers or []))
+    plan = plan_from_args(args, skips)
+    plan.validate_for(num_layers)
+    return plan
+
+
+def _preset_or_model(args: argparse.Namespace, device: str = "meta") -> tuple[str, Any]:
+    """The name and model of ``--preset`` or ``--model``: built on ``device`` (``meta``: no weights)."""
+    import torch
+
+    from skipvlm import presets
+
+    dtype = getattr(torch, args.dtype)  # the --dtype choices are torch dtype names
+    if bool(args.preset) == bool(args.model):
+        raise ValueError("pass exactly one of --preset NAME or --model DIR")
+    if args.preset:
+        return args.preset, presets.build(args.preset, device=device, dtype=dtype)
+    folder = loading.check_model_dir(args.model)
+    if device == "meta":
+        return folder.name, presets.build(loading.model_config(folder), device="meta", dtype=dtype)
+    return folder.name, loading.load_model(folder, args)
+
+
+def _cmd_cost(args: argparse.Namespace) -> int:
+    from skipvlm.arch import arch_facts
+    from skipvlm.cost import count_macs
+    from skipvlm.io import atomic_write_text
+
+    name, model = _preset_or_model(args)
+    facts = arch_facts(model)
+    plan = _skip_plan(args, facts.num_layers)
+    base = count_macs(model, args.prompt_tokens, images=args.images)
+    cost = count_macs(model, args.prompt_tokens, plan, images=args.images)
+    removed = base.total - cost.total
+    print(
+        f"{name}: {facts.num_layers} layers, C={facts.hidden_size}, prompt {args.prompt_tokens} tokens; "
+        f"{plan}"
+    )
+    print(f"{'module':<14}{'stock GMACs':>14}{'plan GMACs':>14}")
+    for label in ("attention", "mlp", "vision", "projector", "lm_head"):
+        print(f"{label:<14}{getattr(base, label) / 1e9:>14.1f}{getattr(cost, label) / 1e9:>14.1f}")
+    print(f"{'total':<14}{base.total / 1e9:>14.1f}{cost.total / 1e9:>14.1f}")
+    print(f"the plan removes {removed / 1e9:.1f} GMACs = {100 * removed / base.total:.1f}% of the total")
+    if args.out:
+        data = {
+            "model": name,
+            "stock": base.to_dict(),
+            "plan": cost.to_dict(),
+            "removed_share": removed / base.total,
+        }
+        path = atomic_write_text(args.out, json.dumps(data, indent=1) + "\n")
+        print(f"wrote {path}")
+    return 0
+
+
+def _bench_inputs(model: Any, facts: Any, prompt_tokens: int, device: Any) -> dict:
+    """A random prompt of ``prompt_tokens`` tokens; for LLaVA one image (random pixels) after the first
+    text token."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, min(facts.vocab_size, 30000), (1, prompt_tokens), generator=gen)
+    inputs = {"input_ids": ids}
+    if facts.model_type == "llava":
+        vision = model.config.vision_config
+        image_tokens = (vision.image_size // vision.patch_size) ** 2
+        if image_tokens + 2 > prompt_tokens:
+            raise ValueError(f"--prompt-tokens must exceed the {image_tokens} image tokens of one image")
+        ids[0, 1 : 1 + image_tokens] = facts.image_token_id
+        size = vision.image_size
+        pixels = torch.randn(1, 3, size, size, generator=gen)
+        inputs["pixel_values"] = pixels.to(next(model.parameters()).dtype)
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    return inputs
+
+
+def _bench_meta(args: argparse.Namespace, name: str, device: Any) -> dict:
+    """What a bench result was measured on: model, device, machine and package versions, options."""
+    import platform
+
+    import torch
+    import transformers
+
+    return {
+        "model": name,
+        "device": str(device),
+        "dtype": args.dtype,
+        "machine": platform.machine(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "args": {k: str(v) for k, v in vars(args).items() if k != "func"},
+    }
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from skipvlm.arch import arch_facts
+    from skipvlm.bench import bench_table, run_bench
+    from skipvlm.io import atomic_write_text
+    from skipvlm.plots import plot_speedups
+
+    device = loading.device(args)
+    name, model = _preset_or_model(args, device=str(device))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    facts = arch_facts(model)
+    if facts.model_type not in ("llama", "mistral", "qwen2", "llava"):
+        raise ValueError(
+            f"skipvlm bench builds prompts for Llama / Mistral / Qwen2 / LLaVA, not {facts.model_type}"
+        )
+    inputs = _bench_inputs(model, facts, args.prompt_tokens, device)
+    methods = [m for m in args.methods.split(",") if m]
+    rows = run_bench(model, inputs, args.skip, methods, args.new_tokens, args.repeats, progress=True)
+    print(
+        f"{name} on {device} ({args.dtype}), prompt {args.prompt_tokens}, {args.new_tokens} new tokens, "
+        f"{torch.get_num_threads()} threads, medians of {args.repeats} interleaved rounds"
+    )
+    print(bench_table(rows))
+    print(
+        "x: speedup against stock; bound: what the removed MACs (prefill) or bytes read per token "
+        "(decode) allow; of: measured / bound"
+    )
+    out = Path(args.out or Path("benchmarks/results") / f"bench_{name}_{device.type}.json")
+    result = {"rows": rows, "meta": _bench_meta(args, name, device)}
+    atomic_write_text(out, json.dumps(result, indent=1) + "\n")
+    plot_speedups(rows, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+def _add_target(parser: argparse.ArgumentParser) -> None:
+    """What cost and bench measure: a preset or a checkpoint, a prompt length, a dtype, an output file."""
+    parser.add_argument("--preset", help="a preset architecture (skipvlm.presets.names())")
+    add_model_option(parser, required=False, help="or a local checkpoint folder")
+    parser.add_argument("--prompt-tokens", type=int, default=512)
+    add_dtype_option(parser)
+    add_out_option(parser, "JSON file to write", overwrite=False)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``cost`` and ``bench`` to the ``skipvlm`` parser."""
+    cost = add_command(sub, "cost", "analytic MACs per module for a plan (presets need no weights)")
+    _add_target(cost)
+    cost.add_argument("--skip-attention", type=int, default=0, help="skip this many attentions")
+    cost.add_argument("--skip-attention-layers", type=parse_layers, help="or these layers, e.g. 3,5,7")
+    cost.add_argument("--skip-mlp-layers", type=parse_layers, help="MLPs to skip, e.g. 4,6")
+    cost.add_argument("--images", type=int, default=None, help="images in the prompt (default 1 for VLMs)")
+    add_token_exit_options(cost, _COST_TOKEN_FIELDS)
+    cost.set_defaults(func=_cmd_cost)
+
+    bench = add_command(
+        sub, "bench", "latency / KV cache of stock, LoRA, PIA and merged EAS, with roofline bounds"
+    )
+    _add_target(bench)
+    bench.add_argument(
+        "--skip", type=parse_layers, default=[0, 4, 6], help="k values for EAS (default 0,4,6)"
+    )
+    bench.add_argument("--methods", default="stock,lora,pia,eas", help="stock, lora, pia, eas, skip")
+    bench.add_argument("--new-tokens", type=int, default=32)
+    bench.add_argument("--repeats", type=int, default=7)
+    bench.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    add_device_option(bench)
+    bench.set_defaults(func=_cmd_bench)

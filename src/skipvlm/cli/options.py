@@ -1,0 +1,212 @@
+"""The options the ``skipvlm`` commands share, each defined once, and the readers that turn parsed
+options back into library objects: a config dataclass from its fields, a :class:`~skipvlm.plan.Plan`
+from the token-exit options."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+from skipvlm.plan import FASTV_SOURCES, TOKEN_FIELDS, Plan
+
+DTYPES = ("float32", "bfloat16", "float16")  # torch dtype names
+DATA_FORMATS = ("jsonl", "llava", "scienceqa", "hf")
+
+
+def flag(name: str) -> str:
+    """The option of a field: ``skip_attention`` -> ``--skip-attention``."""
+    return "--" + name.replace("_", "-")
+
+
+def add_command(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
+    """A subcommand. Abbreviated options are refused: a prefix of one option must not silently mean
+    another (``--skip-attention`` is not ``--skip-attention-counts``)."""
+    return sub.add_parser(name, help=help, description=help, allow_abbrev=False)
+
+
+# --- values -------------------------------------------------------------------------------------------------
+
+
+def parse_layers(text: str) -> list[int]:
+    """Comma-separated layer indices, e.g. ``3,5,7``."""
+    try:
+        layers = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got {text!r}") from err
+    if not layers:
+        raise argparse.ArgumentTypeError("expected at least one layer index, e.g. 3,5; got an empty list")
+    return layers
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+# --- model, device, outputs ---------------------------------------------------------------------------------
+
+
+def add_model_option(
+    parser: argparse.ArgumentParser,
+    required: bool = True,
+    help: str = "a locally saved Hugging Face checkpoint folder",
+) -> None:
+    parser.add_argument("--model", required=required, help=help)
+
+
+def add_device_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+
+
+def add_dtype_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="weights' dtype (default float32)")
+
+
+def add_allow_missing(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allow-missing-weights",
+        action="store_true",
+        help="load a checkpoint that lacks some tensors, initialising them at random (default: an error)",
+    )
+
+
+def add_out_option(
+    parser: argparse.ArgumentParser,
+    help: str,
+    required: bool = False,
+    default: str | None = None,
+    overwrite: bool = True,
+) -> None:
+    """``--out`` and, for commands that write into a folder, ``--overwrite``."""
+    parser.add_argument("--out", required=required, default=default, help=help)
+    if overwrite:
+        parser.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="write into a non-empty --out that skipvlm did not create (only this command's own files "
+            "are replaced; nothing else there is deleted)",
+        )
+
+
+# --- data ---------------------------------------------------------------------------------------------------
+
+
+def add_prompt_format_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--prompt-format",
+        help="a custom prompt layout with {image} and {prompt}, e.g. 'USER: {image}{prompt} ASSISTANT:' "
+        "(default: the model's own chat template)",
+    )
+
+
+def add_data_options(parser: argparse.ArgumentParser, files: tuple[str, ...]) -> None:
+    """One required option per data file in ``files`` (``train``, ``heldout``, ``data``), and how to read
+    and batch them."""
+    for name in files:
+        parser.add_argument(f"--{name}", required=True, help=f"{name} examples (see --format)")
+    group = parser.add_argument_group("data")
+    group.add_argument("--image-folder", help="folder that relative image paths resolve against")
+    group.add_argument("--format", choices=DATA_FORMATS, default="jsonl", help="data format (default jsonl)")
+    group.add_argument(
+        "--on-bad-row", choices=["skip", "fail"], default="skip", help="skip (and list) or stop"
+    )
+    group.add_argument("--max-chars", type=int, default=None, help="rows longer than this are bad")
+    group.add_argument("--split", help="dataset split (scienceqa / hf)")
+    group.add_argument(
+        "--scienceqa-splits", help="ScienceQA pid_splits.json (the data file is problems.json)"
+    )
+    group.add_argument("--scienceqa-format", choices=["QCM-A", "QCM-ALE"], default="QCM-A")
+    group.add_argument("--image-column", default="image", help="hf: image column")
+    group.add_argument("--question-column", default="question", help="hf: question column")
+    group.add_argument("--answer-column", default="answer", help="hf: answer column")
+    group.add_argument("--choices-column", default=None, help="hf: options column (multiple choice)")
+    group.add_argument("--batch-size", type=positive_int, default=8)
+    group.add_argument("--max-length", type=int, default=None, help="longest example in tokens")
+    add_prompt_format_option(group)
+
+
+def add_run_options(parser: argparse.ArgumentParser, files: tuple[str, ...]) -> None:
+    """What every command that runs a checkpoint on data files takes: the model, the data, the device."""
+    add_model_option(parser)
+    add_data_options(parser, files)
+    add_device_option(parser)
+    add_dtype_option(parser)
+    add_allow_missing(parser)
+
+
+# --- token exit ---------------------------------------------------------------------------------------------
+
+# The options of the Plan's token-exit fields: field -> add_argument keywords. add_token_exit_options walks
+# TOKEN_FIELDS, so a field without an entry here fails when the parser is built.
+_TOKEN_OPTIONS: dict[str, dict[str, Any]] = {
+    "visual_exit_layer": {"type": int, "help": "VTW: withdraw visual tokens before this layer"},
+    "fastv_layer": {"type": int, "help": "FastV: keep the top visual tokens from this layer on"},
+    "fastv_ratio": {"type": float, "help": "FastV: fraction of visual tokens dropped (default 0.5)"},
+    "fastv_source": {"choices": FASTV_SOURCES, "help": "FastV: whose attention ranks the tokens (last)"},
+    "dyvte": {"help": "DyVTE: router folder from `skipvlm train-dyvte`"},
+    "dyvte_threshold": {"type": float, "help": "DyVTE: exit probability a router must pass (default 0.5)"},
+}
+# Token-exit options that do nothing without another one.
+_TOKEN_NEEDS = {"fastv_ratio": "fastv_layer", "fastv_source": "fastv_layer", "dyvte_threshold": "dyvte"}
+
+
+def add_token_exit_options(parser: Any, fields: tuple[str, ...] = TOKEN_FIELDS) -> None:
+    """One option per token-exit field of the plan (those in ``fields``), named like the field."""
+    for name in TOKEN_FIELDS:
+        if name in fields:
+            parser.add_argument(flag(name), dest=name, **_TOKEN_OPTIONS[name])
+
+
+def check_token_flags(tokens: dict[str, Any], plan: Plan | None = None) -> None:
+    """Refuse token-exit options that would be ignored: a FastV ratio or source without a FastV layer,
+    a DyVTE threshold without routers (in the options or in ``plan``)."""
+    for option, needs in _TOKEN_NEEDS.items():
+        if option in tokens and tokens.get(needs) is None and getattr(plan, needs, None) is None:
+            raise ValueError(f"{flag(option)} has no effect without {flag(needs)}; pass both")
+
+
+def plan_from_args(args: argparse.Namespace, base: Plan) -> Plan:
+    """``base`` with the token-exit options the user gave; the rest of ``base`` is kept."""
+    tokens = {name: getattr(args, name) for name in TOKEN_FIELDS if getattr(args, name, None) is not None}
+    check_token_flags(tokens, base)
+    return dataclasses.replace(base, **tokens)
+
+
+# --- config dataclasses -------------------------------------------------------------------------------------
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One ``--option`` per field of the dataclass ``cls``, typed and documented from the field."""
+    group = parser.add_argument_group(f"{cls.__name__} options")
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kw: dict[str, Any] = {"dest": f.name, "default": None}
+        kw["help"] = f"{f.metadata.get('help', '')} (default: {default})"
+        kind = str(f.type)
+        if kind == "bool":
+            kw["action"] = argparse.BooleanOptionalAction
+        elif kind.startswith("list"):
+            kw["type"] = parse_layers
+        elif kind in ("int", "float", "str"):
+            kw["type"] = {"int": int, "float": float, "str": str}[kind]
+        else:
+            continue
+        group.add_argument(flag(f.name), **kw)
+
+
+def config_from_args(cls: type, args: argparse.Namespace, **overrides: Any) -> Any:
+    """Build ``cls`` from the options the user gave (the rest keep their defaults)."""
+    given = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(cls)
+        if getattr(args, f.name, None) is not None
+    }
+    return cls(**{**given, **overrides})
