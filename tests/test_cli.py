@@ -163,7 +163,7 @@ def test_token_exit_commands_end_to_end(toy_dir, tmp_path, capsys):
     ]
     assert main(ask) == 0
     plain = capsys.readouterr()
-    assert main([*ask, "--visual-exit-layer", "2", "--skip-attention-layers", "3"]) == 0
+    assert main([*ask, "--visual-exit-layer", "2", "--skip-attention", "3"]) == 0
     exited = capsys.readouterr()
     assert "visual tokens left at layer 2" in exited.err
     assert '"skip_attention": [3]' in exited.err and '"visual_exit_layer": 2' in exited.err
@@ -336,3 +336,23 @@ def test_train_options_reach_the_loop_and_eval_merges_as_asked(toy_dir, tmp_path
         ]
     assert merges == ["static", "per_example"]
     assert evaluated["per_example"] == evaluated["none"]  # the per-example merge is exact
+
+
+def test_token_exit_options_are_the_plan_fields_and_read_back_into_a_plan():
+    import argparse
+
+    from skipvlm.cli import build_parser
+    from skipvlm.cli.options import plan_from_args
+    from skipvlm.plan import TOKEN_FIELDS
+
+    parser = build_parser()
+    generate = parser._subparsers._group_actions[0].choices["generate"]
+    offered = {a.dest for a in generate._actions}
+    assert set(TOKEN_FIELDS) <= offered
+    args = parser.parse_args(["generate", "--model", "m", "--prompt", "p", "--fastv-layer", "3"])
+    args.fastv_ratio = 0.25
+    assert plan_from_args(args, skipvlm.Plan(skip_attention=[1])) == skipvlm.Plan(
+        skip_attention=[1], fastv_layer=3, fastv_ratio=0.25
+    )
+    with pytest.raises(ValueError, match="--fastv-ratio has no effect without --fastv-layer"):
+        plan_from_args(argparse.Namespace(fastv_ratio=0.25), skipvlm.Plan())

@@ -10,14 +10,20 @@ from typing import Any
 
 from skipvlm.cli import loading
 from skipvlm.cli.options import (
+    SKIP_COUNT,
     add_command,
     add_device_option,
     add_dtype_option,
     add_model_option,
     add_out_option,
+    add_skip_options,
     add_token_exit_options,
-    parse_layers,
+    check_skip_count,
+    check_skip_layers,
+    count,
+    parse_counts,
     plan_from_args,
+    refuse_option,
 )
 
 # The token-exit methods whose MACs do not depend on the data (DyVTE's exit layer does).
@@ -25,14 +31,17 @@ _COST_TOKEN_FIELDS = ("visual_exit_layer", "fastv_layer", "fastv_ratio")
 
 
 def _skip_plan(args: argparse.Namespace, num_layers: int) -> Any:
-    """The plan of --skip-attention N (N attentions, the benchmark's pattern) or --skip-attention-layers."""
+    """The plan of ``--skip-attention`` (layers) or ``--skip-attention-count`` (that many attentions, in
+    the benchmark's pattern), ``--skip-mlp`` and the token-exit options."""
     from skipvlm.bench import skip_layers
     from skipvlm.plan import Plan
 
-    attention = list(args.skip_attention_layers or [])
-    if args.skip_attention:
-        attention = skip_layers(num_layers, args.skip_attention)
-    skips = Plan(skip_attention=attention, skip_mlp=list(args.skip_mlp_layers or []))
+    check_skip_layers(args, num_layers)
+    attention = list(args.skip_attention or [])
+    if args.skip_attention_count is not None:
+        check_skip_count(SKIP_COUNT, args.skip_attention_count, num_layers)
+        attention = skip_layers(num_layers, args.skip_attention_count)
+    skips = Plan(skip_attention=attention, skip_mlp=list(args.skip_mlp or []))
     plan = plan_from_args(args, skips)
     plan.validate_for(num_layers)
     return plan
@@ -146,9 +155,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         raise ValueError(
             f"skipvlm bench builds prompts for Llama / Mistral / Qwen2 / LLaVA, not {facts.model_type}"
         )
+    for k in args.skip_attention_counts:
+        check_skip_count("--skip-attention-counts", k, facts.num_layers)
     inputs = _bench_inputs(model, facts, args.prompt_tokens, device)
     methods = [m for m in args.methods.split(",") if m]
-    rows = run_bench(model, inputs, args.skip, methods, args.new_tokens, args.repeats, progress=True)
+    rows = run_bench(
+        model, inputs, args.skip_attention_counts, methods, args.new_tokens, args.repeats, progress=True
+    )
     print(
         f"{name} on {device} ({args.dtype}), prompt {args.prompt_tokens}, {args.new_tokens} new tokens, "
         f"{torch.get_num_threads()} threads, medians of {args.repeats} interleaved rounds"
@@ -179,9 +192,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add ``cost`` and ``bench`` to the ``skipvlm`` parser."""
     cost = add_command(sub, "cost", "analytic MACs per module for a plan (presets need no weights)")
     _add_target(cost)
-    cost.add_argument("--skip-attention", type=int, default=0, help="skip this many attentions")
-    cost.add_argument("--skip-attention-layers", type=parse_layers, help="or these layers, e.g. 3,5,7")
-    cost.add_argument("--skip-mlp-layers", type=parse_layers, help="MLPs to skip, e.g. 4,6")
+    one_of = cost.add_mutually_exclusive_group()
+    add_skip_options(one_of, ("skip_attention",))
+    one_of.add_argument(
+        SKIP_COUNT,
+        type=count,
+        help="or skip this many attentions, the benchmark's pattern: odd layers first, then even ones "
+        "from the top",
+    )
+    add_skip_options(cost, ("skip_mlp",))
     cost.add_argument("--images", type=int, default=None, help="images in the prompt (default 1 for VLMs)")
     add_token_exit_options(cost, _COST_TOKEN_FIELDS)
     cost.set_defaults(func=_cmd_cost)
@@ -191,8 +210,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     _add_target(bench)
     bench.add_argument(
-        "--skip", type=parse_layers, default=[0, 4, 6], help="k values for EAS (default 0,4,6)"
+        "--skip-attention-counts",
+        type=parse_counts,
+        default=[0, 4, 6],
+        help="numbers of attentions EAS skips, one row each, in the pattern of --skip-attention-count on "
+        "cost (default 0,4,6)",
     )
+    for option in ("--skip-attention", "--skip"):
+        refuse_option(
+            bench, option, "pass --skip-attention-counts 0,4,6 (attentions EAS skips, one row each)"
+        )
     bench.add_argument("--methods", default="stock,lora,pia,eas", help="stock, lora, pia, eas, skip")
     bench.add_argument("--new-tokens", type=int, default=32)
     bench.add_argument("--repeats", type=int, default=7)

@@ -25,18 +25,51 @@ def add_command(sub: argparse._SubParsersAction, name: str, help: str) -> argpar
     return sub.add_parser(name, help=help, description=help, allow_abbrev=False)
 
 
+def refuse_option(parser: argparse.ArgumentParser, option: str, fix: str) -> None:
+    """A hidden ``option`` that stops the parse with ``fix``: for options that mean something else here."""
+
+    class Refuse(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            parser.error(f"{option_string} is not an option of this command; {fix}")
+
+    parser.add_argument(option, nargs="?", action=Refuse, help=argparse.SUPPRESS)
+
+
 # --- values -------------------------------------------------------------------------------------------------
+
+
+def _int_list(text: str, what: str, example: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated {what}s, got {text!r}") from err
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected at least one {what}, e.g. {example}; got an empty list")
+    return values
 
 
 def parse_layers(text: str) -> list[int]:
     """Comma-separated layer indices, e.g. ``3,5,7``."""
+    return _int_list(text, "layer index", "3,5")
+
+
+def parse_counts(text: str) -> list[int]:
+    """Comma-separated counts, e.g. ``0,4,6``."""
+    counts = _int_list(text, "count", "0,4,6")
+    if min(counts) < 0:
+        raise argparse.ArgumentTypeError(f"expected counts of 0 or more, got {text!r}")
+    return counts
+
+
+def count(text: str) -> int:
+    """A count of 0 or more."""
     try:
-        layers = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got {text!r}") from err
-    if not layers:
-        raise argparse.ArgumentTypeError("expected at least one layer index, e.g. 3,5; got an empty list")
-    return layers
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count (0 or more), got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a count (0 or more), got {value}")
+    return value
 
 
 def positive_int(text: str) -> int:
@@ -138,6 +171,50 @@ def add_run_options(parser: argparse.ArgumentParser, files: tuple[str, ...]) -> 
     add_device_option(parser)
     add_dtype_option(parser)
     add_allow_missing(parser)
+
+
+# --- module skips -------------------------------------------------------------------------------------------
+
+# The module-skip options: each lists layer indices, on every command that offers it. A number of skipped
+# attentions has its own option (--skip-attention-count on cost, --skip-attention-counts on bench).
+_SKIP_OPTIONS = {
+    "skip_attention": "attention layers to skip, as layer indices, e.g. 3,5",
+    "skip_mlp": "MLP layers to skip, as layer indices, e.g. 4,6",
+    "skip_layers": "whole decoder layers to skip, each replaced by a DAS bottleneck adapter, e.g. 2,6",
+}
+SKIP_FIELDS = tuple(_SKIP_OPTIONS)
+SKIP_COUNT = "--skip-attention-count"
+
+
+def add_skip_options(parser: Any, fields: tuple[str, ...] = SKIP_FIELDS) -> None:
+    """``--skip-attention`` / ``--skip-mlp`` / ``--skip-layers`` (those in ``fields``): layer lists."""
+    for name in fields:
+        parser.add_argument(flag(name), dest=name, type=parse_layers, default=None, help=_SKIP_OPTIONS[name])
+
+
+def check_skip_layers(args: argparse.Namespace, num_layers: int) -> None:
+    """Refuse layer indices the model does not have, naming the option and what it expects (a number
+    where layers are listed is the likely mistake)."""
+    for name in SKIP_FIELDS:
+        layers = getattr(args, name, None) or []
+        bad = [i for i in layers if not 0 <= i < num_layers]
+        if bad:
+            given = ",".join(map(str, layers))
+            counts = name == "skip_attention" and hasattr(args, "skip_attention_count")
+            hint = f"; to skip a number of attentions, pass {SKIP_COUNT} N instead" if counts else ""
+            raise ValueError(
+                f"{flag(name)} {given}: the model has {num_layers} decoder layers, so there is no layer "
+                f"{', '.join(map(str, bad))}; {flag(name)} lists layer indices 0..{num_layers - 1}, e.g. "
+                f"1,3{hint}"
+            )
+
+
+def check_skip_count(option: str, value: int, num_layers: int) -> None:
+    """Refuse a number of skipped attentions larger than the model's layer count."""
+    if value > num_layers:
+        raise ValueError(
+            f"{option} {value}: the model has only {num_layers} attentions; pass at most {num_layers}"
+        )
 
 
 # --- token exit ---------------------------------------------------------------------------------------------

@@ -23,9 +23,10 @@ from skipvlm.cli.options import (
     add_out_option,
     add_prompt_format_option,
     add_run_options,
+    add_skip_options,
     add_token_exit_options,
+    check_skip_layers,
     config_from_args,
-    parse_layers,
     plan_from_args,
     positive_int,
 )
@@ -38,12 +39,13 @@ def _model_with_plan(args: argparse.Namespace) -> tuple[Any, Path]:
     from skipvlm.runtime import apply_plan, current_plan
 
     folder = loading.check_model_dir(args.model)
+    check_skip_layers(args, loading.model_facts(folder).num_layers)
     model = loading.load_model(folder, args)
     if args.adapters:
         model = EASModel.from_pretrained(model, args.adapters)
     plan = Plan.load(args.plan) if args.plan else current_plan(model)
-    if args.skip_attention_layers is not None:
-        plan = plan.with_skips(skip_attention=args.skip_attention_layers)
+    if args.skip_attention is not None:
+        plan = plan.with_skips(skip_attention=args.skip_attention)
     plan = plan_from_args(args, plan)
     if isinstance(model, EASModel):
         model.set_plan(plan)
@@ -127,7 +129,7 @@ def _add_plan_args(parser: argparse.ArgumentParser, tokens: bool = True) -> None
     group = parser.add_argument_group("plan (default: the plan the checkpoint / adapters carry)")
     group.add_argument("--adapters", help="EAS adapters folder from `skipvlm train`")
     group.add_argument("--plan", help="a plan.json to run")
-    group.add_argument("--skip-attention-layers", type=parse_layers, help="attentions to skip, e.g. 3,5")
+    add_skip_options(group, ("skip_attention",))
     if tokens:
         add_token_exit_options(group)
 

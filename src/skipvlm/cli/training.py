@@ -11,6 +11,7 @@ from typing import Any
 
 from skipvlm.cli import loading
 from skipvlm.cli.options import (
+    SKIP_FIELDS,
     add_allow_missing,
     add_command,
     add_config_args,
@@ -19,10 +20,11 @@ from skipvlm.cli.options import (
     add_model_option,
     add_out_option,
     add_run_options,
+    add_skip_options,
+    check_skip_layers,
     config_from_args,
+    flag,
 )
-
-_SKIP_FIELDS = ("skip_attention", "skip_mlp", "skip_layers")
 
 
 def _check_training_dtype(args: argparse.Namespace) -> None:
@@ -67,7 +69,7 @@ def _train_eas_config(args: argparse.Namespace, folder: Path) -> Any:
 
     eas = config_from_args(EASConfig, args)
     if args.plan:
-        given = [f"--{n.replace('_', '-')}" for n in _SKIP_FIELDS if getattr(args, n)]
+        given = [flag(n) for n in SKIP_FIELDS if getattr(args, n)]
         if given:
             raise ValueError(
                 f"--plan and {', '.join(given)} both say what to skip; pass one of them (the plan file, or "
@@ -82,7 +84,9 @@ def _train_eas_config(args: argparse.Namespace, folder: Path) -> Any:
         eas = eas_config_for_plan(plan, args.candidates or plan.candidates or "attention", eas)
     elif args.candidates:
         raise ValueError("--candidates describes a --plan file; without --plan, list the skips directly")
-    eas.plan().validate_for(loading.model_facts(folder).num_layers)
+    num_layers = loading.model_facts(folder).num_layers
+    check_skip_layers(args, num_layers)
+    eas.plan().validate_for(num_layers)
     return eas
 
 
@@ -180,7 +184,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_resume(srch)
     add_config_args(srch, SearchConfig, skip=("train",))
     add_config_args(srch, TrainConfig, skip=("epochs", "calibrate"))
-    add_config_args(srch, EASConfig, skip=(*_SKIP_FIELDS, "supernet", "candidates"))
+    add_config_args(srch, EASConfig, skip=(*SKIP_FIELDS, "supernet", "candidates"))
     srch.set_defaults(func=_cmd_search)
 
     trn = add_command(sub, "train", "fine-tune adapters for a plan")
@@ -195,7 +199,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     _add_resume(trn)
     add_config_args(trn, TrainConfig)
-    add_config_args(trn, EASConfig, skip=("supernet", "candidates"))
+    add_skip_options(trn.add_argument_group("what to skip, without --plan"))
+    add_config_args(trn, EASConfig, skip=(*SKIP_FIELDS, "supernet", "candidates"))
     trn.set_defaults(func=_cmd_train)
 
     ev = add_command(sub, "eval", "accuracy of greedy answers (exact match / multiple choice)")
