@@ -46,7 +46,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/skip_runtime.py
 	$(PY) benchmarks/eas_merge.py
 	$(PY) benchmarks/token_exit.py
-	$(VENV)/bin/skipvlm bench --preset llama-cpu --skip 0,4,6,8 --methods stock,lora,pia,eas --device cpu
+	$(VENV)/bin/skipvlm bench --preset llama-cpu --skip-attention-counts 0,4,6,8 --methods stock,lora,pia,eas --device cpu
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .ruff_cache src/*.egg-info

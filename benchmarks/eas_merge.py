@@ -22,10 +22,12 @@ from common import add_model_args, describe, llama_and_prompt, write_results
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_args(p, "eas_merge_cpu.json")
-    p.add_argument("--skip", type=int, default=6, help="attentions to skip (every other layer from 1)")
+    p.add_argument(
+        "--skip-attention-count", type=int, default=6, help="attentions to skip (every other layer from 1)"
+    )
     args = p.parse_args()
     base, inputs = llama_and_prompt(args)
-    skip = list(range(1, args.layers, 2))[: args.skip]
+    skip = list(range(1, args.layers, 2))[: args.skip_attention_count]
 
     plain = skipvlm.apply_plan(copy.deepcopy(base), skipvlm.Plan(skip_attention=skip))
     # non-zero adapters, calibrated, as after training

@@ -125,9 +125,9 @@ def test_search_train_merge_eval_end_to_end(toy_dir, tmp_path, capsys):
 def test_search_settings_are_checked_before_loading_the_model(
     toy_dir, tmp_path, capsys, monkeypatch, extra, message
 ):
-    import skipvlm.cli as cli
+    from skipvlm.cli import loading
 
-    monkeypatch.setattr(cli, "_load_model", lambda *a: pytest.fail("loaded the model before checking"))
+    monkeypatch.setattr(loading, "load_model", lambda *a: pytest.fail("loaded the model before checking"))
     args = ["search", "--model", str(toy_dir / "model"), "--train", str(toy_dir / "train.jsonl")]
     args += ["--heldout", str(toy_dir / "heldout.jsonl"), "--out", str(tmp_path), *extra]
     assert main(args) == 2
@@ -163,7 +163,7 @@ def test_token_exit_commands_end_to_end(toy_dir, tmp_path, capsys):
     ]
     assert main(ask) == 0
     plain = capsys.readouterr()
-    assert main([*ask, "--visual-exit-layer", "2", "--skip-attention-layers", "3"]) == 0
+    assert main([*ask, "--visual-exit-layer", "2", "--skip-attention", "3"]) == 0
     exited = capsys.readouterr()
     assert "visual tokens left at layer 2" in exited.err
     assert '"skip_attention": [3]' in exited.err and '"visual_exit_layer": 2' in exited.err
@@ -336,3 +336,24 @@ def test_train_options_reach_the_loop_and_eval_merges_as_asked(toy_dir, tmp_path
         ]
     assert merges == ["static", "per_example"]
     assert evaluated["per_example"] == evaluated["none"]  # the per-example merge is exact
+
+
+def test_token_exit_options_are_the_plan_fields_and_read_back_into_a_plan():
+    import argparse
+
+    from skipvlm.cli import build_parser
+    from skipvlm.cli.options import plan_from_args
+    from skipvlm.plan import token_exit_fields
+
+    parser = build_parser()
+    generate = parser._subparsers._group_actions[0].choices["generate"]
+    offered = {a.dest for a in generate._actions}
+    fields = {f.name for f in token_exit_fields()}
+    assert {"visual_exit_layer", "fastv_layer", "fastv_ratio", "fastv_source", "dyvte"} <= fields <= offered
+    args = parser.parse_args(["generate", "--model", "m", "--prompt", "p", "--fastv-layer", "3"])
+    args.fastv_ratio = 0.25
+    assert plan_from_args(args, skipvlm.Plan(skip_attention=[1])) == skipvlm.Plan(
+        skip_attention=[1], fastv_layer=3, fastv_ratio=0.25
+    )
+    with pytest.raises(ValueError, match="--fastv-ratio has no effect without --fastv-layer"):
+        plan_from_args(argparse.Namespace(fastv_ratio=0.25), skipvlm.Plan())

@@ -40,12 +40,33 @@ def test_unknown_preset_lists_the_known_ones():
 
 def test_cost_cli_reproduces_the_eas_paper_share(capsys, tmp_path):
     out = tmp_path / "cost.json"
-    args = ["cost", "--preset", "llava-1.5-7b", "--prompt-tokens", "749", "--skip-attention", "12"]
+    args = ["cost", "--preset", "llava-1.5-7b", "--prompt-tokens", "749", "--skip-attention-count", "12"]
     assert main([*args, "--out", str(out)]) == 0
     text = capsys.readouterr().out
     share = json.loads(out.read_text())["removed_share"]
     assert abs(100 * share - 12.0) < 1.0 and f"{100 * share:.1f}%" in text
-    assert main(["cost", "--preset", "llava-1.5-7b", "--skip-attention", "40"]) == 2
+    assert main(["cost", "--preset", "llava-1.5-7b", "--skip-attention-count", "40"]) == 2
+    assert "--skip-attention-count 40: the model has only 32 attentions" in capsys.readouterr().err
+
+
+def test_cost_cli_skip_attention_lists_layers_and_a_count_has_its_own_option(tmp_path, capsys):
+    def share(*skip: str) -> float:
+        out = tmp_path / "cost.json"
+        args = ["cost", "--preset", "llava-1.5-7b", "--prompt-tokens", "749", *skip, "--out", str(out)]
+        assert main(args) == 0
+        return json.loads(out.read_text())["removed_share"]
+
+    odd = ",".join(str(i) for i in range(1, 24, 2))  # the 12 layers of the benchmark's pattern
+    assert share("--skip-attention", odd) == share("--skip-attention-count", "12")
+    assert share("--skip-attention", "12") == pytest.approx(share("--skip-attention-count", "12") / 12)
+    capsys.readouterr()
+    assert main(["cost", "--preset", "llava-1.5-7b", "--skip-attention", "3,40"]) == 2
+    err = capsys.readouterr().err
+    assert "--skip-attention 3,40: the model has 32 decoder layers, so there is no layer 40" in err
+    assert "pass --skip-attention-count N instead" in err
+    with pytest.raises(SystemExit):  # one or the other
+        main(["cost", "--preset", "llava-1.5-7b", "--skip-attention", "3", "--skip-attention-count", "2"])
+    assert "not allowed with argument --skip-attention" in capsys.readouterr().err
 
 
 def test_decode_bytes_drop_by_the_skipped_weights_and_cache():
@@ -101,11 +122,25 @@ def test_run_bench_compares_every_method_with_bounds():
 def test_bench_cli_writes_json_and_plot(tmp_path, capsys):
     out = tmp_path / "bench.json"
     args = ["bench", "--preset", "llama-cpu", "--prompt-tokens", "16", "--new-tokens", "3", "--repeats", "1"]
-    assert main([*args, "--skip", "0,2", "--methods", "stock,eas", "--device", "cpu", "--out", str(out)]) == 0
+    args += ["--skip-attention-counts", "0,2", "--methods", "stock,eas", "--device", "cpu"]
+    assert main([*args, "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     assert [r["name"] for r in data["rows"]] == ["stock", "eas k=0 (merged)", "eas k=2 (merged)"]
     assert data["meta"]["torch"] == torch.__version__ and out.with_suffix(".png").is_file()
     assert "decode ms/tok" in capsys.readouterr().out
+
+
+def test_bench_cli_takes_counts_not_layers(capsys):
+    args = ["bench", "--preset", "llama-cpu", "--device", "cpu"]
+    for wrong in ("--skip-attention", "--skip"):
+        with pytest.raises(SystemExit):
+            main([*args, wrong, "1,3"])
+        assert (
+            f"{wrong} is not an option of this command; pass --skip-attention-counts"
+            in capsys.readouterr().err
+        )
+    assert main([*args, "--skip-attention-counts", "0,13"]) == 2
+    assert "--skip-attention-counts 13: the model has only 12 attentions" in capsys.readouterr().err
 
 
 def test_bench_cli_times_a_local_llava_checkpoint_with_an_image(toy_dir, tmp_path):
@@ -121,6 +156,7 @@ def test_bench_cli_times_a_local_llava_checkpoint_with_an_image(toy_dir, tmp_pat
         "--repeats",
         "1",
     ]
-    assert main([*args, "--skip", "0,2", "--methods", "stock,eas", "--device", "cpu", "--out", str(out)]) == 0
+    args += ["--skip-attention-counts", "0,2", "--methods", "stock,eas", "--device", "cpu"]
+    assert main([*args, "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert rows[2]["name"] == "eas k=2 (merged)" and rows[2]["prefill_bound"] > 1.0

@@ -48,7 +48,7 @@ def fourth_method():
     del plan._METHODS[method.name]
 
 
-def test_a_fourth_token_exit_method_runs_through_the_plan_runtime_and_cost(fourth_method):
+def test_a_fourth_token_exit_method_runs_through_the_plan_runtime_cost_and_cli(fourth_method, capsys):
     model = build_model("llava")
     inputs = make_inputs("llava", lengths=(40, 30))
     mine = skipvlm.Plan(skip_attention=[3], withdraw_layer=2)
@@ -64,17 +64,16 @@ def test_a_fourth_token_exit_method_runs_through_the_plan_runtime_and_cost(fourt
     torch.testing.assert_close(logits(model, inputs), expected, rtol=0, atol=0)
     assert skipvlm.exit_layers(model) == [2, 2]
     assert count_macs(model, 600, mine).total == count_macs(model, 600, vtw).total
-    from skipvlm.cli import build_parser
+    from skipvlm.cli import build_parser, main
 
-    assert "--withdraw-layer" in build_parser().format_help() or _offers(build_parser(), "--withdraw-layer")
-
-
-def _offers(parser, flag: str) -> bool:
-    """Whether some subcommand of ``parser`` takes ``flag``."""
-    import argparse
-
-    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    return any(flag in p._option_string_actions for s in subs for p in s.choices.values())
+    args = build_parser().parse_args(["generate", "--model", "m", "--prompt", "p", "--withdraw-layer", "2"])
+    assert args.withdraw_layer == 2
+    assert main(["cost", "--preset", "llava-1.5-7b", "--prompt-tokens", "749", "--withdraw-layer", "16"]) == 0
+    vtw = capsys.readouterr().out
+    assert (
+        main(["cost", "--preset", "llava-1.5-7b", "--prompt-tokens", "749", "--visual-exit-layer", "16"]) == 0
+    )
+    assert capsys.readouterr().out == vtw.replace("withdraw_layer", "visual_exit_layer")
 
 
 @pytest.fixture

@@ -26,9 +26,9 @@ SRC = pathlib.Path(__file__).resolve().parents[1] / "src" / "skipvlm"
 
 
 def no_load(monkeypatch):
-    import skipvlm.cli as cli
+    from skipvlm.cli import loading
 
-    monkeypatch.setattr(cli, "_load_model", lambda *a: pytest.fail("loaded weights before checking"))
+    monkeypatch.setattr(loading, "load_model", lambda *a: pytest.fail("loaded weights before checking"))
 
 
 def err_line(capsys) -> str:
@@ -366,6 +366,12 @@ def test_a_searched_plan_records_its_candidate_kind(tmp_path):
     [
         (["--plan", "PLAN", "--skip-attention", "2"], "--plan and --skip-attention both say what to skip"),
         (["--skip-attention", ""], "expected at least one layer index"),
+        (
+            ["--skip-attention", "1,9"],
+            "--skip-attention 1,9: the model has 4 decoder layers, so there is no layer 9",
+        ),
+        (["--skip-layers", "4"], "--skip-layers lists layer indices 0..3"),
+        (["--skip-attention-count", "2"], "unrecognized arguments: --skip-attention-count"),
         (["--plan", "PLAN", "--candidates", "attention"], "contradicts"),
         (["--batch-size", "0"], "expected a positive integer"),
         (["--batch-size", "-1"], "expected a positive integer"),
@@ -398,6 +404,15 @@ def test_ignored_token_flags_are_errors(toy_dir, capsys):
     args = ["cost", "--model", str(toy_dir / "model"), "--dyvte-threshold", "0.3"]
     with pytest.raises(SystemExit):  # cost has no DyVTE option at all
         main(args)
+
+
+def test_skip_layers_beyond_the_model_fail_before_it_loads(toy_dir, capsys, monkeypatch):
+    no_load(monkeypatch)
+    args = ["generate", "--model", str(toy_dir / "model"), "--prompt", "what", "--skip-attention", "7"]
+    assert main(args) == 2
+    line = err_line(capsys)
+    assert "--skip-attention 7: the model has 4 decoder layers" in line and "e.g. 1,3" in line
+    assert "--skip-attention-count" not in line  # generate has no count option to point at
 
 
 def test_calibrate_limit_must_be_positive(toy_dir, tmp_path, capsys):
@@ -457,10 +472,10 @@ def test_undecodable_and_escaping_images_are_bad_rows(tmp_path):
 
 
 def test_cli_batches_are_collated_lazily(toy_dir):
-    from skipvlm.cli import _batches
+    from skipvlm.cli.loading import Batches
 
     calls = []
-    batches = _batches(list(range(10)), lambda ex: calls.append(ex) or ex, 4)
+    batches = Batches(list(range(10)), lambda ex: calls.append(ex) or ex, 4)
     assert len(batches) == 3 and calls == []
     assert batches[2] == [8, 9] and calls == [[8, 9]]
     with pytest.raises(IndexError):

@@ -135,6 +135,7 @@ class TokenExitMethod:
             from it on)`` for :mod:`skipvlm.cost` (``exit_layer``: a measured one, or None).
         validate: ``validate(plan)`` raises ValueError for a plan the method cannot run whatever the
             model (e.g. FastV ranking by a skipped attention).
+        per_example: the exit layer depends on each example (so MACs need a measured one).
     """
 
     name: str
@@ -143,6 +144,7 @@ class TokenExitMethod:
     exit_layer: Callable[[Any], int | None]
     macs: Callable[[Any, int, int | None], tuple[int, int]]
     validate: Callable[[Any], None] = lambda plan: None
+    per_example: bool = False
 
     @property
     def switch(self) -> str:

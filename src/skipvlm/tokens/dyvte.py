@@ -271,6 +271,7 @@ METHOD = register_token_exit(
         runner=_runner,
         exit_layer=lambda plan: None,
         macs=_macs,
+        per_example=True,
     )
 )
 

@@ -1,0 +1,225 @@
+"""``skipvlm cost`` and ``bench``: the analytic MACs of a plan, and measured latency / KV cache against
+the alternatives, for a preset architecture or a local checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from skipvlm.cli import loading
+from skipvlm.cli.options import (
+    SKIP_COUNT,
+    add_command,
+    add_device_option,
+    add_dtype_option,
+    add_model_option,
+    add_out_option,
+    add_skip_options,
+    add_token_exit_options,
+    check_skip_count,
+    check_skip_layers,
+    count,
+    parse_counts,
+    plan_from_args,
+    refuse_option,
+)
+
+
+def _skip_plan(args: argparse.Namespace, num_layers: int) -> Any:
+    """The plan of ``--skip-attention`` (layers) or ``--skip-attention-count`` (that many attentions, in
+    the benchmark's pattern), ``--skip-mlp`` and the token-exit options."""
+    from skipvlm.bench import skip_layers
+    from skipvlm.plan import Plan
+
+    check_skip_layers(args, num_layers)
+    attention = list(args.skip_attention or [])
+    if args.skip_attention_count is not None:
+        check_skip_count(SKIP_COUNT, args.skip_attention_count, num_layers)
+        attention = skip_layers(num_layers, args.skip_attention_count)
+    skips = Plan(skip_attention=attention, skip_mlp=list(args.skip_mlp or []))
+    plan = plan_from_args(args, skips)
+    plan.validate_for(num_layers)
+    return plan
+
+
+def _preset_or_model(args: argparse.Namespace, device: str = "meta") -> tuple[str, Any]:
+    """The name and model of ``--preset`` or ``--model``: built on ``device`` (``meta``: no weights)."""
+    import torch
+
+    from skipvlm import presets
+
+    dtype = getattr(torch, args.dtype)  # the --dtype choices are torch dtype names
+    if bool(args.preset) == bool(args.model):
+        raise ValueError("pass exactly one of --preset NAME or --model DIR")
+    if args.preset:
+        return args.preset, presets.build(args.preset, device=device, dtype=dtype)
+    folder = loading.check_model_dir(args.model)
+    if device == "meta":
+        return folder.name, presets.build(loading.model_config(folder), device="meta", dtype=dtype)
+    return folder.name, loading.load_model(folder, args)
+
+
+def _cmd_cost(args: argparse.Namespace) -> int:
+    from skipvlm.arch import arch_facts
+    from skipvlm.cost import count_macs
+    from skipvlm.io import atomic_write_text
+
+    name, model = _preset_or_model(args)
+    facts = arch_facts(model)
+    plan = _skip_plan(args, facts.num_layers)
+    base = count_macs(model, args.prompt_tokens, images=args.images)
+    cost = count_macs(model, args.prompt_tokens, plan, images=args.images)
+    removed = base.total - cost.total
+    print(
+        f"{name}: {facts.num_layers} layers, C={facts.hidden_size}, prompt {args.prompt_tokens} tokens; "
+        f"{plan}"
+    )
+    print(f"{'module':<14}{'stock GMACs':>14}{'plan GMACs':>14}")
+    for label in ("attention", "mlp", "vision", "projector", "lm_head"):
+        print(f"{label:<14}{getattr(base, label) / 1e9:>14.1f}{getattr(cost, label) / 1e9:>14.1f}")
+    print(f"{'total':<14}{base.total / 1e9:>14.1f}{cost.total / 1e9:>14.1f}")
+    print(f"the plan removes {removed / 1e9:.1f} GMACs = {100 * removed / base.total:.1f}% of the total")
+    if args.out:
+        data = {
+            "model": name,
+            "stock": base.to_dict(),
+            "plan": cost.to_dict(),
+            "removed_share": removed / base.total,
+        }
+        path = atomic_write_text(args.out, json.dumps(data, indent=1) + "\n")
+        print(f"wrote {path}")
+    return 0
+
+
+def _bench_inputs(model: Any, facts: Any, prompt_tokens: int, device: Any) -> dict:
+    """A random prompt of ``prompt_tokens`` tokens; for LLaVA one image (random pixels) after the first
+    text token."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, min(facts.vocab_size, 30000), (1, prompt_tokens), generator=gen)
+    inputs = {"input_ids": ids}
+    if facts.model_type == "llava":
+        vision = model.config.vision_config
+        image_tokens = (vision.image_size // vision.patch_size) ** 2
+        if image_tokens + 2 > prompt_tokens:
+            raise ValueError(f"--prompt-tokens must exceed the {image_tokens} image tokens of one image")
+        ids[0, 1 : 1 + image_tokens] = facts.image_token_id
+        size = vision.image_size
+        pixels = torch.randn(1, 3, size, size, generator=gen)
+        inputs["pixel_values"] = pixels.to(next(model.parameters()).dtype)
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    return inputs
+
+
+def _bench_meta(args: argparse.Namespace, name: str, device: Any) -> dict:
+    """What a bench result was measured on: model, device, machine and package versions, options."""
+    import platform
+
+    import torch
+    import transformers
+
+    return {
+        "model": name,
+        "device": str(device),
+        "dtype": args.dtype,
+        "machine": platform.machine(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "args": {k: str(v) for k, v in vars(args).items() if k != "func"},
+    }
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from skipvlm.arch import arch_facts
+    from skipvlm.bench import bench_table, run_bench
+    from skipvlm.io import atomic_write_text
+    from skipvlm.plots import plot_speedups
+
+    device = loading.device(args)
+    name, model = _preset_or_model(args, device=str(device))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    facts = arch_facts(model)
+    if facts.model_type not in ("llama", "mistral", "qwen2", "llava"):
+        raise ValueError(
+            f"skipvlm bench builds prompts for Llama / Mistral / Qwen2 / LLaVA, not {facts.model_type}"
+        )
+    for k in args.skip_attention_counts:
+        check_skip_count("--skip-attention-counts", k, facts.num_layers)
+    inputs = _bench_inputs(model, facts, args.prompt_tokens, device)
+    methods = [m for m in args.methods.split(",") if m]
+    rows = run_bench(
+        model, inputs, args.skip_attention_counts, methods, args.new_tokens, args.repeats, progress=True
+    )
+    print(
+        f"{name} on {device} ({args.dtype}), prompt {args.prompt_tokens}, {args.new_tokens} new tokens, "
+        f"{torch.get_num_threads()} threads, medians of {args.repeats} interleaved rounds"
+    )
+    print(bench_table(rows))
+    print(
+        "x: speedup against stock; bound: what the removed MACs (prefill) or bytes read per token "
+        "(decode) allow; of: measured / bound"
+    )
+    out = Path(args.out or Path("benchmarks/results") / f"bench_{name}_{device.type}.json")
+    result = {"rows": rows, "meta": _bench_meta(args, name, device)}
+    atomic_write_text(out, json.dumps(result, indent=1) + "\n")
+    plot_speedups(rows, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+def _add_target(parser: argparse.ArgumentParser) -> None:
+    """What cost and bench measure: a preset or a checkpoint, a prompt length, a dtype, an output file."""
+    parser.add_argument("--preset", help="a preset architecture (skipvlm.presets.names())")
+    add_model_option(parser, required=False, help="or a local checkpoint folder")
+    parser.add_argument("--prompt-tokens", type=int, default=512)
+    add_dtype_option(parser)
+    add_out_option(parser, "JSON file to write", overwrite=False)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``cost`` and ``bench`` to the ``skipvlm`` parser."""
+    cost = add_command(sub, "cost", "analytic MACs per module for a plan (presets need no weights)")
+    _add_target(cost)
+    one_of = cost.add_mutually_exclusive_group()
+    add_skip_options(one_of, ("skip_attention",))
+    one_of.add_argument(
+        SKIP_COUNT,
+        type=count,
+        help="or skip this many attentions, the benchmark's pattern: odd layers first, then even ones "
+        "from the top",
+    )
+    add_skip_options(cost, ("skip_mlp",))
+    cost.add_argument("--images", type=int, default=None, help="images in the prompt (default 1 for VLMs)")
+    add_token_exit_options(cost, per_example=False)  # DyVTE's exit depends on the data
+    cost.set_defaults(func=_cmd_cost)
+
+    bench = add_command(
+        sub, "bench", "latency / KV cache of stock, LoRA, PIA and merged EAS, with roofline bounds"
+    )
+    _add_target(bench)
+    bench.add_argument(
+        "--skip-attention-counts",
+        type=parse_counts,
+        default=[0, 4, 6],
+        help="numbers of attentions EAS skips, one row each, in the pattern of --skip-attention-count on "
+        "cost (default 0,4,6)",
+    )
+    for option in ("--skip-attention", "--skip"):
+        refuse_option(
+            bench, option, "pass --skip-attention-counts 0,4,6 (attentions EAS skips, one row each)"
+        )
+    bench.add_argument("--methods", default="stock,lora,pia,eas", help="stock, lora, pia, eas, skip")
+    bench.add_argument("--new-tokens", type=int, default=32)
+    bench.add_argument("--repeats", type=int, default=7)
+    bench.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    add_device_option(bench)
+    bench.set_defaults(func=_cmd_bench)
