@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +14,7 @@ import torch
 import transformers as tf
 
 from skipvlm.io import atomic_write_text
+from skipvlm.runinfo import run_info
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -66,14 +65,7 @@ def describe(args: argparse.Namespace) -> str:
 
 def write_results(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
     """Write the rows with the machine, library versions and arguments that produced them."""
-    meta = {
-        "machine": platform.machine(),
-        "processor": platform.processor(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": tf.__version__,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "args": {k: str(v) for k, v in vars(args).items()},
-    }
+    # the models of these scripts are built on the CPU in torch's default dtype
+    meta = {**run_info("cpu", torch.get_default_dtype()), "args": {k: str(v) for k, v in vars(args).items()}}
     atomic_write_text(args.out, json.dumps({"rows": rows, "meta": meta}, indent=2) + "\n")
     print(f"wrote {args.out}")

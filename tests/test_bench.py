@@ -1,7 +1,23 @@
-"""Measurement helpers: interleaving, and ratios that survive noisy timers."""
+"""Measurement helpers: interleaving, ratios that survive noisy timers, the compared methods' extra MACs."""
+
+import re
+
+import pytest
+from torch import nn
 
 import skipvlm
-from skipvlm.bench import PlanTiming, interleaved, measure_models, measure_plans, timing_rows, timing_table
+from skipvlm.bench import (
+    LORA_TARGETS,
+    PlanTiming,
+    adapter_macs_per_token,
+    bench_models,
+    interleaved,
+    lora_model,
+    measure_models,
+    measure_plans,
+    timing_rows,
+    timing_table,
+)
 
 from conftest import build_eas, build_model, make_inputs
 
@@ -51,3 +67,32 @@ def test_timing_rows_survive_a_zero_measurement():
     assert rows[1]["prefill_speedup"] == 2.0 and rows[1]["kv_ratio"] == 0.5
     assert rows[1]["decode_speedup"] != rows[1]["decode_speedup"]  # NaN, not a crash
     assert "nan" in timing_table(rows)
+
+
+def test_adapter_macs_count_the_per_token_branch_weights_only():
+    eas = build_eas("llama", skip=(0, 2))
+    # the router and the pooled path run once per prompt, not per token
+    per_prompt = {
+        id(p)
+        for name, module in eas.adapters.named_modules()
+        if name.rsplit(".", 1)[-1] in ("router", "pool")
+        for p in module.parameters()
+    }
+    branch = sum(p.numel() for p in eas.adapters.parameters() if p.ndim >= 2 and id(p) not in per_prompt)
+    assert adapter_macs_per_token(eas) == branch > 0
+
+    model = build_model("llama")
+    targets = [
+        m for n, m in model.named_modules() if isinstance(m, nn.Linear) and re.fullmatch(LORA_TARGETS, n)
+    ]
+    assert adapter_macs_per_token(model) == 0
+    assert (
+        adapter_macs_per_token(lora_model(model, rank=8))
+        == sum(8 * (m.in_features + m.out_features) for m in targets)
+        > 0
+    )
+
+
+def test_bench_models_refuses_an_unknown_method_naming_the_known_ones():
+    with pytest.raises(ValueError, match="choose from stock, lora, pia, eas, skip"):
+        bench_models(build_model("llama"), make_inputs("llama"), [0], ["stock", "fast"])

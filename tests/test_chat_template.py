@@ -10,7 +10,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from skipvlm.data import ChatCollator, ChatExample
-from skipvlm.data.chat import IGNORE_INDEX, LEGACY_FORMAT
+from skipvlm.data.chat import LEGACY_FORMAT
+from skipvlm.data.labels import IGNORE_INDEX
 from skipvlm.evaluate import evaluate
 
 from conftest import IMAGE_TOKEN, VISION_END, VISION_START, build_model, toy_parts

@@ -21,6 +21,7 @@ def test_showcase_runs_and_writes_its_measurements(tmp_path, capsys):
     assert skipped["kv_cache_bytes"] * 2 == stock["kv_cache_bytes"]
     assert all(row["prefill_ms"] > 0 and row["decode_ms_per_token"] >= 0 for row in result["rows"])
     assert result["image_tokens"] == 256
+    assert result["torch"] == torch.__version__ and result["device"] == "cpu"  # run_info beside the rows
 
 
 def test_version_and_usage_errors(capsys):

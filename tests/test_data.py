@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import pytest
 import torch
 
 from skipvlm.data import ChatCollator, ChatExample, load_jsonl
-from skipvlm.data.chat import IGNORE_INDEX
+from skipvlm.data.labels import IGNORE_INDEX
 from skipvlm.evaluate import choice_index, evaluate, normalize_answer
 
 from conftest import colour_examples, toy_parts
@@ -17,6 +18,11 @@ from conftest import colour_examples, toy_parts
 @pytest.fixture(scope="module")
 def processor():
     return toy_parts()[1]
+
+
+def test_ignore_index_is_the_label_the_losses_skip_by_default():
+    default = inspect.signature(torch.nn.functional.cross_entropy).parameters["ignore_index"].default
+    assert IGNORE_INDEX == default == torch.nn.CrossEntropyLoss().ignore_index
 
 
 def test_collator_supervises_the_answer_only_and_left_pads(processor):

@@ -12,18 +12,18 @@ from safetensors.torch import load_file
 
 import skipvlm
 from skipvlm.arch import get_decoder, get_layers
+from skipvlm.data.labels import IGNORE_INDEX
 from skipvlm.eas import ADAPTER_FILE, CONFIG_FILE
 from skipvlm.search import Candidates
 
 from conftest import build_eas, build_model, logits, make_inputs, randomize_adapters, select_rows
 
 EAS_ARCHS = ("llama", "llava", "qwen2")
-IGNORE = -100
 
 
 def with_labels(batch: dict, answer_len: int = 2) -> dict:
     """Supervise the last ``answer_len`` tokens of every row (the prompt is everything before)."""
-    labels = torch.full_like(batch["input_ids"], IGNORE)
+    labels = torch.full_like(batch["input_ids"], IGNORE_INDEX)
     labels[:, -answer_len:] = batch["input_ids"][:, -answer_len:]
     return {**batch, "labels": labels}
 

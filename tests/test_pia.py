@@ -5,6 +5,7 @@ import torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
+from skipvlm.data.labels import IGNORE_INDEX
 from skipvlm.pia import (
     AdaptPIA,
     BlockDiagonalLinear,
@@ -134,9 +135,8 @@ def test_fold_keeps_dtype_and_refuses_non_finite():
 
 
 def test_prompt_mask_excludes_answer_and_padding():
-    labels = torch.tensor(
-        [[-100, -100, -100, 7, 8], [-100, -100, 5, 6, -100], [-100, -100, -100, -100, -100]]
-    )
+    ign = IGNORE_INDEX  # the collator's mark on prompt and padding
+    labels = torch.tensor([[ign, ign, ign, 7, 8], [ign, ign, 5, 6, ign], [ign, ign, ign, ign, ign]])
     attention = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
     mask = prompt_mask_from_labels(labels, attention)
     expected = [[0, 1, 1, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 1, 1]]

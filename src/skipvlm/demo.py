@@ -19,15 +19,12 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import platform
 import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-import transformers as tf
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -40,6 +37,7 @@ from skipvlm.evaluate import evaluate
 from skipvlm.io import atomic_write_text
 from skipvlm.plan import Plan
 from skipvlm.plots import plot_tradeoff
+from skipvlm.runinfo import run_info
 from skipvlm.runtime import apply_plan, current_plan
 from skipvlm.search import Candidates, control_plan
 from skipvlm.tokens.vtw import calibrate_vtw
@@ -281,15 +279,11 @@ def run_demo(config: DemoConfig, out: str | Path | None = None, progress: bool =
         "rows": rows,
         "meta": {
             "seed": config.seed,
-            "device": "cpu",
             "quick": config.quick,
             "config": {k: v for k, v in asdict(config).items()},
             "prompt_tokens": prompt_tokens,
             "downstream_families": list(DOWNSTREAM_FAMILIES),
-            "threads": torch.get_num_threads(),
-            "machine": platform.machine(),
-            "torch": torch.__version__,
-            "transformers": tf.__version__,
+            **run_info(next(base.parameters()).device, next(base.parameters()).dtype),
             "seconds": time.perf_counter() - start,
         },
     }

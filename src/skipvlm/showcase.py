@@ -17,6 +17,7 @@ import transformers as tf
 
 from skipvlm.bench import measure_plans, timing_rows
 from skipvlm.plan import Plan
+from skipvlm.runinfo import run_info
 from skipvlm.runtime import apply_plan
 
 __all__ = ["ShowcaseConfig", "build_showcase_model", "run_showcase"]
@@ -94,7 +95,10 @@ def build_showcase_model(cfg: ShowcaseConfig) -> tuple[torch.nn.Module, dict[str
 
 @torch.no_grad()
 def run_showcase(cfg: ShowcaseConfig | None = None, progress: bool = True) -> dict[str, Any]:
-    """Run the showcase and return what it found (rows of timings, cache check, model facts)."""
+    """Run the showcase and return what it found (rows of timings, cache check, model facts).
+
+    The result also holds :func:`~skipvlm.runinfo.run_info` (versions, threads, machine, date).
+    """
     cfg = cfg or ShowcaseConfig()
     started = time.perf_counter()
     model, inputs = build_showcase_model(cfg)
@@ -121,6 +125,6 @@ def run_showcase(cfg: ShowcaseConfig | None = None, progress: bool = True) -> di
         "image_tokens": int((inputs["input_ids"] == IMAGE_TOKEN).sum()),
         "cached_equals_recompute": bool(torch.equal(cached, uncached)),
         "rows": timing_rows(timings, baseline="stock"),
-        "threads": torch.get_num_threads(),
+        **run_info(next(model.parameters()).device, next(model.parameters()).dtype),
         "seconds": time.perf_counter() - started,
     }

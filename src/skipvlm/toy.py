@@ -21,6 +21,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from skipvlm.io import atomic_files
+from skipvlm.runinfo import run_info
 
 __all__ = [
     "CHAT_TEMPLATE",
@@ -257,8 +258,9 @@ def pretrain(
     """Build the toy LLaVA and train it from scratch on :data:`PRETRAIN_FAMILIES`; save it to ``out``.
 
     Every parameter trains (vision tower, projector, Llama). Deterministic for ``seed`` on one machine.
-    The folder gets the checkpoint, its processor and ``pretrain.json`` (command, seed, settings and
-    the validation accuracy per question family, pretraining and downstream).
+    The folder gets the checkpoint, its processor and ``pretrain.json`` (command, seed, settings, the
+    validation accuracy per question family, pretraining and downstream, and
+    :func:`~skipvlm.runinfo.run_info`).
 
     Returns:
         The ``pretrain.json`` content.
@@ -301,8 +303,7 @@ def pretrain(
         "val_accuracy": accuracy,
         "final_loss": sum(h["loss"] for h in history[-50:]) / min(50, len(history)),
         "seconds": time.perf_counter() - start,
-        "torch": torch.__version__,
-        "transformers": tf.__version__,
+        **run_info(next(model.parameters()).device, next(model.parameters()).dtype),
     }
     with atomic_files(out) as staging:
         model.save_pretrained(staging)

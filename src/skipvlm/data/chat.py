@@ -4,9 +4,9 @@ The collator runs the model's own processor (or tokenizer, for text-only models)
 expanded exactly as the checkpoint expects, and lays the prompt out with the model's own chat template
 (``apply_chat_template``) when the processor or tokenizer has one; ``prompt_format`` picks a custom
 layout instead, and a model without a template falls back to :data:`LEGACY_FORMAT` with a warning.
-Training batches supervise the answer only (the prompt
-and padding are ``-100`` in the labels, which is also how the adapters find the prompt to pool);
-generation batches hold the prompt only. Both are left-padded.
+Training batches supervise the answer only (the prompt and padding are
+:data:`~skipvlm.data.labels.IGNORE_INDEX` in the labels, which is also how the adapters find the
+prompt to pool); generation batches hold the prompt only. Both are left-padded.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from PIL import Image
 
+from skipvlm.data.labels import IGNORE_INDEX
+
 __all__ = ["IGNORE_INDEX", "LEGACY_FORMAT", "ChatCollator", "ChatExample", "load_processor"]
 
 logger = logging.getLogger(__name__)
@@ -28,7 +30,6 @@ logger = logging.getLogger(__name__)
 # LLaVA-1.5's conversation layout, used for models that ship no chat template.
 LEGACY_FORMAT = "USER: {image}{prompt} ASSISTANT:"
 
-IGNORE_INDEX = -100
 # Token-aligned processor outputs: padded like input_ids. Everything else is concatenated on dim 0.
 _TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 

@@ -1,0 +1,53 @@
+"""Latency, KV-cache and memory measurement, and the method comparison of `skipvlm bench`.
+
+* :mod:`~skipvlm.bench.timing`: the primitives (interleaved rounds, synchronised perf_counter,
+  medians of prefill / decode per token / KV bytes, CUDA peak memory);
+* :mod:`~skipvlm.bench.methods`: the models compared (stock, LoRA, unmerged PIA, merged EAS, skip);
+* :mod:`~skipvlm.bench.tables`: JSON-ready rows with ratios against a baseline, text tables;
+* :mod:`~skipvlm.bench.compare`: :func:`run_bench`, the comparison with its roofline columns.
+
+Every public name is importable from ``skipvlm.bench``.
+"""
+
+from skipvlm.bench.compare import run_bench
+from skipvlm.bench.methods import (
+    LORA_TARGETS,
+    METHODS,
+    adapter_macs_per_token,
+    bench_models,
+    lora_model,
+    random_adapters,
+    skip_layers,
+)
+from skipvlm.bench.tables import bench_table, format_rows, timing_rows, timing_table
+from skipvlm.bench.timing import (
+    PlanTiming,
+    interleaved,
+    measure_models,
+    measure_plans,
+    peak_memory,
+    ratio,
+    synchronize,
+)
+
+__all__ = [
+    "LORA_TARGETS",
+    "METHODS",
+    "PlanTiming",
+    "adapter_macs_per_token",
+    "bench_models",
+    "bench_table",
+    "format_rows",
+    "interleaved",
+    "lora_model",
+    "measure_models",
+    "measure_plans",
+    "peak_memory",
+    "random_adapters",
+    "ratio",
+    "run_bench",
+    "skip_layers",
+    "synchronize",
+    "timing_rows",
+    "timing_table",
+]
