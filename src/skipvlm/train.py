@@ -1,4 +1,4 @@
-"""Search and training runs (``shared/METHODS.md`` §3): the only place in skipvlm that knows about ranks.
+"""Search and training runs (``shared/METHODS.md`` §3); with :mod:`skipvlm.train_loop`, all that knows ranks.
 
 :func:`search` trains a weight-sharing supernet (adapters for every candidate module) while a
 :class:`~skipvlm.search.Bandit` learns which k modules are safe to skip: warm-up epochs skip k arms
