@@ -9,7 +9,6 @@ inside the child (see ``CHILD``); the library has no test hook.
 
 from __future__ import annotations
 
-import importlib
 import signal
 import subprocess
 import sys
@@ -18,19 +17,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from skipvlm import train_loop as loops
 from skipvlm.cli import main
-
-loops = importlib.import_module("skipvlm.train")  # the module; skipvlm.train is the function
 
 # 16 examples / batch 4 = 4 steps per epoch, 2 epochs: 8 steps, checkpoints after steps 2, 4, 6 and 8.
 STEPS = 8
 
 CHILD = r"""
-import importlib, os, pathlib, signal, sys
+import os, pathlib, signal, sys
 
+from skipvlm import train_loop as T
 from skipvlm.cli import main
-
-T = importlib.import_module("skipvlm.train")  # the module (skipvlm.train is also a function's name)
 
 point, target = sys.argv[1], int(sys.argv[2])
 count = {"save": 0, "rename": 0}
@@ -44,7 +41,7 @@ def armed():
     return count["save"] == target
 
 
-save = T._Loop.save
+save = T.Loop.save
 
 
 def counted_save(self, extra):
@@ -91,7 +88,7 @@ def hooked(move):
     return moved
 
 
-T._Loop.save = counted_save
+T.Loop.save = counted_save
 T.save_file = hooked_save_file
 pathlib.Path.write_text = hooked_write_text
 os.rename, os.replace = hooked(os.rename), hooked(os.replace)  # Path.rename calls os.rename
@@ -162,13 +159,13 @@ def test_sigkill_during_a_checkpoint_save_resumes_to_the_same_adapters(
     assert not (out / "adapters").exists()
 
     steps = []
-    update = loops._Loop.update
+    update = loops.Loop.update
 
     def counted_update(self):
         update(self)
         steps.append(self.step)
 
-    monkeypatch.setattr(loops._Loop, "update", counted_update)
+    monkeypatch.setattr(loops.Loop, "update", counted_update)
     if starts == {0}:  # no save completed: --resume says so, and a fresh run starts over
         assert main([*args, "--resume"]) == 2
         assert "no checkpoint to resume" in capsys.readouterr().err

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 
 import pytest
@@ -242,7 +241,7 @@ def _batches():
 
 
 def test_a_crash_during_a_checkpoint_save_leaves_the_last_good_one(tmp_path, monkeypatch):
-    train_module = importlib.import_module("skipvlm.train")
+    from skipvlm import train_loop as train_module
 
     config = skipvlm.TrainConfig(epochs=2, lr=1e-2, checkpoint_every=2, progress=False, calibrate=False)
     eas = skipvlm.EASConfig(skip_attention=[1])

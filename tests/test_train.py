@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import warnings
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import skipvlm
 from skipvlm.data import ChatCollator
-from skipvlm.train import eas_config_for_plan
+from skipvlm.train import Interrupted, eas_config_for_plan, fit
 
 from conftest import colour_examples, toy_parts
 
@@ -28,7 +32,7 @@ def data(batch_size: int = 4):
 
 
 def quick_search(**kw) -> skipvlm.SearchConfig:
-    train = skipvlm.TrainConfig(lr=1e-2, progress=False, **kw.pop("train", {}))
+    train = skipvlm.TrainConfig(**{"lr": 1e-2, "progress": False, **kw.pop("train", {})})
     settings = {"k": 2, "warmup_epochs": 1, "search_epochs": 2, "interval": 1, **kw}
     return skipvlm.SearchConfig(train=train, **settings)
 
@@ -319,3 +323,104 @@ def test_precision_sets_the_autocast_of_every_training_forward(monkeypatch, prec
         assert first == pytest.approx(fp32, rel=1e-6)
     else:
         assert 1e-6 < abs(first - fp32) < 0.02 * fp32
+
+
+# --- the loop fit and search share ------------------------------------------------------------------------
+
+
+def fit_projector(out=None, lr=1e-2, **kw) -> dict[str, torch.Tensor]:
+    """fit on a plain model (no trainable_state_dict): its projector trains, 3 epochs x 4 steps."""
+    model, batches, _ = data()
+    for name, p in model.named_parameters():
+        p.requires_grad_("multi_modal_projector" in name)
+    config = skipvlm.TrainConfig(epochs=3, lr=lr, checkpoint_every=2, progress=False)
+    fit(model, batches, config, out=out, **kw)
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def search_supernet(out=None, lr=1e-2, **kw) -> dict[str, torch.Tensor]:
+    """search, 1 warm-up + 2 search epochs x 4 steps: the supernet's adapters and the bandit."""
+    model, batches, held = data()
+    result = skipvlm.search(
+        model, batches, held, quick_search(train={"checkpoint_every": 2, "lr": lr}), out=out, **kw
+    )
+    return adapters_of(result.model) | {"preferences": result.bandit.preferences}
+
+
+@pytest.mark.parametrize("run", [fit_projector, search_supernet], ids=["fit", "search"])
+def test_fit_and_search_checkpoint_stop_and_resume_alike(tmp_path, run):
+    """Both run one loop: checkpoints every 2 steps, Ctrl-C saves at the step it finishes, a resumed run
+    ends where an uninterrupted one does, bit for bit, and other settings are refused."""
+    full = run()
+    name = "fit" if run is fit_projector else "search"
+    state = tmp_path / f"{name}_checkpoint" / "state.json"
+    saved = []
+
+    def ctrl_c_at_5(event):
+        if state.is_file():
+            saved.append(json.loads(state.read_text())["step"])
+        if event["step"] == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(Interrupted, match=r"step 5 of 12; checkpoint saved in .*resume"):
+        run(tmp_path, callback=ctrl_c_at_5)
+    assert sorted(set(saved)) == [2, 4]
+    meta = json.loads(state.read_text())
+    assert meta["step"] == 5
+    assert {"world", "data"} <= meta["extra"]["identity"].keys() and meta["extra"]["identity"]["world"] == 1
+    tensors = load_file(str(state.parent / "state.safetensors"))
+    assert {k.split(".")[0] for k in tensors} == {"model", "optim", "rng"}
+    with pytest.raises(ValueError, match=r"belongs to a run with other settings \(.*lr: 0\.01 -> 0\.02"):
+        run(tmp_path, lr=2e-2, resume=True)
+    resumed = run(tmp_path, resume=True)
+    assert_same_adapters(resumed, full)
+
+
+def test_fit_checkpoints_every_trainable_parameter_of_a_plain_model(tmp_path):
+    model, batches, _ = data()
+    for name, p in model.named_parameters():
+        p.requires_grad_("multi_modal_projector" in name)
+    fit(model, batches, skipvlm.TrainConfig(epochs=1, progress=False), out=tmp_path)
+    tensors = load_file(str(tmp_path / "fit_checkpoint" / "state.safetensors"))
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert len(trained) == 4
+    assert {k.removeprefix("model.") for k in tensors if k.startswith("model.")} == trained
+
+
+@pytest.mark.parametrize("wrapper", ["plain", "peft"])
+def test_activation_checkpointing_reaches_the_layers_inside_any_wrapper(monkeypatch, wrapper):
+    """fit finds the transformers model of a plain or PEFT model (EASModel: see the test above): with
+    gradient_checkpointing every decoder MLP runs again in the backward pass, and nothing else changes."""
+    from peft import LoraConfig, get_peft_model
+    from transformers.models.llama.modeling_llama import LlamaMLP  # the toy's text model is a Llama
+
+    calls = []
+    forward = LlamaMLP.forward
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(LlamaMLP, "forward", counting)
+    counts, results = [], []
+    for checkpointing in (False, True):
+        calls.clear()
+        torch.manual_seed(0)
+        model, batches, _ = data()
+        if wrapper == "peft":
+            with warnings.catch_warnings():  # peft asks transformers a deprecated question
+                warnings.simplefilter("ignore", FutureWarning)
+                model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        else:
+            for name, p in model.named_parameters():
+                p.requires_grad_("language_model" in name)
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        config = skipvlm.TrainConfig(epochs=1, gradient_checkpointing=checkpointing, progress=False)
+        fit(model, batches[:2], config)
+        counts.append(len(calls))
+        results.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert counts == [2 * 4, 2 * 2 * 4]  # 2 batches x 4 layers, then again in the backward pass
+    moved = max(float((results[0][k] - before[k]).abs().max()) for k in before)
+    assert moved > 1e-4  # training moved the weights, so equality below is not vacuous
+    for k in results[0]:
+        torch.testing.assert_close(results[1][k], results[0][k], rtol=0, atol=1e-6)
