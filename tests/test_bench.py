@@ -7,7 +7,6 @@ from torch import nn
 
 import skipvlm
 from skipvlm.bench import (
-    LORA_TARGETS,
     PlanTiming,
     adapter_macs_per_token,
     bench_models,
@@ -82,9 +81,9 @@ def test_adapter_macs_count_the_per_token_branch_weights_only():
     assert adapter_macs_per_token(eas) == branch > 0
 
     model = build_model("llama")
-    targets = [
-        m for n, m in model.named_modules() if isinstance(m, nn.Linear) and re.fullmatch(LORA_TARGETS, n)
-    ]
+    pattern = skipvlm.lora_target_modules(model, skipvlm.lora.ALL_PROJECTIONS)
+    targets = [m for n, m in model.named_modules() if isinstance(m, nn.Linear) and re.fullmatch(pattern, n)]
+    assert len(targets) == 7 * 4
     assert adapter_macs_per_token(model) == 0
     assert (
         adapter_macs_per_token(lora_model(model, rank=8))

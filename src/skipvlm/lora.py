@@ -22,9 +22,11 @@ from skipvlm.arch import arch_facts, get_layers, unwrap
 from skipvlm.plan import Plan
 from skipvlm.runtime import current_plan
 
-__all__ = ["DEFAULT_MODULES", "lora_target_modules"]
+__all__ = ["ALL_PROJECTIONS", "DEFAULT_MODULES", "lora_target_modules"]
 
 DEFAULT_MODULES = ("q_proj", "v_proj")  # PEFT's own default for Llama-style models
+# Every linear layer of a decoder layer (what the demo and the benchmarks adapt).
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def lora_target_modules(
@@ -40,8 +42,7 @@ def lora_target_modules(
     Args:
         model: a supported model (or a wrapper with ``get_base_model()``); the pattern names modules as
             ``model.named_modules()`` of the unwrapped model does, which is what PEFT matches.
-        modules: the projection names to adapt, e.g. ``("q_proj", "k_proj", "v_proj", "o_proj",
-            "gate_proj", "up_proj", "down_proj")``.
+        modules: the projection names to adapt, e.g. :data:`ALL_PROJECTIONS`.
         plan: the plan the model will run (default: the one it runs now, :func:`skipvlm.current_plan`).
 
     Returns:

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from skipvlm.data.labels import IGNORE_INDEX
+
 __all__ = [
     "AdaptPIA",
     "AffineMap",
@@ -36,8 +38,6 @@ __all__ = [
     "pooled_prompt",
     "prompt_mask_from_labels",
 ]
-
-IGNORE_INDEX = -100
 
 
 class BlockDiagonalLinear(nn.Module):

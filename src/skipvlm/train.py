@@ -34,6 +34,7 @@ from skipvlm.eas import EASConfig, EASModel, get_eas_model
 from skipvlm.io import atomic_write_text
 from skipvlm.plan import Plan
 from skipvlm.plots import plot_preferences
+from skipvlm.runinfo import run_info
 from skipvlm.search import Bandit, Candidates
 from skipvlm.train_loop import (
     Batches,
@@ -304,6 +305,7 @@ def _write_search(result: SearchResult, cands: Candidates, config: SearchConfig,
         "config": asdict(config),
         "bandit": result.bandit.state_dict(),
         "trajectory": result.trajectory,
+        "meta": run_info(*_device_dtype(result.model)),
     }
     atomic_write_text(out / "search_log.json", json.dumps(log, indent=1) + "\n")
     plot_preferences(
@@ -418,6 +420,7 @@ def train(
         out_dir = Path(out)
         eas_model.save_pretrained(out_dir / "adapters")
         log = {"config": asdict(config), "eas": eas_model.eas_config.to_dict(), "history": history}
+        log["meta"] = run_info(*_device_dtype(eas_model))
         atomic_write_text(out_dir / "train_log.json", json.dumps(log, indent=1) + "\n")
     return eas_model
 
@@ -437,3 +440,8 @@ def _sync_calibration(model: EASModel, procs: Ranks) -> None:
                 weighted = procs.mean(buf.to(torch.float64) * n) * procs.world
                 buf.copy_((weighted / total.clamp(min=1)).to(buf.dtype))
         module.calib_n.copy_(total.round().to(torch.long))
+
+
+def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    reference = next(model.parameters())
+    return reference.device, reference.dtype

@@ -11,7 +11,6 @@ Every public name is importable from ``skipvlm.bench``.
 
 from skipvlm.bench.compare import run_bench
 from skipvlm.bench.methods import (
-    LORA_TARGETS,
     METHODS,
     adapter_macs_per_token,
     bench_models,
@@ -31,7 +30,6 @@ from skipvlm.bench.timing import (
 )
 
 __all__ = [
-    "LORA_TARGETS",
     "METHODS",
     "PlanTiming",
     "adapter_macs_per_token",

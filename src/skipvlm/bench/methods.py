@@ -17,11 +17,11 @@ from torch import nn
 
 from skipvlm.arch import arch_facts
 from skipvlm.eas import EASConfig, get_eas_model
+from skipvlm.lora import ALL_PROJECTIONS, lora_target_modules
 from skipvlm.plan import Plan
 from skipvlm.runtime import apply_plan
 
 __all__ = [
-    "LORA_TARGETS",
     "METHODS",
     "adapter_macs_per_token",
     "bench_models",
@@ -31,7 +31,6 @@ __all__ = [
 ]
 
 METHODS = ("stock", "lora", "pia", "eas", "skip")
-LORA_TARGETS = r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
 def skip_layers(num_layers: int, k: int) -> list[int]:
@@ -42,10 +41,12 @@ def skip_layers(num_layers: int, k: int) -> list[int]:
     return sorted(order[:k])
 
 
-def lora_model(model: nn.Module, rank: int = 8, targets: str = LORA_TARGETS) -> nn.Module:
-    """``model`` with PEFT LoRA (alpha = 2 r, no dropout) on the projections matching ``targets``."""
+def lora_model(model: nn.Module, rank: int = 8, modules: Sequence[str] = ALL_PROJECTIONS) -> nn.Module:
+    """``model`` with PEFT LoRA (alpha = 2 r, no dropout) on the text model's ``modules`` that run
+    under its plan (:func:`skipvlm.lora_target_modules`)."""
     from peft import LoraConfig, get_peft_model
 
+    targets = lora_target_modules(model, modules)
     config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets)
     with warnings.catch_warnings():  # peft asks transformers a deprecated question
         warnings.simplefilter("ignore", FutureWarning)
@@ -104,11 +105,11 @@ def bench_models(
 def _adapter_param(name: str) -> bool:
     """Whether the parameter ``name`` is a per-token weight of an unmerged PIA adapter branch.
 
-    The adapters live in the EAS model's ``pia_adapters`` module; their router and pooled path run
-    once per prompt, not per token, so they are left out. This is the one place that knows the
-    adapters' parameter names.
+    The adapters live in the layers' routes (``...routes.<layer>.adapters...``); their router and
+    pooled path run once per prompt, not per token, so they are left out. This is the one place that
+    knows the adapters' parameter names.
     """
-    return ".pia_adapters." in name and ".router." not in name and ".pool." not in name
+    return ".routes." in name and ".adapters." in name and ".router." not in name and ".pool." not in name
 
 
 def adapter_macs_per_token(model: nn.Module) -> int:

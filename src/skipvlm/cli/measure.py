@@ -116,23 +116,11 @@ def _bench_inputs(model: Any, facts: Any, prompt_tokens: int, device: Any) -> di
 
 
 def _bench_meta(args: argparse.Namespace, name: str, device: Any) -> dict:
-    """What a bench result was measured on: model, device, machine and package versions, options."""
-    import platform
+    """What a bench result was measured on: model, the run's machine and versions, options."""
+    from skipvlm.runinfo import run_info
 
-    import torch
-    import transformers
-
-    return {
-        "model": name,
-        "device": str(device),
-        "dtype": args.dtype,
-        "machine": platform.machine(),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "args": {k: str(v) for k, v in vars(args).items() if k != "func"},
-    }
+    options = {k: str(v) for k, v in vars(args).items() if k != "func"}
+    return {"model": name, **run_info(device, args.dtype), "args": options}
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:

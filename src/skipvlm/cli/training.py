@@ -25,6 +25,7 @@ from skipvlm.cli.options import (
     config_from_args,
     flag,
 )
+from skipvlm.runinfo import run_info
 
 
 def _check_training_dtype(args: argparse.Namespace) -> None:
@@ -150,6 +151,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             model = model.merge_and_unload(args.merge)
     scored = _score(args, model, collator, examples)
     scored["prompt_template"] = collator.template
+    reference = next(model.parameters())
+    scored["meta"] = run_info(reference.device, reference.dtype)
     if args.out:
         path = atomic_write_text(Path(args.out) / "eval.json", json.dumps(scored, indent=1) + "\n")
         print(f"wrote {path}")

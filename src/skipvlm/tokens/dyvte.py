@@ -30,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from skipvlm.arch import ArchFacts, arch_facts, visual_token_mask
+from skipvlm.data.labels import IGNORE_INDEX
 from skipvlm.io import atomic_files
 from skipvlm.plan import Plan, PlanField, TokenExitMethod, fraction_value, register_token_exit
 from skipvlm.tokens.exit import ExitRunner
@@ -284,8 +285,10 @@ def _answer_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = model(**inputs).logits[:, :-1].float()  # (B, T-1, V)
     labels = batch["labels"][:, 1:]  # (B, T-1)
-    loss = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")  # (B, T-1)
-    supervised = (labels != -100).float()
+    loss = F.cross_entropy(
+        logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
+    )  # (B, T-1)
+    supervised = (labels != IGNORE_INDEX).float()
     return (loss * supervised).sum(1) / supervised.sum(1).clamp_min(1)
 
 
