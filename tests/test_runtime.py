@@ -327,3 +327,28 @@ def test_gradient_checkpointing_is_honoured_and_exact(monkeypatch):
     assert plain.keys() == ckpt.keys()
     for name in plain:
         torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-5, atol=1e-6)
+
+
+def test_the_runtime_knows_no_method():
+    """The layer loop imports neither the adapters nor token exit: methods reach it as routes and hooks."""
+    import ast
+    import inspect
+
+    import skipvlm.routes
+    import skipvlm.runtime
+
+    for module in (skipvlm.runtime, skipvlm.routes):
+        tree = ast.parse(inspect.getsource(module))
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        methods = {"skipvlm.pia", "skipvlm.adapters", "skipvlm.eas", "skipvlm.merge", "skipvlm.tokens"}
+        assert not {m for m in imported if m and (m in methods or m.startswith("skipvlm.tokens."))}, module
+
+
+def test_routes_follow_the_plan_and_state_their_formula():
+    model = build_model("llama")
+    skipvlm.apply_plan(model, skipvlm.Plan(skip_attention=[1, 3], skip_mlp=[2, 3]))
+    routes = get_decoder(model).routes
+    assert [type(r).__name__ for r in routes] == ["Stock", "SkipAttention", "SkipMLP", "SkipLayer"]
+    assert all("out = " in type(r).__doc__ for r in routes)
+    assert [r.runs_attention for r in routes] == [True, False, True, False]

@@ -573,9 +573,15 @@ class AdapterSet:
     def bottleneck(self) -> dict[str, nn.Module]:
         return self._kind("bottleneck")
 
+    def named_modules(self) -> Iterator[tuple[str, nn.Module]]:
+        """(``"<layer>.<name>"``, module) for every module of every layer's adapters."""
+        for i, adapters in self.layers.items():
+            for name, module in adapters.named_modules(prefix=str(i)):
+                yield name, module
+
     def modules(self) -> Iterator[nn.Module]:
-        for adapters in self.layers.values():
-            yield from adapters.modules()
+        for _, module in self.named_modules():
+            yield module
 
     def parameters(self) -> Iterator[nn.Parameter]:
         for adapters in self.layers.values():
