@@ -576,8 +576,7 @@ class AdapterSet:
     def named_modules(self) -> Iterator[tuple[str, nn.Module]]:
         """(``"<layer>.<name>"``, module) for every module of every layer's adapters."""
         for i, adapters in self.layers.items():
-            for name, module in adapters.named_modules(prefix=str(i)):
-                yield name, module
+            yield from adapters.named_modules(prefix=str(i))
 
     def modules(self) -> Iterator[nn.Module]:
         for _, module in self.named_modules():
