@@ -382,3 +382,14 @@ def test_apply_plan_and_set_plan_are_one_path():
     with skipvlm.use_plan(supernet, skipvlm.Plan()):
         assert supernet.eas_config.skip_attention == []
     assert supernet.eas_config.skip_attention == [3]
+
+
+def test_the_optimiser_sees_every_trainable_parameter_once_projector_first_then_adapters_by_kind():
+    model = build_eas("llava", skip=(1,), supernet=True, train_projector=True)
+    params = model.optimizer_parameters()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(params) == len(trainable) == len({id(p) for p in params})
+    kinds = [model.adapters.replace, model.adapters.adapt]
+    expected = [p for p in model.projector().parameters()]
+    expected += [p for kind in kinds for i in sorted(kind, key=int) for p in kind[i].parameters()]
+    assert [id(p) for p in params] == [id(p) for p in expected]

@@ -373,6 +373,22 @@ class EASModel(nn.Module):
             state |= {f"{_PROJECTOR_PREFIX}{k}": v for k, v in self.projector().state_dict().items()}
         return state
 
+    def optimizer_parameters(self) -> list[nn.Parameter]:
+        """The trainable parameters in the order the training loops hand them to the optimiser: those
+        of the base model (a trained projector) first, then the adapters by kind (replace-PIA, adapt-PIA,
+        DAS bottleneck) and layer.
+
+        The order does not change the maths, but it is the order in which gradient clipping sums
+        floats; it is the order format-1 models registered their adapters in, so a run gives the same
+        numbers as before the routes held them.
+        """
+        adapters = AdapterSet(self.decoder)
+        own = {id(p) for p in adapters.parameters()}
+        params = [p for p in self.parameters() if p.requires_grad and id(p) not in own]
+        for kind in (adapters.replace, adapters.adapt, adapters.bottleneck):
+            params += [p for module in kind.values() for p in module.parameters() if p.requires_grad]
+        return params
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """What a training checkpoint keeps of this model (the training loops ask every model for it)."""
         return self.adapter_state_dict()

@@ -293,7 +293,10 @@ class Loop:
         self.model, self.batches, self.cfg, self.name = model, batches, cfg, name
         self.device = next(model.parameters()).device
         self.ranks = batches.ranks
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        if _own_method(model, "optimizer_parameters"):
+            self.params = list(model.optimizer_parameters())
+        else:
+            self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters")
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
