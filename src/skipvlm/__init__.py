@@ -4,11 +4,18 @@ The public API. See ``shared/METHODS.md`` for the mathematics of each method and
 """
 
 from skipvlm import compat, presets
-from skipvlm.arch import SUPPORTED_MODEL_TYPES, ArchFacts, UnsupportedModelError, arch_facts
+from skipvlm.arch import (
+    SUPPORTED_MODEL_TYPES,
+    ArchFacts,
+    HostFamily,
+    UnsupportedModelError,
+    arch_facts,
+    register_host,
+)
 from skipvlm.eas import EASConfig, EASModel, get_eas_model
 from skipvlm.lora import lora_target_modules
 from skipvlm.merge import export_merged, load_pretrained, merge_and_unload
-from skipvlm.plan import Plan
+from skipvlm.plan import Plan, PlanField, TokenExitMethod, register_token_exit
 from skipvlm.runtime import apply_plan, current_plan, exit_layers, kv_cache_bytes, use_plan
 from skipvlm.search import Bandit
 from skipvlm.tokens import DyVTEConfig, DyVTERouters, VTWCalibration, calibrate_vtw, train_dyvte
@@ -26,9 +33,12 @@ __all__ = [
     "DyVTERouters",
     "EASConfig",
     "EASModel",
+    "HostFamily",
     "Plan",
+    "PlanField",
     "SearchConfig",
     "SearchResult",
+    "TokenExitMethod",
     "TrainConfig",
     "UnsupportedModelError",
     "VTWCalibration",
@@ -45,6 +55,8 @@ __all__ = [
     "lora_target_modules",
     "merge_and_unload",
     "presets",
+    "register_host",
+    "register_token_exit",
     "search",
     "train",
     "train_dyvte",
