@@ -39,7 +39,7 @@ def test_empty_plan_loop_equals_stock_exactly(arch, attn):
     torch.testing.assert_close(logits(model, inputs), expected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2_vl"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2_vl", "qwen3_vl"])
 def test_hidden_states_and_attentions_match_stock(arch):
     model = build_model(arch, attn="eager")
     inputs = make_inputs(arch, lengths=(6, 3))
@@ -104,7 +104,7 @@ def _count_calls(model, names) -> dict[str, int]:
     return counts
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2_vl"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2_vl", "qwen3_vl"])
 def test_skipped_modules_execute_nothing(arch, monkeypatch):
     model = build_model(arch)
     projections = [
