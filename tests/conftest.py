@@ -163,7 +163,7 @@ def build_model(
 
 
 def _qwen3_vl_config(text: dict, ids: dict) -> tf.PretrainedConfig:
-    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1], "mrope_interleaved": True}
+    rope = dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 1, 1], mrope_interleaved=True)
     vision = dict(
         depth=2,
         hidden_size=16,
