@@ -199,7 +199,7 @@ def test_image_anywhere_in_the_prompt(arch):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("arch", ["llama", "llava", "qwen2_vl"])
+@pytest.mark.parametrize("arch", ["llama", "llava", "qwen2_vl", "qwen3_vl"])
 def test_half_precision_runs_and_tracks_fp32(arch, dtype):
     plan = skipvlm.Plan(skip_attention=[0, 2])
     ref_model = skipvlm.apply_plan(build_model(arch), plan)

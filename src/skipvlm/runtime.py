@@ -9,10 +9,12 @@ runs the loop the stock model runs, ``h = route(layer, h, step)``:
 * a layer whose attention is skipped holds a :class:`~transformers.cache_utils.DummyLayer` in the KV
   cache (it stores nothing; sequence length and positions are read from the layers that attend);
 * position ids, rotary tables and masks are built once per forward exactly as the stock text models
-  build them (1-D RoPE, or Qwen2-VL's 3-D M-RoPE), through :mod:`skipvlm.compat`;
+  build them (1-D RoPE, or Qwen2-VL's / Qwen3-VL's 3-D M-RoPE), through :mod:`skipvlm.compat`;
 * visual-token exit (§4) is a hook of the step: before a layer it may switch the step to a packed
   layout of the remaining tokens; everything that reads the layout (masks, positions, the tokens
   adapters pool over) follows.
+* a host family may add a hook of its own (:attr:`~skipvlm.arch.HostFamily.forward_hook`), run after
+  every layer's route on the current layout: Qwen3-VL's DeepStack adds its visual features there.
 
 The runtime knows no method: adapters live in their routes, and a token-exit method is reached through
 the plan (:meth:`~skipvlm.plan.Plan.token_exit`).
