@@ -21,7 +21,8 @@ IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 100, 101, 102, 103
 NUM_LAYERS = 4
 
 TEXT_ARCHS = ("llama", "mistral", "qwen2")
-VLM_ARCHS = ("llava", "qwen2_vl", "qwen2_5_vl")
+VLM_ARCHS = ("llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+QWEN_VL_ARCHS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # image grids, M-RoPE, mm_token_type_ids
 ALL_ARCHS = TEXT_ARCHS + VLM_ARCHS
 
 # Image shapes: LLaVA's 16x16 image in 4x4 patches gives 16 image tokens; Qwen2-VL's 4x4 patch grid
@@ -101,6 +102,8 @@ def build_config(arch: str, num_layers: int = NUM_LAYERS, **text_overrides) -> t
             in_channels=3,
         )
         return tf.Qwen2VLConfig(text_config={**text, **mrope}, vision_config=vision, **ids)
+    if arch == "qwen3_vl":
+        return _qwen3_vl_config(text, ids)
     if arch == "qwen2_5_vl":
         vision = dict(
             depth=1,
@@ -128,6 +131,7 @@ _MODEL_CLASSES = {
     "llava_mistral": tf.LlavaForConditionalGeneration,
     "qwen2_vl": tf.Qwen2VLForConditionalGeneration,
     "qwen2_5_vl": tf.Qwen2_5_VLForConditionalGeneration,
+    "qwen3_vl": tf.Qwen3VLForConditionalGeneration,
 }
 
 
@@ -155,12 +159,34 @@ def build_model(
     return model.to(dtype).eval()
 
 
+# --- Qwen3-VL: q/k norms, interleaved M-RoPE, DeepStack features added after decoder layers 0 and 1 ----
+
+
+def _qwen3_vl_config(text: dict, ids: dict) -> tf.PretrainedConfig:
+    rope = dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 1, 1], mrope_interleaved=True)
+    vision = dict(
+        depth=2,
+        hidden_size=16,
+        intermediate_size=32,
+        num_heads=2,
+        out_hidden_size=32,
+        patch_size=2,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        in_channels=3,
+        num_position_embeddings=16,
+        deepstack_visual_indexes=[0, 1],
+    )
+    text = {**text, "head_dim": 8, "rope_parameters": rope}
+    return tf.Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
+
+
 def _prompt_ids(arch: str, length: int, gen: torch.Generator, image_at: int) -> list[int]:
     """A prompt of ``length`` text tokens, with the architecture's image tokens after ``image_at`` of them."""
     text = torch.randint(3, IMAGE_TOKEN, (length,), generator=gen).tolist()
     if arch.startswith("llava"):
         image = [IMAGE_TOKEN] * LLAVA_IMAGE_TOKENS
-    elif arch in ("qwen2_vl", "qwen2_5_vl"):
+    elif arch in QWEN_VL_ARCHS:
         image = [VISION_START] + [IMAGE_TOKEN] * QWEN_IMAGE_TOKENS + [VISION_END]
     else:
         image = []
@@ -183,7 +209,7 @@ def make_inputs(
     n = len(rows)
     if arch.startswith("llava"):
         batch["pixel_values"] = torch.randn(n, 3, 16, 16, generator=gen).to(dtype)
-    elif arch in ("qwen2_vl", "qwen2_5_vl"):
+    elif arch in QWEN_VL_ARCHS:
         patches = QWEN_GRID[0] * QWEN_GRID[1] * QWEN_GRID[2]
         batch["pixel_values"] = torch.randn(n * patches, QWEN_PATCH_DIM, generator=gen).to(dtype)
         batch["image_grid_thw"] = torch.tensor([QWEN_GRID] * n)
@@ -197,7 +223,7 @@ def select_rows(arch: str, batch: dict[str, torch.Tensor], b: int) -> dict[str, 
     out = {k: batch[k][b : b + 1, keep] for k in ("input_ids", "attention_mask")}
     if arch.startswith("llava"):
         out["pixel_values"] = batch["pixel_values"][b : b + 1]
-    elif arch in ("qwen2_vl", "qwen2_5_vl"):
+    elif arch in QWEN_VL_ARCHS:
         patches = QWEN_GRID[0] * QWEN_GRID[1] * QWEN_GRID[2]
         out["pixel_values"] = batch["pixel_values"][b * patches : (b + 1) * patches]
         out["image_grid_thw"] = batch["image_grid_thw"][b : b + 1]

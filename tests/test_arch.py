@@ -15,6 +15,7 @@ EXPECTED = {
     "llava": ("model.language_model", "default", IMAGE_TOKEN),
     "qwen2_vl": ("model.language_model", "mrope", IMAGE_TOKEN),
     "qwen2_5_vl": ("model.language_model", "mrope", IMAGE_TOKEN),
+    "qwen3_vl": ("model.language_model", "mrope_text", IMAGE_TOKEN),
 }
 
 

@@ -18,7 +18,7 @@ from skipvlm.search import Candidates
 
 from conftest import build_eas, build_model, logits, make_inputs, randomize_adapters, select_rows
 
-EAS_ARCHS = ("llama", "llava", "qwen2")
+EAS_ARCHS = ("llama", "llava", "qwen2", "qwen3_vl")
 
 
 def with_labels(batch: dict, answer_len: int = 2) -> dict:

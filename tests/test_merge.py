@@ -18,7 +18,7 @@ from skipvlm.runtime import RemovedAttention
 from conftest import build_eas, build_model, greedy, logits, make_inputs, randomize_adapters
 
 ATOL = 1e-4
-EAS_ARCHS = ("llama", "llava", "qwen2")
+EAS_ARCHS = ("llama", "llava", "qwen2", "qwen3_vl")
 DECODE_STEPS = 8
 
 
@@ -189,6 +189,19 @@ def test_qwen2_adapt_only_model_exports(tmp_path):
     model.export_merged(tmp_path / "merged")
     model.adapters.use_calibration = True
     stock = tf.Qwen2ForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    torch.testing.assert_close(logits(stock, batch), logits(model, batch), rtol=0, atol=ATOL)
+
+
+def test_qwen3_vl_exports_adapt_only_and_names_its_missing_mlp_biases(tmp_path):
+    model, _ = trained("qwen3_vl")
+    with pytest.raises(ValueError, match=r"stock qwen3_vl_text checkpoint \(qwen3_vl\) has no MLP biases"):
+        model.export_merged(tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    model, batch = trained("qwen3_vl", skip=())
+    model.export_merged(tmp_path / "merged")
+    model.adapters.use_calibration = True
+    stock = tf.Qwen3VLForConditionalGeneration.from_pretrained(tmp_path / "merged").eval()
+    assert stock.config.text_config.attention_bias
     torch.testing.assert_close(logits(stock, batch), logits(model, batch), rtol=0, atol=ATOL)
 
 

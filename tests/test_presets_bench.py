@@ -11,7 +11,7 @@ import skipvlm
 from skipvlm import presets
 from skipvlm.bench import bench_table, run_bench, skip_layers
 from skipvlm.cli import main
-from skipvlm.cost import decode_bytes
+from skipvlm.cost import count_macs, decode_bytes
 
 from conftest import build_model, make_inputs
 
@@ -24,13 +24,36 @@ from conftest import build_model, make_inputs
         ("llama-2-7b", 6.74),
         ("qwen2-vl-2b", 2.21),
         ("qwen2-vl-7b", 8.29),
+        ("qwen3-vl-8b", 8.77),
     ],
 )
 def test_presets_have_the_published_sizes_on_the_meta_device(name, billions):
     model = presets.build(name)
     assert next(model.parameters()).device.type == "meta"
     assert sum(p.numel() for p in model.parameters()) / 1e9 == pytest.approx(billions, abs=0.02)
-    assert skipvlm.arch_facts(model).num_layers in (28, 32, 40)
+    assert skipvlm.arch_facts(model).num_layers in (28, 32, 36, 40)
+
+
+def test_qwen3_vl_vision_macs_are_its_tower_weights_times_the_tokens_they_see():
+    """Qwen3-VL's rule, rederived from the module tree: every linear weight of the blocks per patch, of
+    the merger and the three DeepStack mergers per merged token (4 patches), the patch embedding per
+    patch, plus the 2 N^2 e score / value terms of each full-attention block."""
+
+    def linear(module: torch.nn.Module) -> int:
+        return sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
+
+    model = presets.build("qwen3-vl-8b")
+    tower, patches = model.model.visual, 1024
+    mergers = linear(tower.merger) + linear(tower.deepstack_merger_list)
+    assert len(tower.deepstack_merger_list) == 3
+    e = tower.config.hidden_size
+    expected = (
+        patches * (linear(tower.blocks) + tower.patch_embed.proj.weight.numel())
+        + patches // 4 * mergers
+        + len(tower.blocks) * 2 * patches * patches * e
+    )
+    report = count_macs(model, 600, image_patches=patches)
+    assert (report.vision, report.projector, report.visual_tokens) == (expected, 0, 256)
 
 
 def test_unknown_preset_lists_the_known_ones():

@@ -39,7 +39,7 @@ def test_empty_plan_loop_equals_stock_exactly(arch, attn):
     torch.testing.assert_close(logits(model, inputs), expected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2_vl"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2_vl", "qwen3_vl"])
 def test_hidden_states_and_attentions_match_stock(arch):
     model = build_model(arch, attn="eager")
     inputs = make_inputs(arch, lengths=(6, 3))
@@ -104,7 +104,7 @@ def _count_calls(model, names) -> dict[str, int]:
     return counts
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2_vl"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2_vl", "qwen3_vl"])
 def test_skipped_modules_execute_nothing(arch, monkeypatch):
     model = build_model(arch)
     projections = [
@@ -198,8 +198,21 @@ def test_image_anywhere_in_the_prompt(arch):
         assert torch.equal(tokens, ref_tokens)
 
 
+def test_qwen3_vl_takes_1d_position_ids_as_text_positions_as_its_text_model_does():
+    """Qwen3-VL's text model keeps 1-D position ids as its text positions (Qwen2-VL's drops them), so
+    ids that restart mark packed sequences, which attend within themselves only."""
+    model = build_model("qwen3_vl")
+    ids = make_inputs("qwen3_vl", lengths=(9,))["input_ids"][:, -10:]  # text only
+    packed = {"input_ids": ids, "position_ids": torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5]])}
+    expected = logits(zero_out(model, 1, "attention"), packed, use_cache=False)
+    whole = logits(zero_out(model, 1, "attention"), {"input_ids": ids}, use_cache=False)
+    assert (expected[:, 4:] - whole[:, 4:]).abs().max() > 1e-3  # the restart changes the attention
+    skipvlm.apply_plan(model, skipvlm.Plan(skip_attention=[1]))
+    torch.testing.assert_close(logits(model, packed, use_cache=False), expected, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("arch", ["llama", "llava", "qwen2_vl"])
+@pytest.mark.parametrize("arch", ["llama", "llava", "qwen2_vl", "qwen3_vl"])
 def test_half_precision_runs_and_tracks_fp32(arch, dtype):
     plan = skipvlm.Plan(skip_attention=[0, 2])
     ref_model = skipvlm.apply_plan(build_model(arch), plan)

@@ -28,7 +28,7 @@ from conftest import (
     select_rows,
 )
 
-ARCHS = ("llava", "qwen2_vl", "qwen2_5_vl")
+ARCHS = ("llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 def text_positions(inputs) -> torch.Tensor:
@@ -155,6 +155,7 @@ HALF_RATIO = {
     "llava": (0.46875, 7),
     "qwen2_vl": (0.375, 1),
     "qwen2_5_vl": (0.375, 1),
+    "qwen3_vl": (0.375, 1),
 }  # arch: (R, dropped per row)
 
 

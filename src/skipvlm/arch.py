@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -20,6 +20,7 @@ __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "ArchFacts",
     "HostFamily",
+    "LayerHook",
     "UnsupportedModelError",
     "arch_facts",
     "decoder_slot",
@@ -45,7 +46,9 @@ class HostFamily:
         model_type: ``model_type`` of the top-level config (what ``from_pretrained`` dispatches on).
         model_class: the transformers generation class loaders and presets instantiate.
         decoder_path: dotted path from the top-level model to the text model that owns ``layers``.
-        rope: ``"default"`` (1-D positions) or ``"mrope"`` (Qwen2-VL's 3-D multimodal positions).
+        rope: ``"default"`` (1-D positions), ``"mrope"`` (Qwen2-VL's 3-D multimodal positions) or
+            ``"mrope_text"`` (Qwen3-VL's: the same, but 1-D or missing position ids also serve as the
+            text positions of masks and attention, as its text model builds them).
         text_types: allowed text-config model types of a composite model (empty: the model is its own
             text model).
         projector_path: dotted path to the multimodal projector, if any.
@@ -56,6 +59,9 @@ class HostFamily:
         description: how the supported-models list names it (default: ``model_class``).
         attention_name, mlp_name, input_norm_name, post_norm_name: sub-module names in a decoder layer.
         image_token_attrs / video_token_attrs: config attributes holding the placeholder token ids.
+        forward_hook: ``forward_hook(kwargs)`` -> a :class:`LayerHook` or None: takes the family's own
+            keywords of the text model's ``forward`` out of ``kwargs`` (e.g. Qwen3-VL's DeepStack
+            features) and returns what the layer loop runs after each layer (None: the family has none).
     """
 
     model_type: str
@@ -73,6 +79,19 @@ class HostFamily:
     post_norm_name: str = "post_attention_layernorm"
     image_token_attrs: tuple[str, ...] = ("image_token_id", "image_token_index")
     video_token_attrs: tuple[str, ...] = ("video_token_id",)
+    forward_hook: Callable[[dict[str, Any]], LayerHook | None] | None = None
+
+
+class LayerHook(Protocol):
+    """What a host family adds to one forward of the layer loop (see :attr:`HostFamily.forward_hook`)."""
+
+    def after_layer(
+        self, i: int, h: torch.Tensor, index: torch.Tensor | None, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The hidden states after layer ``i``'s route, given the current token layout: ``index`` (B, T')
+        maps slots to original positions and ``mask`` (B, T') marks real slots (both None: the forward's
+        own positions)."""
+        ...
 
 
 _HOSTS: dict[str, HostFamily] = {}
@@ -131,7 +150,7 @@ class ArchFacts:
         intermediate_size: F, the MLP width.
         num_attention_heads / num_key_value_heads / head_dim: attention shapes.
         vocab_size: V.
-        rope: ``"default"`` or ``"mrope"``.
+        rope: ``"default"``, ``"mrope"`` or ``"mrope_text"`` (see :class:`HostFamily`).
         layer_types: per layer, ``"full_attention"`` or ``"sliding_attention"``.
         image_token_id: id of the image placeholder token, ``None`` for text-only models.
         video_token_id: id of the video placeholder token where the architecture has one.

@@ -10,6 +10,8 @@ change between releases (5.24 renamed the forward keyword and output field ``pas
 * :func:`output_cache` / :func:`decoder_output`: the cache field of model outputs;
 * :func:`build_masks`: the stock mask builders;
 * :func:`check_forward_kwargs`: the keywords a text model's ``forward`` may receive and pass on;
+* :data:`DEEPSTACK_MASK_KWARG` / :data:`DEEPSTACK_EMBEDS_KWARG`: the keywords under which Qwen3-VL's
+  text model receives its DeepStack visual features;
 * :data:`TESTED` / :func:`check_version`: the releases this skipvlm was tested with.
 """
 
@@ -30,6 +32,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 __all__ = [
     "CACHE_KWARG",
+    "DEEPSTACK_EMBEDS_KWARG",
+    "DEEPSTACK_MASK_KWARG",
     "TESTED",
     "Cache",
     "DummyLayer",
@@ -58,6 +62,10 @@ _CACHE_NAMES = ("cache", "past_key_values")
 CACHE_KWARG = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 # The mask builders' own name for it (renamed in the same release, but read from their signature).
 _MASK_CACHE_KWARG = next(n for n in _CACHE_NAMES if n in inspect.signature(create_causal_mask).parameters)
+# Qwen3-VL's text model receives DeepStack's visual features (one (N_visual, C) tensor per early layer)
+# and the (B, T) mask of the positions they are added to under these names.
+DEEPSTACK_MASK_KWARG = "visual_pos_masks"
+DEEPSTACK_EMBEDS_KWARG = "deepstack_visual_embeds"
 
 
 def unsupported(what: str) -> str:

@@ -97,9 +97,10 @@ def count_macs(
             model, 0 otherwise).
         scored_tokens: positions the lm_head scores (1 for generation's prefill).
         extra_per_token: MACs per token of modules outside the stock model (e.g. unmerged adapters).
-        image_patches: Qwen2-VL only: 14x14 patches per image (default 1024, a 448x448 image).
+        image_patches: Qwen-VL families only: patches per image (default 1024: a 448x448 image in
+            Qwen2-VL's 14-pixel patches, 512x512 in Qwen3-VL's 16-pixel ones).
         visual_tokens: visual tokens among the ``prompt_tokens`` (default: what ``images`` images
-            give: (image_size / patch_size)^2 each for LLaVA, image_patches / 4 for Qwen2-VL).
+            give: (image_size / patch_size)^2 each for LLaVA, image_patches / 4 for Qwen2-VL and Qwen3-VL).
         exit_layer: DyVTE only: the layer its visual tokens left at (e.g. a measured
             :func:`skipvlm.exit_layers`); without it a DyVTE plan is counted as keeping them.
 

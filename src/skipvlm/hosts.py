@@ -11,6 +11,7 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 from skipvlm.arch import HostFamily, register_host
+from skipvlm.deepstack import take_deepstack
 
 __all__: list[str] = []
 
@@ -81,3 +82,36 @@ for _model_type, _class in (
             vision_macs=_qwen_macs,
         )
     )
+
+
+# --- Qwen3-VL: interleaved M-RoPE, q/k norms inside the attention, DeepStack -----------------------------
+
+
+def _qwen3_vl_macs(config: PretrainedConfig, images: int, image_patches: int) -> tuple[int, int]:
+    """Qwen3-VL's tower over each image of ``image_patches`` patches: 3-D patch embedding, full-attention
+    blocks with a two-layer GELU MLP, then the 2x2 patch merger and one DeepStack merger per
+    ``deepstack_visual_indexes`` entry (each ``merge*e -> merge*e -> C``), all counted in the tower."""
+    vision, patches = config.vision_config, image_patches
+    e, f = vision.hidden_size, vision.intermediate_size
+    patch_in = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    merge = vision.spatial_merge_size**2
+    per_block = patches * (4 * e * e + 2 * e * f) + 2 * patches * patches * e
+    mergers = 1 + len(vision.deepstack_visual_indexes)
+    merger = patches // merge * (merge * e * merge * e + merge * e * vision.out_hidden_size)
+    return images * (patches * e * patch_in + vision.depth * per_block + mergers * merger), 0
+
+
+register_host(
+    HostFamily(
+        "qwen3_vl",
+        "Qwen3VLForConditionalGeneration",
+        decoder_path="model.language_model",
+        rope="mrope_text",
+        text_types=("qwen3_vl_text",),
+        projector_path="model.visual.merger",
+        visual_tokens=_qwen_tokens,
+        vision_macs=_qwen3_vl_macs,
+        forward_hook=take_deepstack,
+        description="Qwen3VLForConditionalGeneration (DeepStack, interleaved M-RoPE)",
+    )
+)

@@ -5,7 +5,7 @@ weights times like the real checkpoint. Build on the ``meta`` device to count MA
 materialise on a real device to time it.
 
 Shapes follow the public model cards: LLaVA-1.5 (CLIP ViT-L/14 at 336 px + Vicuna), the LLaVA v1
-model of the EAS paper (CLIP ViT-L/14 at 224 px + Vicuna-7B), Qwen2-VL, Llama-2. The small
+model of the EAS paper (CLIP ViT-L/14 at 224 px + Vicuna-7B), Qwen2-VL, Qwen3-VL, Llama-2. The small
 ``*-cpu`` presets are the benchmark shapes that fit a laptop.
 """
 
@@ -90,12 +90,52 @@ def _qwen2_vl(
     )
 
 
+def _qwen3_vl(hidden: int, ffn: int, layers: int, heads: int, kv: int, tie: bool) -> tf.Qwen3VLConfig:
+    """Qwen3-VL (``Qwen/Qwen3-VL-*-Instruct`` config.json): a Qwen3 text model with interleaved M-RoPE and a
+    27-block SigLIP-2-style tower whose layers 8, 16 and 24 feed DeepStack."""
+    text = dict(
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        head_dim=128,
+        vocab_size=151936,
+        max_position_embeddings=262144,
+        rope_parameters=dict(
+            rope_type="default", rope_theta=5000000.0, mrope_section=[24, 20, 20], mrope_interleaved=True
+        ),
+    )
+    vision = dict(
+        depth=27,
+        hidden_size=1152,
+        intermediate_size=4304,
+        num_heads=16,
+        patch_size=16,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        out_hidden_size=hidden,
+        num_position_embeddings=2304,
+        deepstack_visual_indexes=[8, 16, 24],
+    )
+    return tf.Qwen3VLConfig(
+        text_config=text,
+        vision_config=vision,
+        tie_word_embeddings=tie,
+        image_token_id=151655,
+        video_token_id=151656,
+        vision_start_token_id=151652,
+        vision_end_token_id=151653,
+    )
+
+
 PRESETS: dict[str, Callable[[], tf.PretrainedConfig]] = {
     "llava-1.5-7b": lambda: _llava(336, _llama(4096, 11008, 32, 32)),
     "llava-1.5-13b": lambda: _llava(336, _llama(5120, 13824, 40, 40)),
     "llava-v1-vicuna-7b-224": lambda: _llava(224, _llama(4096, 11008, 32, 32, vocab=32003)),
     "qwen2-vl-2b": lambda: _qwen2_vl(1536, 8960, 28, 12, 2, 151936, tie=True),
     "qwen2-vl-7b": lambda: _qwen2_vl(3584, 18944, 28, 28, 4, 152064, tie=False),
+    "qwen3-vl-8b": lambda: _qwen3_vl(4096, 12288, 36, 32, 8, tie=False),
     "llama-2-7b": lambda: tf.LlamaConfig(**_llama(4096, 11008, 32, 32, vocab=32000)),
     # CPU-sized shapes of the benchmarks
     "llama-cpu": lambda: tf.LlamaConfig(**_llama(384, 1024, 12, 6, vocab=8000)),

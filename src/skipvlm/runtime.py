@@ -9,10 +9,12 @@ runs the loop the stock model runs, ``h = route(layer, h, step)``:
 * a layer whose attention is skipped holds a :class:`~transformers.cache_utils.DummyLayer` in the KV
   cache (it stores nothing; sequence length and positions are read from the layers that attend);
 * position ids, rotary tables and masks are built once per forward exactly as the stock text models
-  build them (1-D RoPE, or Qwen2-VL's 3-D M-RoPE), through :mod:`skipvlm.compat`;
+  build them (1-D RoPE, or Qwen2-VL's / Qwen3-VL's 3-D M-RoPE), through :mod:`skipvlm.compat`;
 * visual-token exit (§4) is a hook of the step: before a layer it may switch the step to a packed
   layout of the remaining tokens; everything that reads the layout (masks, positions, the tokens
   adapters pool over) follows.
+* a host family may add a hook of its own (:attr:`~skipvlm.arch.HostFamily.forward_hook`), run after
+  every layer's route on the current layout: Qwen3-VL's DeepStack adds its visual features there.
 
 The runtime knows no method: adapters live in their routes, and a token-exit method is reached through
 the plan (:meth:`~skipvlm.plan.Plan.token_exit`).
@@ -285,6 +287,8 @@ class SkipDecoder(StockWrapper):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         kwargs.pop("return_dict", None)
         cache = compat.take_cache({"cache": cache, "past_key_values": past_key_values}, kwargs)
+        family_hook = self.facts.family.forward_hook
+        extra = family_hook(kwargs) if family_hook is not None else None  # e.g. Qwen3-VL's DeepStack
         compat.check_forward_kwargs(kwargs)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
@@ -301,13 +305,17 @@ class SkipDecoder(StockWrapper):
         for i, (layer, route) in enumerate(zip(self.layers, self.routes, strict=True)):
             if hook is not None:
                 h = hook.before_layer(i, h, step)
-            if all_hidden is not None:
+            if all_hidden is not None and i == 0:
                 all_hidden.append(hook.expand(h) if hook is not None else h)
             with hook.watch(i, layer) if hook is not None else contextlib.nullcontext():
                 if checkpointing:
                     h = torch.utils.checkpoint.checkpoint(route, layer, h, step, use_reentrant=False)
                 else:
                     h = route(layer, h, step)
+            if all_hidden is not None and i < len(self.layers) - 1:  # layer outputs, as stock records them
+                all_hidden.append(hook.expand(h) if hook is not None else h)
+            if extra is not None:
+                h = extra.after_layer(i, h, step.frame.index, step.frame.mask)
         _check_cache_grew(cache, lengths)
         if hook is not None:
             h = hook.expand(h)
@@ -457,16 +465,17 @@ def _positions(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(rotary position ids, text position ids for masks and layers), as the stock model builds them."""
     batch, length = embeds.shape[:2]
-    mrope = rope == "mrope"
+    mrope = rope.startswith("mrope")
+    rows = 4 if rope == "mrope_text" else 3  # Qwen3-VL keeps 1-D ids as the text ids too
     if position_ids is None:
         past = cache.get_seq_length() if cache is not None else 0
         position_ids = torch.arange(length, device=embeds.device) + past
-        position_ids = position_ids.view(1, 1, -1).expand(3, batch, -1) if mrope else position_ids[None]
+        position_ids = position_ids.view(1, 1, -1).expand(rows, batch, -1) if mrope else position_ids[None]
     if not mrope:
         return position_ids, position_ids
     # M-RoPE: (3, B, T) temporal/height/width ids, optionally preceded by text ids as (4, B, T).
     if position_ids.ndim == 2:
-        position_ids = position_ids[None].expand(3, position_ids.shape[0], -1)
+        position_ids = position_ids[None].expand(rows, position_ids.shape[0], -1)
     if position_ids.shape[0] == 4:
         return position_ids[1:], position_ids[0]
     return position_ids, None

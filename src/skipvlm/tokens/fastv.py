@@ -42,8 +42,8 @@ def received_attention(
     """Attention each position receives, averaged over heads and over the chosen queries.
 
     Args:
-        q: (B, T, H, D) query projections (before RoPE).
-        k: (B, T, H_kv, D) key projections (before RoPE).
+        q: (B, T, H, D) query projections (before RoPE; after the q norm where the attention has one).
+        k: (B, T, H_kv, D) key projections (before RoPE; after the k norm where the attention has one).
         cos, sin: (B, T, D) rotary tables of the positions.
         queries: (B, T) bool, the query positions to average over.
         keys: (B, T) bool, the positions that may be attended (real tokens).
@@ -98,10 +98,11 @@ class FastV:
 
             return hook
 
-        handles = [
-            attention.q_proj.register_forward_hook(capture("q")),
-            attention.k_proj.register_forward_hook(capture("k")),
-        ]
+        # Attentions with per-head q / k norms (Qwen3, Qwen3-VL) apply them before RoPE: read after them.
+        q_out, k_out = (getattr(attention, f"{x}_norm", None) for x in "qk")
+        q_out = attention.q_proj if q_out is None else q_out
+        k_out = attention.k_proj if k_out is None else k_out
+        handles = [q_out.register_forward_hook(capture("q")), k_out.register_forward_hook(capture("k"))]
         try:
             yield
         finally:
@@ -119,8 +120,8 @@ class FastV:
             )
         batch, length = q.shape[:2]
         d = self.facts.head_dim
-        q = q.view(batch, length, -1, d)  # (B, T', H, D)
-        k = k.view(batch, length, -1, d)  # (B, T', H_kv, D)
+        q = q.reshape(batch, length, -1, d)  # (B, T', H, D)
+        k = k.reshape(batch, length, -1, d)  # (B, T', H_kv, D)
         cos, sin = run.frame.position_embeddings
         real = run.in_layout(run.real)  # (B, T') real tokens of the layout
         if self.source == "last":
