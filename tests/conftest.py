@@ -218,6 +218,11 @@ def logits(model, inputs, **kw) -> torch.Tensor:
         return model(**inputs, **kw).logits
 
 
+# A random model may pick an image placeholder as its next token, which a full recompute would then read as
+# an image without pixels; greedy decoding here never picks one (nor EOS, as min_new_tokens asks).
+NEVER_GENERATED = (IMAGE_TOKEN, VIDEO_TOKEN)
+
+
 def greedy(model, inputs, steps: int, **kw) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy ``generate`` forced to ``steps`` tokens: (new tokens (B, steps), logits (B, steps, V))."""
     with torch.no_grad():
@@ -225,6 +230,7 @@ def greedy(model, inputs, steps: int, **kw) -> tuple[torch.Tensor, torch.Tensor]
             **inputs,
             max_new_tokens=steps,
             min_new_tokens=steps,
+            suppress_tokens=list(NEVER_GENERATED),
             do_sample=False,
             output_logits=True,
             return_dict_in_generate=True,
@@ -241,7 +247,7 @@ def greedy_without_cache(model, inputs, steps: int) -> tuple[torch.Tensor, torch
     for _ in range(steps):
         with torch.no_grad():
             last = model(**inputs, use_cache=False).logits[:, -1]
-        nxt = last.argmax(-1, keepdim=True)
+        nxt = last.index_fill(-1, torch.tensor([EOS, *NEVER_GENERATED]), float("-inf")).argmax(-1, keepdim=True)
         tokens.append(nxt)
         step_logits.append(last)
         inputs["input_ids"] = torch.cat([inputs["input_ids"], nxt], dim=1)

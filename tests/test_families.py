@@ -31,6 +31,7 @@ from conftest import (
     VIDEO_TOKEN,
     build_config,
     build_model,
+    logits,
     make_inputs,
 )
 
@@ -208,7 +209,14 @@ def test_current_plan_and_restore(arch):
 
 @pytest.mark.parametrize("arch", FAMILY_ARCHS)
 def test_fresh_eas_model_equals_the_base_and_the_plain_skip(arch):
-    eas_tests.test_fresh_model_without_skips_equals_base(arch)
+    base = build_model(arch)
+    inputs = make_inputs(arch, lengths=(6, 3))
+    expected = logits(base, inputs)
+    model = skipvlm.get_eas_model(base, skipvlm.EASConfig())
+    assert len(model.adapters.adapt) == NUM_LAYERS and len(model.adapters.replace) == 0
+    # Not bit-exact as in test_eas: MKL's CPU matmuls may round differently with the buffers' alignment,
+    # which the adapters' allocations shift (seen on OneVision's projector, before any decoder layer).
+    torch.testing.assert_close(logits(model, inputs), expected, rtol=0, atol=1e-6)
     eas_tests.test_fresh_model_with_skips_equals_plain_skip_plus_identity_adapter(arch)
 
 
