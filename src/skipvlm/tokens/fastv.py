@@ -42,8 +42,8 @@ def received_attention(
     """Attention each position receives, averaged over heads and over the chosen queries.
 
     Args:
-        q: (B, T, H, D) query projections (before RoPE).
-        k: (B, T, H_kv, D) key projections (before RoPE).
+        q: (B, T, H, D) query projections (before RoPE; after the per-head q norm where there is one).
+        k: (B, T, H_kv, D) key projections (before RoPE; after the per-head k norm where there is one).
         cos, sin: (B, T, D) rotary tables of the positions.
         queries: (B, T) bool, the query positions to average over.
         keys: (B, T) bool, the positions that may be attended (real tokens).
@@ -98,9 +98,12 @@ class FastV:
 
             return hook
 
+        # Where the attention normalises q and k per head before RoPE (Qwen3's q_norm / k_norm), the
+        # scores read the normalised vectors, so capture those.
+        q_out, k_out = (getattr(attention, f"{x}_norm", None) for x in "qk")
         handles = [
-            attention.q_proj.register_forward_hook(capture("q")),
-            attention.k_proj.register_forward_hook(capture("k")),
+            (attention.q_proj if q_out is None else q_out).register_forward_hook(capture("q")),
+            (attention.k_proj if k_out is None else k_out).register_forward_hook(capture("k")),
         ]
         try:
             yield
