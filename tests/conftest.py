@@ -247,7 +247,8 @@ def greedy_without_cache(model, inputs, steps: int) -> tuple[torch.Tensor, torch
     for _ in range(steps):
         with torch.no_grad():
             last = model(**inputs, use_cache=False).logits[:, -1]
-        nxt = last.index_fill(-1, torch.tensor([EOS, *NEVER_GENERATED]), float("-inf")).argmax(-1, keepdim=True)
+        allowed = last.index_fill(-1, torch.tensor([EOS, *NEVER_GENERATED]), float("-inf"))
+        nxt = allowed.argmax(-1, keepdim=True)
         tokens.append(nxt)
         step_logits.append(last)
         inputs["input_ids"] = torch.cat([inputs["input_ids"], nxt], dim=1)
@@ -457,7 +458,8 @@ def _family_config(arch: str, text: dict) -> tf.PretrainedConfig:
             hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
             image_size=16, patch_size=4,
         )  # fmt: skip
-        text_config = tf.Qwen3Config(**text, head_dim=8) if arch == "internvl_qwen3" else tf.Qwen2Config(**text)
+        qwen3 = arch == "internvl_qwen3"
+        text_config = tf.Qwen3Config(**text, head_dim=8) if qwen3 else tf.Qwen2Config(**text)
         return tf.InternVLConfig(
             vision_config=vision,
             text_config=text_config,

@@ -112,20 +112,17 @@ def test_visual_token_mask_covers_every_image_feature(arch):
     embeds = inner.get_input_embeddings()(inputs["input_ids"])
     pixels = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     with torch.no_grad():
-        if arch.startswith("llava"):
-            features = inner.get_image_features(**pixels, vision_feature_select_strategy=None)
-        elif arch in ("idefics3", "smolvlm"):
-            features = inner.get_image_features(**pixels)
-        else:
-            features = inner.get_image_features(**pixels)
+        features = inner.get_image_features(**pixels)
     features = getattr(features, "pooler_output", features)
-    if isinstance(features, (list, tuple)):
+    if isinstance(features, (list, tuple)):  # one (tokens, C) tensor per image
         features = torch.cat([f.reshape(-1, embeds.shape[-1]) for f in features])
-    assert features.reshape(-1, embeds.shape[-1]).shape[0] == int(mask.sum())
-    if hasattr(inner, "get_placeholder_mask"):
-        placeholder = inner.get_placeholder_mask(inputs["input_ids"], inputs_embeds=embeds, image_features=features)
-        placeholder = placeholder[0] if isinstance(placeholder, tuple) else placeholder
-        assert torch.equal(placeholder[..., 0], mask)
+    features = features.reshape(-1, embeds.shape[-1])
+    assert features.shape[0] == int(mask.sum())
+    placeholder = inner.get_placeholder_mask(
+        inputs["input_ids"], inputs_embeds=embeds, image_features=features
+    )
+    placeholder = placeholder[0] if isinstance(placeholder, tuple) else placeholder
+    assert torch.equal(placeholder[..., 0], mask)
     assert int(mask.sum()) < int(inputs["attention_mask"].sum()) - 2 * 4  # the text stayed text
 
 
@@ -304,3 +301,33 @@ def test_vtw_composes_with_skips_adapters_and_their_merge(arch):
 @pytest.mark.parametrize("arch", FAMILY_VLM_ARCHS)
 def test_dyvte_each_example_exits_at_its_own_layer(arch, tmp_path):
     dyvte_tests.test_each_example_exits_at_its_own_layer_and_batches_like_one_by_one(arch, tmp_path)
+
+
+# --- presets at real sizes ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "billions", "layers", "visual_tokens"),
+    [
+        ("qwen3-8b", 8.19, 36, 0),  # model card: 8.2B
+        ("llava-v1.6-mistral-7b", 7.57, 32, 3 * 576 + 48),  # 7.57B
+        ("llava-onevision-qwen2-7b", 8.03, 28, 3 * 729 + 54),  # 8.03B
+        ("internvl3-8b", 7.94, 28, 256),  # 7.94B; a 448 px image is one tile
+        ("smolvlm-2b", 2.25, 24, 3 * 729 // 9),  # 2.25B
+        ("mistral-small-3.1-24b", 24.01, 40, 1024 // 4),  # 24B
+    ],
+)
+def test_family_presets_have_the_published_sizes_on_the_meta_device(name, billions, layers, visual_tokens):
+    """Parameter counts of the public checkpoints; a 448 px image (1024 patches of 14 px) gives the
+    visual tokens of the family's rule: tiles of the tower's size plus a base / thumbnail tile (and
+    LLaVA-NeXT's row newlines), Pixtral's 2x2 merge of the image's own patches."""
+    from skipvlm import presets
+    from skipvlm.cost import count_macs
+
+    model = presets.build(name)
+    assert next(model.parameters()).device.type == "meta"
+    assert sum(p.numel() for p in model.parameters()) / 1e9 == pytest.approx(billions, abs=0.01)
+    assert arch_facts(model).num_layers == layers
+    report = count_macs(model.config, 4096)
+    assert report.visual_tokens == visual_tokens
+    assert (report.vision > 0) == (visual_tokens > 0) and (report.projector > 0) == (visual_tokens > 0)
