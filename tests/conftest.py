@@ -57,7 +57,7 @@ LLAVA_TEXT = {"llava": tf.LlamaConfig, "llava_qwen2": tf.Qwen2Config, "llava_mis
 def build_config(arch: str, num_layers: int = NUM_LAYERS, **text_overrides) -> tf.PretrainedConfig:
     """The config of a tiny ``arch`` model; ``text_overrides`` change its text model (e.g. sliding_window)."""
     text = text_config_kwargs(num_layers, **text_overrides)
-    if arch in FAMILY_ARCHS:
+    if arch in _FAMILY_MODEL_CLASSES:
         return _family_config(arch, text)
     if arch in ("mistral", "llava_mistral"):
         text.setdefault("sliding_window", 64)
@@ -160,7 +160,7 @@ def build_model(
 def _prompt_ids(arch: str, length: int, gen: torch.Generator, image_at: int) -> list[int]:
     """A prompt of ``length`` text tokens, with the architecture's image tokens after ``image_at`` of them."""
     text = torch.randint(3, IMAGE_TOKEN, (length,), generator=gen).tolist()
-    if arch in FAMILY_ARCHS:
+    if arch in _FAMILY_MODEL_CLASSES:
         image = family_image_ids(arch)
     elif arch.startswith("llava"):
         image = [IMAGE_TOKEN] * LLAVA_IMAGE_TOKENS
@@ -185,7 +185,7 @@ def make_inputs(
         attention_mask[b, width - len(row) :] = 1
     batch = {"input_ids": input_ids, "attention_mask": attention_mask}
     n = len(rows)
-    if arch in FAMILY_ARCHS:
+    if arch in _FAMILY_MODEL_CLASSES:
         batch.update(family_pixels(arch, n, gen, dtype))
     elif arch.startswith("llava"):
         batch["pixel_values"] = torch.randn(n, 3, 16, 16, generator=gen).to(dtype)
@@ -201,7 +201,7 @@ def select_rows(arch: str, batch: dict[str, torch.Tensor], b: int) -> dict[str, 
     """Row ``b`` of a batch from :func:`make_inputs`, with its padding removed."""
     keep = batch["attention_mask"][b].bool()
     out = {k: batch[k][b : b + 1, keep] for k in ("input_ids", "attention_mask")}
-    if arch in FAMILY_ARCHS:
+    if arch in _FAMILY_MODEL_CLASSES:
         out.update(family_select_pixels(arch, batch, b))
     elif arch.startswith("llava"):
         out["pixel_values"] = batch["pixel_values"][b : b + 1]
@@ -424,6 +424,8 @@ FAMILY_VLM_ARCHS = (
     "smolvlm",
 )
 FAMILY_ARCHS = FAMILY_TEXT_ARCHS + FAMILY_VLM_ARCHS
+# Llama text models where the default is Qwen2: the families' stock-checkpoint export (Llama's mlp_bias).
+FAMILY_LLAMA_VARIANTS = ("internvl_llama", "llava_onevision_llama")
 
 # Any-resolution: 8x8 tiles of 4x4 patches (4 features each) on a 16x16 image in a 2x2 grid. The model
 # appends a newline feature to each of the grid's 4 feature rows: 4 (base) + 16 (grid) + 4 = 24.
@@ -458,8 +460,11 @@ def _family_config(arch: str, text: dict) -> tf.PretrainedConfig:
             hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
             image_size=16, patch_size=4,
         )  # fmt: skip
-        qwen3 = arch == "internvl_qwen3"
-        text_config = tf.Qwen3Config(**text, head_dim=8) if qwen3 else tf.Qwen2Config(**text)
+        text_config = {
+            "internvl": tf.Qwen2Config,
+            "internvl_qwen3": lambda **kw: tf.Qwen3Config(**kw, head_dim=8),
+            "internvl_llama": tf.LlamaConfig,
+        }[arch](**text)
         return tf.InternVLConfig(
             vision_config=vision,
             text_config=text_config,
@@ -469,7 +474,7 @@ def _family_config(arch: str, text: dict) -> tf.PretrainedConfig:
             vision_feature_layer=-1,
             tie_word_embeddings=False,
         )
-    if arch in ("llava_next", "llava_onevision"):
+    if arch in ("llava_next", "llava_onevision", "llava_onevision_llama"):
         vision = tf.CLIPVisionConfig(
             hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
             image_size=8, patch_size=4, projection_dim=16,
@@ -489,7 +494,7 @@ def _family_config(arch: str, text: dict) -> tf.PretrainedConfig:
         )  # fmt: skip
         return tf.LlavaOnevisionConfig(
             vision_config=siglip,
-            text_config=tf.Qwen2Config(**text),
+            text_config=(tf.LlamaConfig if arch.endswith("llama") else tf.Qwen2Config)(**text),
             image_token_index=IMAGE_TOKEN,
             video_token_index=VIDEO_TOKEN,
             image_grid_pinpoints=[[16, 16], [8, 16], [16, 8]],
@@ -521,8 +526,10 @@ _FAMILY_MODEL_CLASSES = {
     "mistral3": tf.Mistral3ForConditionalGeneration,
     "internvl": tf.InternVLForConditionalGeneration,
     "internvl_qwen3": tf.InternVLForConditionalGeneration,
+    "internvl_llama": tf.InternVLForConditionalGeneration,
     "llava_next": tf.LlavaNextForConditionalGeneration,
     "llava_onevision": tf.LlavaOnevisionForConditionalGeneration,
+    "llava_onevision_llama": tf.LlavaOnevisionForConditionalGeneration,
     "idefics3": tf.Idefics3ForConditionalGeneration,
     "smolvlm": tf.SmolVLMForConditionalGeneration,
 }
@@ -537,7 +544,7 @@ def family_image_ids(arch: str) -> list[int]:
         return [t for r in rows for t in r]
     if arch.startswith("internvl"):
         return [VISION_START, *[IMAGE_TOKEN] * INTERNVL_IMAGE_TOKENS, VISION_END]
-    if arch in ("llava_next", "llava_onevision"):
+    if arch.startswith("llava"):
         return [IMAGE_TOKEN] * ANYRES_IMAGE_TOKENS
     if arch in ("idefics3", "smolvlm"):
         out = [VISION_START]
@@ -557,7 +564,7 @@ def family_pixels(arch: str, n: int, gen: torch.Generator, dtype) -> dict[str, t
         }
     if arch.startswith("internvl"):
         return {"pixel_values": torch.randn(n * INTERNVL_TILES, 3, 16, 16, generator=gen).to(dtype)}
-    if arch in ("llava_next", "llava_onevision"):
+    if arch.startswith("llava"):
         return {
             "pixel_values": torch.randn(n, ANYRES_TILES, 3, 8, 8, generator=gen).to(dtype),
             "image_sizes": torch.tensor([[16, 16]] * n),

@@ -25,6 +25,7 @@ from skipvlm.arch import arch_facts, get_decoder, get_layers, visual_token_mask
 
 from conftest import (
     FAMILY_ARCHS,
+    FAMILY_LLAMA_VARIANTS,
     FAMILY_VLM_ARCHS,
     IMAGE_TOKEN,
     NUM_LAYERS,
@@ -56,7 +57,7 @@ EXPECTED = {
 }
 
 # A stock checkpoint holds the merged replace-PIA only where the text config has `mlp_bias` (Llama).
-EXPORTS = ("llava_next", "idefics3", "smolvlm")
+EXPORTS = ("llava_next", "idefics3", "smolvlm", *FAMILY_LLAMA_VARIANTS)
 
 # FastV: a ratio R whose kept count (1 - R) * visual ends in .5 (half up keeps one more); dropped per row.
 HALF_RATIO = {

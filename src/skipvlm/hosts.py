@@ -190,11 +190,11 @@ register_host(
         "mistral3",
         "Mistral3ForConditionalGeneration",
         decoder_path="model.language_model",
-        text_types=("mistral", "llama"),
+        text_types=("mistral",),
         projector_path="model.multi_modal_projector",
         visual_tokens=_pixtral_tokens,
         vision_macs=_pixtral_macs,
-        description="Mistral3ForConditionalGeneration (Mistral or Llama text model)",
+        description="Mistral3ForConditionalGeneration (Mistral text model)",
     )
 )
 register_host(
