@@ -144,9 +144,9 @@ def test_unsupported_architectures_list_the_new_families():
         "SmolVLMForConditionalGeneration",
     ):
         assert name in str(err.value)
-    gemma_text = tf.InternVLConfig(text_config=tf.GPT2Config(n_layer=2).to_dict())
+    gpt2_inside = tf.InternVLConfig(text_config=tf.GPT2Config(n_layer=2).to_dict())
     with pytest.raises(skipvlm.UnsupportedModelError, match=r"'internvl' with a 'gpt2' text model"):
-        arch_facts(gemma_text)
+        arch_facts(gpt2_inside)
 
 
 # --- skip runtime -----------------------------------------------------------------------------------------
