@@ -205,6 +205,12 @@ def test_current_plan_and_restore(arch):
     runtime_tests.test_current_plan_and_restore(arch)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("arch", FAMILY_ARCHS)
+def test_half_precision_runs_and_tracks_fp32(arch, dtype):
+    runtime_tests.test_half_precision_runs_and_tracks_fp32(arch, dtype)
+
+
 # --- EAS adapters and their merges -------------------------------------------------------------------------
 
 
