@@ -30,6 +30,8 @@ from conftest import (
     IMAGE_TOKEN,
     NUM_LAYERS,
     VIDEO_TOKEN,
+    VISION_END,
+    VISION_START,
     build_config,
     build_model,
     logits,
@@ -127,7 +129,9 @@ def test_visual_token_mask_covers_every_image_feature(arch):
     else:  # Idefics3 / SmolVLM: the positions its merger writes the features to
         merged = inner.inputs_merger(inputs["input_ids"], embeds, features)
         assert torch.equal((merged != embeds).any(-1), mask)
-    assert int(mask.sum()) < int(inputs["attention_mask"].sum()) - 2 * 4  # the text stayed text
+    separators = torch.isin(inputs["input_ids"], torch.tensor([VISION_START, VISION_END]))
+    assert not (mask & separators).any()  # [IMG_BREAK], <img>, <fake_token_around_image> stay text
+    assert mask.sum(1).tolist() == [features.shape[0] // 2] * 2  # each prompt holds its whole image
 
 
 def test_unsupported_architectures_list_the_new_families():
