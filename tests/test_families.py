@@ -24,6 +24,8 @@ import test_tokens as token_tests
 from skipvlm.arch import arch_facts, get_decoder, get_layers, visual_token_mask
 
 from conftest import (
+    ANYRES_IMAGE_TOKENS,
+    ANYRES_TILES,
     FAMILY_ARCHS,
     FAMILY_LLAMA_VARIANTS,
     FAMILY_VLM_ARCHS,
@@ -36,6 +38,7 @@ from conftest import (
     build_model,
     logits,
     make_inputs,
+    masked_reference,
 )
 
 ATTNS = ("sdpa", "eager")
@@ -345,3 +348,24 @@ def test_family_presets_have_the_published_sizes_on_the_meta_device(name, billio
     report = count_macs(model.config, 4096)
     assert report.visual_tokens == visual_tokens
     assert (report.vision > 0) == (visual_tokens > 0) and (report.projector > 0) == (visual_tokens > 0)
+
+
+@pytest.mark.parametrize("arch", ["llava_next", "llava_onevision"])
+def test_anyres_non_square_image_withdraws_every_tile_and_newline(arch):
+    """A 16x10 image picks a 2x1 grid whose padding the model cuts before adding row newlines; the
+    placeholders the processor writes for it are all withdrawn by VTW, exactly as masking them."""
+    model = build_model(arch)
+    gen = torch.Generator().manual_seed(0)
+    pixels = {"pixel_values": torch.randn(1, ANYRES_TILES, 3, 8, 8, generator=gen)}
+    pixels["image_sizes"] = torch.tensor([[16, 10]])
+    with torch.no_grad():
+        features = model.model.get_image_features(**pixels)
+    features = getattr(features, "pooler_output", features)
+    count = sum(f.shape[0] for f in features)
+    assert 4 < count < ANYRES_IMAGE_TOKENS  # the base tile, a cut grid and its newlines
+    ids = torch.tensor([[1, 5, 6, *[IMAGE_TOKEN] * count, 7, 8, 9]])
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **pixels}
+    text = ids != IMAGE_TOKEN
+    reference = masked_reference(model, inputs, 2, ~text)
+    skipvlm.apply_plan(model, skipvlm.Plan(visual_exit_layer=2))
+    torch.testing.assert_close(logits(model, inputs)[text], reference[text], rtol=0, atol=1e-5)
