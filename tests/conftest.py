@@ -58,6 +58,8 @@ LLAVA_TEXT = {"llava": tf.LlamaConfig, "llava_qwen2": tf.Qwen2Config, "llava_mis
 def build_config(arch: str, num_layers: int = NUM_LAYERS, **text_overrides) -> tf.PretrainedConfig:
     """The config of a tiny ``arch`` model; ``text_overrides`` change its text model (e.g. sliding_window)."""
     text = text_config_kwargs(num_layers, **text_overrides)
+    if arch in _FAMILY_MODEL_CLASSES:
+        return _family_config(arch, text)
     if arch in ("mistral", "llava_mistral"):
         text.setdefault("sliding_window", 64)
     if arch == "llama":
@@ -150,7 +152,7 @@ def build_model(
         if hasattr(config, sub):
             getattr(config, sub)._attn_implementation = attn
     torch.manual_seed(seed)
-    model = _MODEL_CLASSES[arch](config)
+    model = {**_MODEL_CLASSES, **_FAMILY_MODEL_CLASSES}[arch](config)
     # Random init puts tiny values in some norms; larger weights make skipped modules matter.
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -184,7 +186,9 @@ def _qwen3_vl_config(text: dict, ids: dict) -> tf.PretrainedConfig:
 def _prompt_ids(arch: str, length: int, gen: torch.Generator, image_at: int) -> list[int]:
     """A prompt of ``length`` text tokens, with the architecture's image tokens after ``image_at`` of them."""
     text = torch.randint(3, IMAGE_TOKEN, (length,), generator=gen).tolist()
-    if arch.startswith("llava"):
+    if arch in _FAMILY_MODEL_CLASSES:
+        image = family_image_ids(arch)
+    elif arch.startswith("llava"):
         image = [IMAGE_TOKEN] * LLAVA_IMAGE_TOKENS
     elif arch in QWEN_VL_ARCHS:
         image = [VISION_START] + [IMAGE_TOKEN] * QWEN_IMAGE_TOKENS + [VISION_END]
@@ -207,7 +211,9 @@ def make_inputs(
         attention_mask[b, width - len(row) :] = 1
     batch = {"input_ids": input_ids, "attention_mask": attention_mask}
     n = len(rows)
-    if arch.startswith("llava"):
+    if arch in _FAMILY_MODEL_CLASSES:
+        batch.update(family_pixels(arch, n, gen, dtype))
+    elif arch.startswith("llava"):
         batch["pixel_values"] = torch.randn(n, 3, 16, 16, generator=gen).to(dtype)
     elif arch in QWEN_VL_ARCHS:
         patches = QWEN_GRID[0] * QWEN_GRID[1] * QWEN_GRID[2]
@@ -221,7 +227,9 @@ def select_rows(arch: str, batch: dict[str, torch.Tensor], b: int) -> dict[str, 
     """Row ``b`` of a batch from :func:`make_inputs`, with its padding removed."""
     keep = batch["attention_mask"][b].bool()
     out = {k: batch[k][b : b + 1, keep] for k in ("input_ids", "attention_mask")}
-    if arch.startswith("llava"):
+    if arch in _FAMILY_MODEL_CLASSES:
+        out.update(family_select_pixels(arch, batch, b))
+    elif arch.startswith("llava"):
         out["pixel_values"] = batch["pixel_values"][b : b + 1]
     elif arch in QWEN_VL_ARCHS:
         patches = QWEN_GRID[0] * QWEN_GRID[1] * QWEN_GRID[2]
@@ -236,6 +244,11 @@ def logits(model, inputs, **kw) -> torch.Tensor:
         return model(**inputs, **kw).logits
 
 
+# A random model may pick an image placeholder as its next token, which a full recompute would then read as
+# an image without pixels; greedy decoding here never picks one (nor EOS, as min_new_tokens asks).
+NEVER_GENERATED = (IMAGE_TOKEN, VIDEO_TOKEN)
+
+
 def greedy(model, inputs, steps: int, **kw) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy ``generate`` forced to ``steps`` tokens: (new tokens (B, steps), logits (B, steps, V))."""
     with torch.no_grad():
@@ -243,6 +256,7 @@ def greedy(model, inputs, steps: int, **kw) -> tuple[torch.Tensor, torch.Tensor]
             **inputs,
             max_new_tokens=steps,
             min_new_tokens=steps,
+            suppress_tokens=list(NEVER_GENERATED),
             do_sample=False,
             output_logits=True,
             return_dict_in_generate=True,
@@ -259,7 +273,8 @@ def greedy_without_cache(model, inputs, steps: int) -> tuple[torch.Tensor, torch
     for _ in range(steps):
         with torch.no_grad():
             last = model(**inputs, use_cache=False).logits[:, -1]
-        nxt = last.argmax(-1, keepdim=True)
+        allowed = last.index_fill(-1, torch.tensor([EOS, *NEVER_GENERATED]), float("-inf"))
+        nxt = allowed.argmax(-1, keepdim=True)
         tokens.append(nxt)
         step_logits.append(last)
         inputs["input_ids"] = torch.cat([inputs["input_ids"], nxt], dim=1)
@@ -415,3 +430,182 @@ def toy_dir(tmp_path_factory):
                 }
                 f.write(json.dumps(row) + "\n")
     return root
+
+
+# --- issue 17 families: Qwen3, Mistral 3, InternVL, LLaVA-NeXT / OneVision, Idefics3 / SmolVLM ---------
+#
+# Kept apart from ALL_ARCHS so the default suite stays fast; tests/test_families.py runs every invariant
+# of the parity suite on each of them. Image placeholders are the shared IMAGE_TOKEN; the text tokens
+# around an image (Pixtral's [IMG_BREAK] / [IMG_END], InternVL's <img> / </img>, Idefics3's
+# <fake_token_around_image>) are VISION_START / VISION_END.
+
+FAMILY_TEXT_ARCHS = ("qwen3",)
+FAMILY_VLM_ARCHS = (
+    "mistral3",
+    "internvl",
+    "internvl_qwen3",
+    "llava_next",
+    "llava_onevision",
+    "idefics3",
+    "smolvlm",
+)
+FAMILY_ARCHS = FAMILY_TEXT_ARCHS + FAMILY_VLM_ARCHS
+# Llama text models where the default is Qwen2: the families' stock-checkpoint export (Llama's mlp_bias).
+FAMILY_LLAMA_VARIANTS = ("internvl_llama", "llava_onevision_llama")
+
+# Any-resolution: 8x8 tiles of 4x4 patches (4 features each) on a 16x16 image in a 2x2 grid. The model
+# appends a newline feature to each of the grid's 4 feature rows: 4 (base) + 16 (grid) + 4 = 24.
+ANYRES_TILES, ANYRES_IMAGE_TOKENS = 5, 24
+# InternVL: 2 tiles of 16x16 px in 4x4 patches, pixel-shuffled 2x2: 4 tokens each.
+INTERNVL_TILES, INTERNVL_IMAGE_TOKENS = 2, 8
+# Idefics3 / SmolVLM: 2 images of 16x16 px in 4x4 patches, pixel-shuffled 2x2: 4 tokens each.
+IDEFICS3_TILES, IDEFICS3_TILE_TOKENS = 2, 4
+# Mistral 3: a 16x24 image (h x w) in 4x4 patches (4 rows x 6 columns) merged 2x2: 2 rows of 3 tokens,
+# each row closed by [IMG_BREAK], the last by [IMG_END].
+MISTRAL3_IMAGE_HW, MISTRAL3_ROWS, MISTRAL3_COLS = (16, 24), 2, 3
+
+
+def _family_config(arch: str, text: dict) -> tf.PretrainedConfig:
+    if arch == "qwen3":
+        return tf.Qwen3Config(**text, head_dim=8)
+    if arch == "mistral3":
+        vision = tf.PixtralVisionConfig(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, head_dim=8,
+            image_size=32, patch_size=4,
+        )  # fmt: skip
+        return tf.Mistral3Config(
+            vision_config=vision,
+            text_config=tf.MistralConfig(**text, sliding_window=64),
+            image_token_index=IMAGE_TOKEN,
+            spatial_merge_size=2,
+            vision_feature_layer=-1,
+            tie_word_embeddings=False,
+        )
+    if arch.startswith("internvl"):
+        vision = tf.InternVLVisionConfig(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            image_size=16, patch_size=4,
+        )  # fmt: skip
+        text_config = {
+            "internvl": tf.Qwen2Config,
+            "internvl_qwen3": lambda **kw: tf.Qwen3Config(**kw, head_dim=8),
+            "internvl_llama": tf.LlamaConfig,
+        }[arch](**text)
+        return tf.InternVLConfig(
+            vision_config=vision,
+            text_config=text_config,
+            image_token_id=IMAGE_TOKEN,
+            image_seq_length=INTERNVL_IMAGE_TOKENS // INTERNVL_TILES,
+            downsample_ratio=0.5,
+            vision_feature_layer=-1,
+            tie_word_embeddings=False,
+        )
+    if arch in ("llava_next", "llava_onevision", "llava_onevision_llama"):
+        vision = tf.CLIPVisionConfig(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            image_size=8, patch_size=4, projection_dim=16,
+        )  # fmt: skip
+        if arch == "llava_next":
+            return tf.LlavaNextConfig(
+                vision_config=vision,
+                text_config=tf.LlamaConfig(**text),
+                image_token_index=IMAGE_TOKEN,
+                image_grid_pinpoints=[[16, 16], [8, 16], [16, 8]],
+                vision_feature_layer=-1,
+                vision_feature_select_strategy="default",
+            )
+        siglip = tf.SiglipVisionConfig(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            image_size=8, patch_size=4,
+        )  # fmt: skip
+        return tf.LlavaOnevisionConfig(
+            vision_config=siglip,
+            text_config=(tf.LlamaConfig if arch.endswith("llama") else tf.Qwen2Config)(**text),
+            image_token_index=IMAGE_TOKEN,
+            video_token_index=VIDEO_TOKEN,
+            image_grid_pinpoints=[[16, 16], [8, 16], [16, 8]],
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="full",
+        )
+    if arch in ("idefics3", "smolvlm"):
+        cls, vision_cls = (
+            (tf.Idefics3Config, tf.Idefics3VisionConfig)
+            if arch == "idefics3"
+            else (tf.SmolVLMConfig, tf.SmolVLMVisionConfig)
+        )
+        vision = vision_cls(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            image_size=16, patch_size=4,
+        )  # fmt: skip
+        return cls(
+            vision_config=vision,
+            text_config=tf.LlamaConfig(**text).to_dict(),
+            image_token_id=IMAGE_TOKEN,
+            scale_factor=2,
+            tie_word_embeddings=False,
+        )
+    raise ValueError(arch)
+
+
+_FAMILY_MODEL_CLASSES = {
+    "qwen3": tf.Qwen3ForCausalLM,
+    "mistral3": tf.Mistral3ForConditionalGeneration,
+    "internvl": tf.InternVLForConditionalGeneration,
+    "internvl_qwen3": tf.InternVLForConditionalGeneration,
+    "internvl_llama": tf.InternVLForConditionalGeneration,
+    "llava_next": tf.LlavaNextForConditionalGeneration,
+    "llava_onevision": tf.LlavaOnevisionForConditionalGeneration,
+    "llava_onevision_llama": tf.LlavaOnevisionForConditionalGeneration,
+    "idefics3": tf.Idefics3ForConditionalGeneration,
+    "smolvlm": tf.SmolVLMForConditionalGeneration,
+}
+
+
+def family_image_ids(arch: str) -> list[int]:
+    """The placeholder run a processor of ``arch`` writes for one image, separators included."""
+    if arch == "mistral3":
+        row = [IMAGE_TOKEN] * MISTRAL3_COLS
+        rows = [[*row, VISION_START] for _ in range(MISTRAL3_ROWS)]
+        rows[-1][-1] = VISION_END
+        return [t for r in rows for t in r]
+    if arch.startswith("internvl"):
+        return [VISION_START, *[IMAGE_TOKEN] * INTERNVL_IMAGE_TOKENS, VISION_END]
+    if arch.startswith("llava"):
+        return [IMAGE_TOKEN] * ANYRES_IMAGE_TOKENS
+    if arch in ("idefics3", "smolvlm"):
+        out = [VISION_START]
+        for _ in range(IDEFICS3_TILES):
+            out += [*[IMAGE_TOKEN] * IDEFICS3_TILE_TOKENS, VISION_START]
+        return out
+    return []
+
+
+def family_pixels(arch: str, n: int, gen: torch.Generator, dtype) -> dict[str, torch.Tensor]:
+    """The image inputs of ``n`` prompts of ``arch`` (one image each)."""
+    if arch == "mistral3":
+        h, w = MISTRAL3_IMAGE_HW
+        return {
+            "pixel_values": torch.randn(n, 3, h, w, generator=gen).to(dtype),
+            "image_sizes": torch.tensor([[h, w]] * n),
+        }
+    if arch.startswith("internvl"):
+        return {"pixel_values": torch.randn(n * INTERNVL_TILES, 3, 16, 16, generator=gen).to(dtype)}
+    if arch.startswith("llava"):
+        return {
+            "pixel_values": torch.randn(n, ANYRES_TILES, 3, 8, 8, generator=gen).to(dtype),
+            "image_sizes": torch.tensor([[16, 16]] * n),
+        }
+    if arch in ("idefics3", "smolvlm"):
+        return {
+            "pixel_values": torch.randn(n, IDEFICS3_TILES, 3, 16, 16, generator=gen).to(dtype),
+            "pixel_attention_mask": torch.ones(n, IDEFICS3_TILES, 16, 16, dtype=torch.bool),
+        }
+    return {}
+
+
+def family_select_pixels(arch: str, batch: dict[str, torch.Tensor], b: int) -> dict[str, torch.Tensor]:
+    """The image inputs of row ``b`` of a batch from :func:`make_inputs`."""
+    if arch.startswith("internvl"):
+        return {"pixel_values": batch["pixel_values"][b * INTERNVL_TILES : (b + 1) * INTERNVL_TILES]}
+    keys = ("pixel_values", "image_sizes", "pixel_attention_mask")
+    return {k: batch[k][b : b + 1] for k in keys if k in batch}

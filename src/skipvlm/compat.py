@@ -212,6 +212,8 @@ def _passed_on_keywords() -> frozenset[str]:
 
 
 _PASSED_ON: frozenset[str] | None = None
+# Keywords a generation model passes down to its text model but applies itself (the text model drops them).
+_APPLIED_ABOVE = frozenset({"logits_to_keep"})
 
 
 def check_forward_kwargs(kwargs: dict[str, Any]) -> None:
@@ -228,7 +230,9 @@ def check_forward_kwargs(kwargs: dict[str, Any]) -> None:
             raise ValueError(
                 unsupported(f"a KV cache arrived under the keyword {name!r}, which skipvlm does not consume")
             )
-        if name not in _PASSED_ON:
+        # A keyword set to None carries nothing to drop (InternVL hands its unused `image_sizes=None` on);
+        # LLaVA-OneVision hands on `logits_to_keep`, which the generation model applies itself.
+        if name not in _PASSED_ON and value is not None and name not in _APPLIED_ABOVE:
             raise ValueError(
                 unsupported(f"the text model's forward got the keyword {name!r}, which skipvlm does not know")
             )

@@ -97,10 +97,14 @@ def count_macs(
             model, 0 otherwise).
         scored_tokens: positions the lm_head scores (1 for generation's prefill).
         extra_per_token: MACs per token of modules outside the stock model (e.g. unmerged adapters).
-        image_patches: Qwen-VL families only: patches per image (default 1024: a 448x448 image in
-            Qwen2-VL's 14-pixel patches, 512x512 in Qwen3-VL's 16-pixel ones).
+        image_patches: patches per image at the vision tower's patch size (default 1024: a 448x448
+            image at 14 px, 512x512 at Qwen3-VL's 16 px) for the families whose token count follows
+            the image: Qwen2-VL / Qwen3-VL and Pixtral (Mistral 3) merge them 2x2; the tiling
+            families (LLaVA-NeXT / OneVision, InternVL, Idefics3 / SmolVLM) cover them with tiles of
+            the tower's size. LLaVA-1.5 ignores it.
         visual_tokens: visual tokens among the ``prompt_tokens`` (default: what ``images`` images
-            give: (image_size / patch_size)^2 each for LLaVA, image_patches / 4 for Qwen2-VL and Qwen3-VL).
+            give by the family's rule in ``hosts.py``: (image_size / patch_size)^2 each for LLaVA,
+            image_patches / 4 for Qwen2-VL and Qwen3-VL).
         exit_layer: DyVTE only: the layer its visual tokens left at (e.g. a measured
             :func:`skipvlm.exit_layers`); without it a DyVTE plan is counted as keeping them.
 

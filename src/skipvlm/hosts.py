@@ -8,6 +8,8 @@ the families that use them (``shared/METHODS.md`` §6 counts MACs).
 
 from __future__ import annotations
 
+import math
+
 from transformers import PretrainedConfig
 
 from skipvlm.arch import HostFamily, register_host
@@ -80,6 +82,164 @@ for _model_type, _class in (
             projector_path="model.visual.merger",
             visual_tokens=_qwen_tokens,
             vision_macs=_qwen_macs,
+        )
+    )
+
+
+# --- Qwen3, Mistral 3, InternVL, LLaVA-NeXT / OneVision, Idefics3 / SmolVLM (issue 17) -------------------
+#
+# Every family below runs the stock LLaMA-style layer (q/k norms, where Qwen3 has them, live inside the
+# attention module), so the plain routes and the PIA merges apply unchanged. Visual tokens are the
+# positions the processor filled with the image (or video) placeholder id: the model scatters its image
+# features, any-resolution tiles and inserted newline features included, exactly into those positions
+# (each model checks the count), so `visual_token_mask` covers all of them. Break / separator tokens
+# around an image (Pixtral's [IMG_BREAK], InternVL's <img>, Idefics3's <fake_token_around_image>) are
+# ordinary text tokens and stay.
+
+
+def _tile_side(vision: PretrainedConfig) -> int:
+    size, patch = vision.image_size, vision.patch_size
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    patch = patch[0] if isinstance(patch, (list, tuple)) else patch
+    return size // patch
+
+
+def _vit_macs(vision: PretrainedConfig, patches: int, tokens: int) -> int:
+    """One ViT pass over ``patches`` patches (``tokens`` sequence length with any class token)."""
+    e, f = vision.hidden_size, vision.intermediate_size
+    channels = getattr(vision, "num_channels", 3)
+    patch = vision.patch_size[0] if isinstance(vision.patch_size, (list, tuple)) else vision.patch_size
+    per_layer = tokens * (4 * e * e + 2 * e * f) + 2 * tokens * tokens * e
+    return patches * e * channels * patch**2 + vision.num_hidden_layers * per_layer
+
+
+def _tiles(vision: PretrainedConfig, image_patches: int) -> tuple[int, int]:
+    """(tiles the tower runs on, tiles in the any-resolution grid) of an image of ``image_patches``
+    patches (at the tower's patch size, as for Qwen2-VL; 1024 = a 448 px image at 14 px patches): the
+    grid covers it with tiles of the tower's size, and a grid of several tiles adds the whole image
+    downscaled to one tile (LLaVA-NeXT's base image, InternVL's thumbnail, Idefics3's global image)."""
+    side = _tile_side(vision)
+    grid = max(1, -(-int(image_patches) // (side * side)))
+    return (grid + 1 if grid > 1 else 1), (grid if grid > 1 else 0)
+
+
+def _anyres_tokens(config: PretrainedConfig, images: int, image_patches: int) -> int:
+    """LLaVA-NeXT / OneVision: every tile's patch grid, plus the newline feature the model appends to
+    each row of the tiled grid (a square grid: sqrt(grid tiles) * side rows)."""
+    side = _tile_side(config.vision_config)
+    tiles, grid = _tiles(config.vision_config, image_patches)
+    rows = math.ceil(math.sqrt(grid)) * side if grid else 0
+    return images * (tiles * side * side + rows)
+
+
+def _anyres_macs(config: PretrainedConfig, images: int, image_patches: int) -> tuple[int, int]:
+    """The CLIP / SigLIP tower once per tile, then the two-layer projector per visual token."""
+    vision, c = config.vision_config, config.get_text_config(decoder=True).hidden_size
+    side, (tiles, _) = _tile_side(vision), _tiles(vision, image_patches)
+    tokens = side * side + (1 if vision.model_type == "clip_vision_model" else 0)
+    tower = tiles * _vit_macs(vision, side * side, tokens)
+    per_token = vision.hidden_size * c + c * c
+    return images * tower, images * tiles * side * side * per_token
+
+
+def _internvl_tokens(config: PretrainedConfig, images: int, image_patches: int) -> int:
+    return images * _tiles(config.vision_config, image_patches)[0] * int(config.image_seq_length)
+
+
+def _internvl_macs(config: PretrainedConfig, images: int, image_patches: int) -> tuple[int, int]:
+    """InternViT once per tile (class token included), then the pixel-shuffle MLP projector."""
+    vision, c = config.vision_config, config.get_text_config(decoder=True).hidden_size
+    side, (tiles, _) = _tile_side(vision), _tiles(vision, image_patches)
+    tower = tiles * _vit_macs(vision, side * side, side * side + 1)
+    shuffled = int(vision.hidden_size / config.downsample_ratio**2)
+    per_token = shuffled * c + c * c
+    return images * tower, images * tiles * int(config.image_seq_length) * per_token
+
+
+def _idefics3_tokens(config: PretrainedConfig, images: int, image_patches: int) -> int:
+    side = _tile_side(config.vision_config)
+    return images * _tiles(config.vision_config, image_patches)[0] * side * side // config.scale_factor**2
+
+
+def _idefics3_macs(config: PretrainedConfig, images: int, image_patches: int) -> tuple[int, int]:
+    """The SigLIP tower once per tile, then the pixel-shuffle connector (one linear layer)."""
+    vision, c = config.vision_config, config.get_text_config(decoder=True).hidden_size
+    side, (tiles, _) = _tile_side(vision), _tiles(vision, image_patches)
+    tower = tiles * _vit_macs(vision, side * side, side * side)
+    per_token = vision.hidden_size * config.scale_factor**2 * c
+    return images * tower, _idefics3_tokens(config, images, image_patches) * per_token
+
+
+def _pixtral_tokens(config: PretrainedConfig, images: int, image_patches: int) -> int:
+    """Pixtral at the image's own resolution (``image_patches`` patches), merged ``spatial_merge_size``^2."""
+    return images * int(image_patches) // config.spatial_merge_size**2
+
+
+def _pixtral_macs(config: PretrainedConfig, images: int, image_patches: int) -> tuple[int, int]:
+    """Pixtral's tower over the image's patches, then the patch merger and the two-layer projector."""
+    vision, c = config.vision_config, config.get_text_config(decoder=True).hidden_size
+    patches, merge = int(image_patches), config.spatial_merge_size**2
+    e = vision.hidden_size
+    tokens = patches // merge
+    projector = patches // merge * (merge * e * e) + tokens * (e * c + c * c)
+    return images * _vit_macs(vision, patches, patches), images * projector
+
+
+register_host(HostFamily("qwen3", "Qwen3ForCausalLM"))
+register_host(
+    HostFamily(
+        "mistral3",
+        "Mistral3ForConditionalGeneration",
+        decoder_path="model.language_model",
+        text_types=("mistral",),
+        projector_path="model.multi_modal_projector",
+        visual_tokens=_pixtral_tokens,
+        vision_macs=_pixtral_macs,
+        description="Mistral3ForConditionalGeneration (Mistral text model)",
+    )
+)
+register_host(
+    HostFamily(
+        "internvl",
+        "InternVLForConditionalGeneration",
+        decoder_path="model.language_model",
+        text_types=("qwen2", "qwen3", "llama"),
+        projector_path="model.multi_modal_projector",
+        visual_tokens=_internvl_tokens,
+        vision_macs=_internvl_macs,
+        description="InternVLForConditionalGeneration (Qwen2, Qwen3 or Llama text model)",
+    )
+)
+for _model_type, _class, _texts in (
+    ("llava_next", "LlavaNextForConditionalGeneration", ("llama", "mistral", "qwen2")),
+    ("llava_onevision", "LlavaOnevisionForConditionalGeneration", ("qwen2", "llama")),
+):
+    register_host(
+        HostFamily(
+            _model_type,
+            _class,
+            decoder_path="model.language_model",
+            text_types=_texts,
+            projector_path="model.multi_modal_projector",
+            visual_tokens=_anyres_tokens,
+            vision_macs=_anyres_macs,
+            description=f"{_class} ({', '.join(t.capitalize() for t in _texts)} text model)",
+        )
+    )
+for _model_type, _class in (
+    ("idefics3", "Idefics3ForConditionalGeneration"),
+    ("smolvlm", "SmolVLMForConditionalGeneration"),
+):
+    register_host(
+        HostFamily(
+            _model_type,
+            _class,
+            decoder_path="model.text_model",
+            text_types=("llama",),
+            projector_path="model.connector",
+            visual_tokens=_idefics3_tokens,
+            vision_macs=_idefics3_macs,
+            description=f"{_class} (Llama text model)",
         )
     )
 
