@@ -1,43 +1,4 @@
-""def _qwen3_vl(hidden: int, ffn: int, layers: int, heads: int, kv: int, tie: bool) -> tf.Qwen3VLConfig:
-    """Qwen3-VL (``Qwen/Qwen3-VL-*-Instruct`` config.json): a Qwen3 text model with interleaved M-RoPE and a
-    27-block SigLIP-2-style tower whose layers 8, 16 and 24 feed DeepStack."""
-    text = dict(
-        hidden_size=hidden,
-        intermediate_size=ffn,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv,
-        head_dim=128,
-        vocab_size=151936,
-        max_position_embeddings=262144,
-        rope_parameters=dict(
-            rope_type="default", rope_theta=5000000.0, mrope_section=[24, 20, 20], mrope_interleaved=True
-        ),
-    )
-    vision = dict(
-        depth=27,
-        hidden_size=1152,
-        intermediate_size=4304,
-        num_heads=16,
-        patch_size=16,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-        out_hidden_size=hidden,
-        num_position_embeddings=2304,
-        deepstack_visual_indexes=[8, 16, 24],
-    )
-    return tf.Qwen3VLConfig(
-        text_config=text,
-        vision_config=vision,
-        tie_word_embeddings=tie,
-        image_token_id=151655,
-        video_token_id=151656,
-        vision_start_token_id=151652,
-        vision_end_token_id=151653,
-    )
-
-
-"Shapes of real architectures (configs only, no weights) for accounting and timing.
+"""Shapes of real architectures (configs only, no weights) for accounting and timing.
 
 Speed does not depend on trained weights, so a model built from one of these configs with random
 weights times like the real checkpoint. Build on the ``meta`` device to count MACs or bytes for free;
@@ -256,6 +217,45 @@ def _mistral_small_31_24b() -> tf.Mistral3Config:
         vision_feature_layer=-1,
         multimodal_projector_bias=False,
         tie_word_embeddings=False,
+    )
+
+
+def _qwen3_vl(hidden: int, ffn: int, layers: int, heads: int, kv: int, tie: bool) -> tf.Qwen3VLConfig:
+    """Qwen3-VL (``Qwen/Qwen3-VL-*-Instruct`` config.json): a Qwen3 text model with interleaved M-RoPE and a
+    27-block SigLIP-2-style tower whose layers 8, 16 and 24 feed DeepStack."""
+    text = dict(
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        head_dim=128,
+        vocab_size=151936,
+        max_position_embeddings=262144,
+        rope_parameters=dict(
+            rope_type="default", rope_theta=5000000.0, mrope_section=[24, 20, 20], mrope_interleaved=True
+        ),
+    )
+    vision = dict(
+        depth=27,
+        hidden_size=1152,
+        intermediate_size=4304,
+        num_heads=16,
+        patch_size=16,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        out_hidden_size=hidden,
+        num_position_embeddings=2304,
+        deepstack_visual_indexes=[8, 16, 24],
+    )
+    return tf.Qwen3VLConfig(
+        text_config=text,
+        vision_config=vision,
+        tie_word_embeddings=tie,
+        image_token_id=151655,
+        video_token_id=151656,
+        vision_start_token_id=151652,
+        vision_end_token_id=151653,
     )
 
 
