@@ -38,6 +38,7 @@ def received_attention(
     queries: torch.Tensor,
     keys: torch.Tensor,
     scaling: float,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Attention each position receives, averaged over heads and over the chosen queries.
 
@@ -48,6 +49,7 @@ def received_attention(
         queries: (B, T) bool, the query positions to average over.
         keys: (B, T) bool, the positions that may be attended (real tokens).
         scaling: the attention's score scale (1 / sqrt(D)).
+        window: a sliding-window layer's window (a query sees the ``window - 1`` positions before it).
 
     Returns:
         (B, T) fp32: mean attention received from the chosen queries (causal: a query sees itself and
@@ -65,9 +67,10 @@ def received_attention(
     for b in rows.unique().tolist():
         pos = cols[rows == b]  # the query positions of example b
         scores = torch.einsum("qhd,htd->qht", q[b, pos], k_heads[b]) * scaling  # (Q, H, T)
-        visible = keys[b][None, :] & (
-            torch.arange(length, device=q.device)[None, :] <= pos[:, None]
-        )  # (Q, T)
+        kv = torch.arange(length, device=q.device)[None, :]
+        visible = keys[b][None, :] & (kv <= pos[:, None])  # (Q, T)
+        if window is not None:
+            visible &= kv > pos[:, None] - window
         scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
         total[b] = scores.softmax(-1).mean(dim=(0, 1))
     return total
@@ -89,8 +92,11 @@ class FastV:
         if i != self.layer - 1:
             yield
             return
-        attention = layer.self_attn
+        attention = getattr(layer, self.facts.parts.attention)
         self._scaling = float(getattr(attention, "scaling", self.facts.head_dim**-0.5))
+        # Gemma 3 normalises q and k per head after the projection (q_norm / k_norm), before RoPE.
+        q_out = getattr(attention, "q_norm", None) or attention.q_proj
+        k_out = getattr(attention, "k_norm", None) or attention.k_proj
 
         def capture(name: str):
             def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
@@ -99,8 +105,8 @@ class FastV:
             return hook
 
         handles = [
-            attention.q_proj.register_forward_hook(capture("q")),
-            attention.k_proj.register_forward_hook(capture("k")),
+            q_out.register_forward_hook(capture("q")),
+            k_out.register_forward_hook(capture("k")),
         ]
         try:
             yield
@@ -121,7 +127,10 @@ class FastV:
         d = self.facts.head_dim
         q = q.view(batch, length, -1, d)  # (B, T', H, D)
         k = k.view(batch, length, -1, d)  # (B, T', H_kv, D)
-        cos, sin = run.frame.position_embeddings
+        kind = self.facts.layer_types[i - 1]
+        cos, sin = run.frame.rotary(kind)
+        text = self.facts.text_config
+        window = getattr(text, "sliding_window", None) if kind == "sliding_attention" else None
         real = run.in_layout(run.real)  # (B, T') real tokens of the layout
         if self.source == "last":
             queries = torch.zeros_like(real)
@@ -129,7 +138,7 @@ class FastV:
         else:
             queries = real & ~run.visual_in_layout()
         cos, sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
-        scores = received_attention(q, k, cos, sin, queries, real, self._scaling)  # (B, T')
+        scores = received_attention(q, k, cos, sin, queries, real, self._scaling, window)  # (B, T')
         scores = run.to_original(scores, 0.0)  # (B, T)
         visual = run.visual & run.keep
         count = visual.sum(1)  # (B,)
