@@ -93,6 +93,7 @@ class TopInputs:
         self.input_ids: torch.Tensor | None = None
         self.attention_mask: torch.Tensor | None = None
         self.token_type_ids: torch.Tensor | None = None
+        self.calling = False  # within a call of the top model
         self.pool_mask: torch.Tensor | None = None
         self.hooks: tuple = ()
 
@@ -347,7 +348,9 @@ class SkipDecoder(StockWrapper):
         if not (self.facts.family.image_blocks and isinstance(attention_mask, dict)):
             return attention_mask
         top = self.inputs.attention_mask
-        return top if top is not None and tuple(top.shape) == tuple(embeds.shape[:2]) else attention_mask
+        if not self.inputs.calling or (top is not None and tuple(top.shape) != tuple(embeds.shape[:2])):
+            return attention_mask
+        return top  # None: no padding (the stock model builds its masks from None too)
 
     def _image_types(self, embeds: torch.Tensor, prefill: bool) -> torch.Tensor | None:
         """(B, T) token types of the top call (1: image token) where images attend within their blocks
@@ -540,11 +543,13 @@ def _remember_ids(model: nn.Module, args: tuple, kwargs: dict, path: str) -> Non
     mask, types = kwargs.get("attention_mask"), kwargs.get("token_type_ids")
     inputs.attention_mask = mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
     inputs.token_type_ids = types if isinstance(types, torch.Tensor) else None
+    inputs.calling = True
 
 
 def _forget_ids(model: nn.Module, args: tuple, kwargs: dict, output: Any, path: str) -> None:
     inputs = model.get_submodule(path).inputs
     inputs.input_ids = inputs.attention_mask = inputs.token_type_ids = None
+    inputs.calling = False
 
 
 # --- public functions ----------------------------------------------------------------------------------
