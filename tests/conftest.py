@@ -128,8 +128,8 @@ def build_config(arch: str, num_layers: int = NUM_LAYERS, **text_overrides) -> t
 
 # --- Gemma 3 ------------------------------------------------------------------------------------------
 
-# A 16x16 image in 4x4 patches (a 4x4 grid) pooled 2x2: 4 image tokens between begin / end markers.
-GEMMA_IMAGE_TOKENS = 4
+# A 16x16 image in 4x4 patches (a 4x4 grid), pooled 1x1: 16 image tokens between begin / end markers.
+GEMMA_IMAGE_TOKENS = 16
 
 
 def _gemma3_config(arch: str, text: dict) -> tf.PretrainedConfig:
@@ -196,6 +196,8 @@ def build_model(
         for name, p in model.named_parameters():
             if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
+            if name.endswith("mm_input_projection_weight"):  # Gemma 3 initialises its projector to 0
+                p.normal_(0.0, 0.5)
     return model.to(dtype).eval()
 
 

@@ -348,7 +348,7 @@ class SkipDecoder(StockWrapper):
         if not (self.facts.family.image_blocks and isinstance(attention_mask, dict)):
             return attention_mask
         top = self.inputs.attention_mask
-        if not self.inputs.calling or (top is not None and tuple(top.shape) != tuple(embeds.shape[:2])):
+        if not self.inputs.calling or (top is not None and top.shape[0] != embeds.shape[0]):
             return attention_mask
         return top  # None: no padding (the stock model builds its masks from None too)
 

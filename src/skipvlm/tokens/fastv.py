@@ -94,13 +94,15 @@ class FastV:
             return
         attention = getattr(layer, self.facts.parts.attention)
         self._scaling = float(getattr(attention, "scaling", self.facts.head_dim**-0.5))
-        # Gemma 3 normalises q and k per head after the projection (q_norm / k_norm), before RoPE.
-        q_out = getattr(attention, "q_norm", None) or attention.q_proj
-        k_out = getattr(attention, "k_norm", None) or attention.k_proj
+        # Gemma 3 normalises q and k per head after the projection, before RoPE: read q_norm / k_norm's
+        # outputs, (B, H, T, D), instead of the projections', (B, T, H * D).
+        per_head = getattr(attention, "q_norm", None) is not None
+        q_out = attention.q_norm if per_head else attention.q_proj
+        k_out = attention.k_norm if per_head else attention.k_proj
 
         def capture(name: str):
             def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
-                self._captured[name] = output
+                self._captured[name] = output.transpose(1, 2) if per_head else output
 
             return hook
 
@@ -125,8 +127,8 @@ class FastV:
             )
         batch, length = q.shape[:2]
         d = self.facts.head_dim
-        q = q.view(batch, length, -1, d)  # (B, T', H, D)
-        k = k.view(batch, length, -1, d)  # (B, T', H_kv, D)
+        q = q.reshape(batch, length, -1, d)  # (B, T', H, D)
+        k = k.reshape(batch, length, -1, d)  # (B, T', H_kv, D)
         kind = self.facts.layer_types[i - 1]
         cos, sin = run.frame.rotary(kind)
         text = self.facts.text_config
