@@ -198,6 +198,11 @@ def build_model(
                 p.uniform_(0.5, 1.5)
             if name.endswith("mm_input_projection_weight"):  # Gemma 3 initialises its projector to 0
                 p.normal_(0.0, 0.5)
+        if arch == "gemma3":
+            # Its image token is in the vocabulary: a random head would generate it, and a recompute then
+            # reads the generated token as an image placeholder; EOS, which `greedy` forbids and its
+            # recompute does not, likewise. A zero logit is below the best one.
+            model.lm_head.weight[[IMAGE_TOKEN, EOS]] = 0.0
     return model.to(dtype).eval()
 
 
