@@ -181,3 +181,14 @@ def test_cost_cli_counts_a_gemma3_preset(tmp_path, capsys):
     assert main([*args, "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert 0 < report["removed_share"] < 0.1
+
+
+def test_sliding_layers_of_gemma3_count_attention_over_their_window_only():
+    from skipvlm.cost import count_macs
+
+    config = presets.get("gemma-3-4b")
+    facts = skipvlm.arch_facts(config)
+    c_q = facts.num_attention_heads * facts.head_dim
+    layers = count_macs(config, prompt_tokens=2048).layers
+    assert layers[0]["attention_sdp"] == 2 * 2048 * 1024 * c_q  # local: a 1024-token window
+    assert layers[5]["attention_sdp"] == 2 * 2048 * 2048 * c_q  # global
