@@ -150,6 +150,7 @@ def _gemma3_config(arch: str, text: dict) -> tf.PretrainedConfig:
         num_attention_heads=2,
         image_size=16,
         patch_size=4,
+        vision_use_head=False,  # as Gemma 3: it reads the last hidden state, not a pooled head
     )
     return tf.Gemma3Config(
         text_config=text_config,
