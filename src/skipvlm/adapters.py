@@ -171,7 +171,8 @@ class ReplacePIARoute(Route):
         pia = self.adapters.replace
         w, g = self.adapters.router_state(pia, self.index, x, step)
         gain = step.parts.gain(getattr(layer, step.parts.pre_mlp_norm))
-        return mlp_out(layer, h, gain * pia(x, None, w=w, g=g), step)
+        y = pia(x, None, w=w, g=g)
+        return mlp_out(layer, h, (gain * y).to(y.dtype), step)
 
 
 class DASRoute(Route):

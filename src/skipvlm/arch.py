@@ -65,8 +65,9 @@ class LayerParts:
     gain_offset: float = 0.0
 
     def gain(self, norm: nn.Module) -> torch.Tensor:
-        """(C,) the gain a norm multiplies the normalised input by."""
-        return norm.weight + self.gain_offset if self.gain_offset else norm.weight
+        """(C,) the gain a norm multiplies the normalised input by: its weight itself, or ``offset +
+        weight`` in float32 (as Gemma's norm computes it; a half-precision sum would round it)."""
+        return norm.weight.float() + self.gain_offset if self.gain_offset else norm.weight
 
     def unit_gain_(self, norm: nn.Module) -> None:
         """Set a norm's gain to 1 in place (its weight to ``1 - gain_offset``)."""
