@@ -170,10 +170,13 @@ def build_masks(
             "(use_bidirectional_attention=True), which skip plans do not support"
         )
     if token_type_ids is not None and bool((token_type_ids == 1).any()):
-        from transformers.models.gemma3.modeling_gemma3 import (
-            create_masks_for_vision_model,
-            get_block_sequence_ids_for_mask,
-        )
+        try:
+            from transformers.models.gemma3.modeling_gemma3 import (
+                create_masks_for_vision_model,
+                get_block_sequence_ids_for_mask,
+            )
+        except ImportError:  # the image-block mask builders of transformers 5.24
+            raise ValueError(unsupported("Gemma 3's image-block masks cannot be built")) from None
 
         masks = create_masks_for_vision_model(
             config=config,
