@@ -23,6 +23,11 @@ NUM_LAYERS = 4
 TEXT_ARCHS = ("llama", "mistral", "qwen2")
 VLM_ARCHS = ("llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 QWEN_VL_ARCHS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # image grids, M-RoPE, mm_token_type_ids
+# Gemma 3 (sandwich norms, one rotary table per layer type, bidirectional image blocks).
+GEMMA_TEXT_ARCHS = ("gemma3_text",)
+GEMMA_VLM_ARCHS = ("gemma3",)
+TEXT_ARCHS += GEMMA_TEXT_ARCHS
+VLM_ARCHS += GEMMA_VLM_ARCHS
 ALL_ARCHS = TEXT_ARCHS + VLM_ARCHS
 
 # Image shapes: LLaVA's 16x16 image in 4x4 patches gives 16 image tokens; Qwen2-VL's 4x4 patch grid
@@ -121,7 +126,45 @@ def build_config(arch: str, num_layers: int = NUM_LAYERS, **text_overrides) -> t
             fullatt_block_indexes=[0],
         )
         return tf.Qwen2_5_VLConfig(text_config={**text, **mrope}, vision_config=vision, **ids)
+    if arch in ("gemma3_text", "gemma3"):
+        return _gemma3_config(arch, text)
     raise ValueError(arch)
+
+
+# --- Gemma 3 ------------------------------------------------------------------------------------------
+
+# A 16x16 image in 4x4 patches (a 4x4 grid), pooled 1x1: 16 image tokens between begin / end markers.
+GEMMA_IMAGE_TOKENS = 16
+
+
+def _gemma3_config(arch: str, text: dict) -> tf.PretrainedConfig:
+    """Tiny Gemma 3: sliding and full layers interleaved, two rotary bases, head_dim 8."""
+    text = dict(text)
+    layers = text["num_hidden_layers"]
+    text.setdefault("layer_types", [("sliding_attention", "full_attention")[i % 2] for i in range(layers)])
+    text.setdefault("sliding_window", 64)
+    text.setdefault("head_dim", 8)
+    text.setdefault("query_pre_attn_scalar", 8)
+    text_config = tf.Gemma3TextConfig(**text)
+    if arch == "gemma3_text":
+        return text_config
+    vision = tf.SiglipVisionConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=16,
+        patch_size=4,
+        vision_use_head=False,  # as Gemma 3: it reads the last hidden state, not a pooled head
+    )
+    return tf.Gemma3Config(
+        text_config=text_config,
+        vision_config=vision,
+        mm_tokens_per_image=GEMMA_IMAGE_TOKENS,
+        image_token_id=IMAGE_TOKEN,
+        boi_token_id=VISION_START,
+        eoi_token_id=VISION_END,
+    )
 
 
 _MODEL_CLASSES = {
@@ -134,6 +177,8 @@ _MODEL_CLASSES = {
     "qwen2_vl": tf.Qwen2VLForConditionalGeneration,
     "qwen2_5_vl": tf.Qwen2_5_VLForConditionalGeneration,
     "qwen3_vl": tf.Qwen3VLForConditionalGeneration,
+    "gemma3_text": tf.Gemma3ForCausalLM,
+    "gemma3": tf.Gemma3ForConditionalGeneration,
 }
 
 
@@ -158,6 +203,13 @@ def build_model(
         for name, p in model.named_parameters():
             if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
+            if name.endswith("mm_input_projection_weight"):  # Gemma 3 initialises its projector to 0
+                p.normal_(0.0, 0.5)
+        if arch == "gemma3":
+            # Its image token is in the vocabulary: a random head would generate it, and a recompute then
+            # reads the generated token as an image placeholder; EOS, which `greedy` forbids and its
+            # recompute does not, likewise. A zero logit is below the best one.
+            model.lm_head.weight[[IMAGE_TOKEN, EOS]] = 0.0
     return model.to(dtype).eval()
 
 
@@ -192,6 +244,8 @@ def _prompt_ids(arch: str, length: int, gen: torch.Generator, image_at: int) -> 
         image = [IMAGE_TOKEN] * LLAVA_IMAGE_TOKENS
     elif arch in QWEN_VL_ARCHS:
         image = [VISION_START] + [IMAGE_TOKEN] * QWEN_IMAGE_TOKENS + [VISION_END]
+    elif arch == "gemma3":
+        image = [VISION_START] + [IMAGE_TOKEN] * GEMMA_IMAGE_TOKENS + [VISION_END]
     else:
         image = []
     return [BOS, *text[:image_at], *image, *text[image_at:]]
@@ -220,6 +274,9 @@ def make_inputs(
         batch["pixel_values"] = torch.randn(n * patches, QWEN_PATCH_DIM, generator=gen).to(dtype)
         batch["image_grid_thw"] = torch.tensor([QWEN_GRID] * n)
         batch["mm_token_type_ids"] = (input_ids == IMAGE_TOKEN).int()
+    elif arch == "gemma3":
+        batch["pixel_values"] = torch.randn(n, 3, 16, 16, generator=gen).to(dtype)
+        batch["token_type_ids"] = (input_ids == IMAGE_TOKEN).long()
     return batch
 
 
@@ -236,6 +293,9 @@ def select_rows(arch: str, batch: dict[str, torch.Tensor], b: int) -> dict[str, 
         out["pixel_values"] = batch["pixel_values"][b * patches : (b + 1) * patches]
         out["image_grid_thw"] = batch["image_grid_thw"][b : b + 1]
         out["mm_token_type_ids"] = batch["mm_token_type_ids"][b : b + 1, keep]
+    elif arch == "gemma3":
+        out["pixel_values"] = batch["pixel_values"][b : b + 1]
+        out["token_type_ids"] = batch["token_type_ids"][b : b + 1, keep]
     return out
 
 
@@ -279,9 +339,10 @@ def greedy_without_cache(model, inputs, steps: int) -> tuple[torch.Tensor, torch
         step_logits.append(last)
         inputs["input_ids"] = torch.cat([inputs["input_ids"], nxt], dim=1)
         inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(nxt)], dim=1)
-        if "mm_token_type_ids" in inputs:
-            mm = inputs["mm_token_type_ids"]
-            inputs["mm_token_type_ids"] = torch.cat([mm, torch.zeros_like(nxt, dtype=mm.dtype)], dim=1)
+        for key in ("mm_token_type_ids", "token_type_ids"):
+            if key in inputs:
+                mm = inputs[key]
+                inputs[key] = torch.cat([mm, torch.zeros_like(nxt, dtype=mm.dtype)], dim=1)
     return torch.cat(tokens, dim=1), torch.stack(step_logits, dim=1)
 
 

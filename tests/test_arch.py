@@ -1,6 +1,7 @@
 """Architecture facts are read from the config alone, for every supported family."""
 
 import pytest
+import torch
 import transformers as tf
 
 import skipvlm
@@ -16,6 +17,8 @@ EXPECTED = {
     "qwen2_vl": ("model.language_model", "mrope", IMAGE_TOKEN),
     "qwen2_5_vl": ("model.language_model", "mrope", IMAGE_TOKEN),
     "qwen3_vl": ("model.language_model", "mrope_text", IMAGE_TOKEN),
+    "gemma3_text": ("model", "default", None),
+    "gemma3": ("model.language_model", "default", IMAGE_TOKEN),
 }
 
 
@@ -39,8 +42,10 @@ def test_layers_and_submodules_resolve(arch):
     assert len(layers) == NUM_LAYERS
     assert get_decoder(model).layers is layers
     for layer in layers:
-        for name in (facts.attention_name, facts.mlp_name, facts.input_norm_name, facts.post_norm_name):
-            assert hasattr(layer, name)
+        parts = facts.parts
+        names = (parts.attention, parts.mlp, parts.input_norm, parts.pre_mlp_norm)
+        for name in (*names, parts.attention_out_norm, parts.mlp_out_norm):
+            assert name is None or hasattr(layer, name)
     # Same object that transformers' own accessor returns.
     assert model.get_decoder().layers is layers
 
@@ -84,3 +89,27 @@ def test_bare_backbone_is_refused_with_a_hint():
 def test_non_model_input_is_a_type_error():
     with pytest.raises(TypeError, match="transformers model or config"):
         arch_facts("llama")
+
+
+def test_gemma3_layer_parts_name_the_sandwich_norms_and_their_gain():
+    facts = arch_facts(build_config("gemma3"))
+    parts = facts.parts
+    assert (parts.pre_mlp_norm, parts.attention_out_norm, parts.mlp_out_norm) == (
+        "pre_feedforward_layernorm",
+        "post_attention_layernorm",
+        "post_feedforward_layernorm",
+    )
+    layer = get_layers(build_model("gemma3"))[0]
+    x = torch.randn(2, 3, 32)
+    norm = layer.pre_feedforward_layernorm
+    rms = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps)
+    torch.testing.assert_close(norm(x), rms * parts.gain(norm))  # Gemma's gain is 1 + weight
+    assert set(facts.layer_types) == {"sliding_attention", "full_attention"}
+    # Llama's pre-MLP norm is its post-attention norm, with gain = weight and no output norms.
+    llama = arch_facts(build_config("llama")).parts
+    assert (llama.pre_mlp_norm, llama.attention_out_norm, llama.mlp_out_norm, llama.gain_offset) == (
+        "post_attention_layernorm",
+        None,
+        None,
+        0.0,
+    )

@@ -116,3 +116,19 @@ def test_dyvte_is_counted_at_the_exit_layer_given():
     )
     with pytest.raises(ValueError, match="16 visual tokens do not fit in a 10-token prompt"):
         count_macs(model, 10)
+
+
+@pytest.mark.parametrize("arch", ["gemma3_text", "gemma3"])
+@pytest.mark.parametrize("plan", [skipvlm.Plan(), skipvlm.Plan(skip_attention=[0, 3], skip_mlp=[1])])
+def test_gemma3_analytic_counts_match_counted_matmuls(arch, plan):
+    model = skipvlm.apply_plan(build_model(arch), plan)
+    inputs = make_inputs(arch, lengths=(6,))
+    report = count_macs(model, inputs["input_ids"].shape[1], plan)
+    untracked = sum(layer["attention_sdp"] for layer in report.layers)
+    if arch == "gemma3":
+        v = model.config.vision_config
+        patches = (v.image_size // v.patch_size) ** 2  # SigLIP: no class token
+        untracked += v.num_hidden_layers * 2 * patches * patches * v.hidden_size
+        untracked += report.projector  # Gemma 3's projector is a plain matmul, not an nn.Linear
+        assert report.visual_tokens == 16
+    assert counted_linear_macs(model, inputs) == report.total - untracked

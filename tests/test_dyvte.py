@@ -156,7 +156,7 @@ def _routers_with_mixed_exits(model, batch, tmp_path):
     return threshold, exits(threshold)
 
 
-@pytest.mark.parametrize("arch", ["llava", "qwen2_vl", "qwen3_vl"])
+@pytest.mark.parametrize("arch", ["llava", "qwen2_vl", "qwen3_vl", "gemma3"])
 def test_each_example_exits_at_its_own_layer_and_batches_like_one_by_one(arch, tmp_path):
     model = build_model(arch)
     batch = make_inputs(arch, lengths=(7, 3, 5, 6), seed=6)

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import skipvlm
-from skipvlm.arch import get_decoder, get_layers
+from skipvlm.arch import arch_facts, get_decoder, get_layers
 from skipvlm.data.labels import IGNORE_INDEX
 from skipvlm.eas import ADAPTER_FILE, CONFIG_FILE
 from skipvlm.search import Candidates
@@ -19,6 +19,7 @@ from skipvlm.search import Candidates
 from conftest import build_eas, build_model, logits, make_inputs, randomize_adapters, select_rows
 
 EAS_ARCHS = ("llama", "llava", "qwen2", "qwen3_vl")
+EAS_ARCHS += ("gemma3_text", "gemma3")  # sandwich norms, gain 1 + weight
 
 
 def with_labels(batch: dict, answer_len: int = 2) -> dict:
@@ -44,14 +45,16 @@ def test_fresh_model_without_skips_equals_base(arch):
 @pytest.mark.parametrize("arch", EAS_ARCHS)
 def test_fresh_model_with_skips_equals_plain_skip_plus_identity_adapter(arch):
     """An identity replace-PIA feeds gamma_post * N_in(h) to the MLP (METHODS §2): the plain skip with
-    gamma_post * gamma_in as the post-attention norm weight. With gamma_in = 1 it is the plain skip."""
+    gamma_post * gamma_in as the pre-MLP norm's gain. With gamma_in = 1 it is the plain skip."""
     base = build_model(arch)
     inputs = make_inputs(arch, lengths=(6, 3))
     reference = copy.deepcopy(base)
     with torch.no_grad():
+        parts = arch_facts(reference).parts  # gain = weight (Llama) or 1 + weight (Gemma 3)
         for i in (1, 2):
             layer = get_layers(reference)[i]
-            layer.post_attention_layernorm.weight.mul_(layer.input_layernorm.weight)
+            post, pre = layer.get_submodule(parts.pre_mlp_norm), layer.get_submodule(parts.input_norm)
+            post.weight.copy_(parts.gain(post) * parts.gain(pre) - parts.gain_offset)
     skipvlm.apply_plan(reference, skipvlm.Plan(skip_attention=[1, 2]))
     model = skipvlm.get_eas_model(copy.deepcopy(base), skipvlm.EASConfig(skip_attention=[1, 2]))
     torch.testing.assert_close(logits(model, inputs), logits(reference, inputs), rtol=0, atol=1e-6)
@@ -59,7 +62,7 @@ def test_fresh_model_with_skips_equals_plain_skip_plus_identity_adapter(arch):
     with torch.no_grad():
         for m in (base, model):
             for i in (1, 2):
-                get_layers(m)[i].input_layernorm.weight.fill_(1.0)
+                parts.unit_gain_(get_layers(m)[i].get_submodule(parts.input_norm))
     plain = skipvlm.apply_plan(base, skipvlm.Plan(skip_attention=[1, 2]))
     torch.testing.assert_close(logits(model, inputs), logits(plain, inputs), rtol=0, atol=1e-6)
 

@@ -19,6 +19,7 @@ from conftest import build_eas, build_model, greedy, logits, make_inputs, random
 
 ATOL = 1e-4
 EAS_ARCHS = ("llama", "llava", "qwen2", "qwen3_vl")
+EAS_ARCHS += ("gemma3_text", "gemma3")  # sandwich norms, gain 1 + weight
 DECODE_STEPS = 8
 
 
@@ -176,7 +177,10 @@ def test_export_replaces_its_own_files_and_keeps_the_rest(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["merged"]
 
 
-@pytest.mark.parametrize(("arch", "what"), [("qwen2", "no MLP biases"), ("mistral", "no MLP biases")])
+@pytest.mark.parametrize(
+    ("arch", "what"),
+    [("qwen2", "no MLP biases"), ("mistral", "no MLP biases"), ("gemma3_text", "no MLP biases")],
+)
 def test_export_names_architectures_a_stock_config_cannot_hold(arch, what, tmp_path):
     model, _ = trained(arch)
     with pytest.raises(ValueError, match=rf"stock {arch} checkpoint .*{what}"):
@@ -203,6 +207,28 @@ def test_qwen3_vl_exports_adapt_only_and_names_its_missing_mlp_biases(tmp_path):
     stock = tf.Qwen3VLForConditionalGeneration.from_pretrained(tmp_path / "merged").eval()
     assert stock.config.text_config.attention_bias
     torch.testing.assert_close(logits(stock, batch), logits(model, batch), rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("arch", ["gemma3_text", "gemma3"])
+def test_gemma3_adapt_only_model_exports_and_loads_in_stock_transformers(arch, tmp_path):
+    model, batch = trained(arch, skip=())
+    model.export_merged(tmp_path / "merged")
+    model.adapters.use_calibration = True
+    stock = type(model.base_model).from_pretrained(tmp_path / "merged").eval()
+    assert stock.config.get_text_config(decoder=True).attention_bias
+    torch.testing.assert_close(logits(stock, batch), logits(model, batch), rtol=0, atol=ATOL)
+
+
+def test_gemma3_replace_merge_sets_the_pre_feedforward_gain_to_one():
+    model, batch = trained("gemma3_text")
+    model.adapters.use_calibration = True
+    forced = logits(model, batch)
+    merged = copy.deepcopy(model).merge_and_unload("static")
+    for i in (1, 2):
+        layer = get_layers(merged)[i]
+        assert torch.equal(layer.pre_feedforward_layernorm.weight, torch.zeros(32))  # gain 1 + 0
+        assert layer.post_feedforward_layernorm.weight.abs().min() > 0  # the output norm stays
+    torch.testing.assert_close(logits(merged, batch), forced, rtol=0, atol=ATOL)
 
 
 def test_load_pretrained_refuses_a_folder_without_config(tmp_path):

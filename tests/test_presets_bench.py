@@ -183,3 +183,35 @@ def test_bench_cli_times_a_local_llava_checkpoint_with_an_image(toy_dir, tmp_pat
     assert main([*args, "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert rows[2]["name"] == "eas k=2 (merged)" and rows[2]["prefill_bound"] > 1.0
+
+
+@pytest.mark.parametrize(
+    ("name", "parameters", "layers"),
+    [("gemma-3-4b", 4_300_079_472, 34), ("gemma-3-12b", 12_187_325_040, 48)],  # the published counts
+)
+def test_gemma3_presets_have_the_published_sizes_and_layer_pattern(name, parameters, layers):
+    model = presets.build(name)
+    assert next(model.parameters()).device.type == "meta"
+    assert sum(p.numel() for p in model.parameters()) == parameters
+    facts = skipvlm.arch_facts(model)
+    assert facts.num_layers == layers
+    assert [i for i, t in enumerate(facts.layer_types) if t == "full_attention"] == list(range(5, layers, 6))
+
+
+def test_cost_cli_counts_a_gemma3_preset(tmp_path, capsys):
+    out = tmp_path / "cost.json"
+    args = ["cost", "--preset", "gemma-3-4b", "--prompt-tokens", "300", "--skip-attention-count", "8"]
+    assert main([*args, "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert 0 < report["removed_share"] < 0.1
+
+
+def test_sliding_layers_of_gemma3_count_attention_over_their_window_only():
+    from skipvlm.cost import count_macs
+
+    config = presets.get("gemma-3-4b")
+    facts = skipvlm.arch_facts(config)
+    c_q = facts.num_attention_heads * facts.head_dim
+    layers = count_macs(config, prompt_tokens=2048).layers
+    assert layers[0]["attention_sdp"] == 2 * 2048 * 1024 * c_q  # local: a 1024-token window
+    assert layers[5]["attention_sdp"] == 2 * 2048 * 2048 * c_q  # global

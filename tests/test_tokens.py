@@ -29,6 +29,7 @@ from conftest import (
 )
 
 ARCHS = ("llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+ARCHS += ("gemma3",)  # bidirectional image blocks, one rotary table per layer type
 
 
 def text_positions(inputs) -> torch.Tensor:
@@ -156,6 +157,7 @@ HALF_RATIO = {
     "qwen2_vl": (0.375, 1),
     "qwen2_5_vl": (0.375, 1),
     "qwen3_vl": (0.375, 1),
+    "gemma3": (0.46875, 7),
 }  # arch: (R, dropped per row)
 
 
@@ -244,8 +246,9 @@ def test_vtw_composes_with_eas_adapters_and_their_merge(arch):
         nxt = tokens[:, step : step + 1]
         inputs["input_ids"] = torch.cat([inputs["input_ids"], nxt], dim=1)
         inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(nxt)], dim=1)
-        if "mm_token_type_ids" in inputs:
-            inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(nxt)], 1)
+        for key in ("mm_token_type_ids", "token_type_ids"):
+            if key in inputs:
+                inputs[key] = torch.cat([inputs[key], torch.zeros_like(nxt)], 1)
     torch.testing.assert_close(step_logits, torch.stack(ref_logits, 1), rtol=0, atol=1e-4)
     model.set_skip_attention([2])  # moving skips keeps the token exit
     assert model.plan.visual_exit_layer == 3

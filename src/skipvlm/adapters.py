@@ -8,16 +8,20 @@ the layer takes:
 =====================  ==================  ==========================================================
 attention / MLP        adapter             route and formula
 =====================  ==================  ==========================================================
-kept / kept            adapt-PIA           :class:`AdaptPIARoute`: ``a = h + Attn(PIA_a(N_in(h)))``,
-                                           ``out = a + MLP(N_post(a))``
+kept / kept            adapt-PIA           :class:`AdaptPIARoute`: ``a = h + N_ao(Attn(PIA_a(N_in(h))))``,
+                                           ``out = a + N_mo(MLP(N_post(a)))``
 kept / skipped         adapt-PIA           :class:`AdaptPIARoute` without the MLP: ``out = a``
-skipped / kept         replace-PIA         :class:`ReplacePIARoute`: ``out = h + MLP(g * PIA_r(N_in(h)))``
+skipped / kept         replace-PIA         :class:`ReplacePIARoute`:
+                                           ``out = h + N_mo(MLP(g * PIA_r(N_in(h))))``
 skipped / skipped      DAS bottleneck      :class:`DASRoute`: ``out = h + A(N_in(h))``
 skipped / skipped      none                :class:`~skipvlm.routes.SkipLayer`: ``out = h``
 kept                   none                the plain route (stock, or MLP skipped)
 =====================  ==================  ==========================================================
 
-(``g``: ``gamma_post``, the weight of the layer's post-attention norm.)
+(``g``: ``gamma_post``, the gain of the layer's pre-MLP norm ``N_post``: its weight for Llama / Qwen2, whose
+``post_attention_layernorm`` it is, ``1 + weight`` of ``pre_feedforward_layernorm`` for Gemma 3. ``N_ao``
+and ``N_mo`` are Gemma's norms on the attention and MLP outputs, the identity elsewhere; see
+:class:`~skipvlm.arch.LayerParts`.)
 
 A plan whose skipped attention has no replace-PIA (or, with ``adapt_layers="kept"``, whose kept
 attention has no adapt-PIA) is refused. PIA's router weights and pooled path are computed from the
@@ -32,7 +36,17 @@ import torch
 from torch import nn
 
 from skipvlm.pia import AdaptPIA, BottleneckAdapter, PIABase, ReplacePIA, pooled_prompt
-from skipvlm.routes import Route, RouteError, SkipLayer, Step, attend, feed, plain_route
+from skipvlm.routes import (
+    Route,
+    RouteError,
+    SkipLayer,
+    Step,
+    attend,
+    feed,
+    mlp_out,
+    normed_input,
+    plain_route,
+)
 
 __all__ = ["AdaptPIARoute", "DASRoute", "LayerAdapters", "ReplacePIARoute"]
 
@@ -127,34 +141,38 @@ def _missing(i: int, adapter: str, role: str) -> RouteError:
 
 class AdaptPIARoute(Route):
     """A kept attention with an adapt-PIA on its input (§2):
-    ``a = h + Attn(PIA_a(N_in(h)))``, ``out = a + MLP(N_post(a))`` (``out = a`` with the MLP skipped)."""
+    ``a = h + N_ao(Attn(PIA_a(N_in(h))))``, ``out = a + N_mo(MLP(N_post(a)))`` (``out = a`` with the MLP
+    skipped)."""
 
     def __init__(self, index: int, adapters: LayerAdapters, mlp: bool = True):
         super().__init__(index, adapters)
         self.mlp = mlp
 
     def forward(self, layer: nn.Module, h: torch.Tensor, step: Step) -> torch.Tensor:
-        x = layer.input_layernorm(h)
+        x = normed_input(layer, h, step)
         pia = self.adapters.adapt
         w, _ = self.adapters.router_state(pia, self.index, x, step)
         a = attend(layer, self.index, h, pia(x, None, w=w), step)
-        return feed(layer, a) if self.mlp else a
+        return feed(layer, a, step) if self.mlp else a
 
 
 class ReplacePIARoute(Route):
-    """A skipped attention replaced by PIA (§2): ``out = h + MLP(gamma_post * PIA_r(N_in(h)))``.
+    """A skipped attention replaced by PIA (§2): ``out = h + N_mo(MLP(gamma_post * PIA_r(N_in(h))))``.
 
-    The PIA output feeds the MLP through ``gamma_post`` without a second rms. No q/k/v/o, no kernel, no
-    KV cache.
+    The PIA output feeds the MLP through ``gamma_post``, the pre-MLP norm's gain, without a second rms;
+    ``N_mo`` is the MLP-output norm where the layer has one (Gemma 3), else the identity. No q/k/v/o, no
+    kernel, no KV cache.
     """
 
     runs_attention = False
 
     def forward(self, layer: nn.Module, h: torch.Tensor, step: Step) -> torch.Tensor:
-        x = layer.input_layernorm(h)
+        x = normed_input(layer, h, step)
         pia = self.adapters.replace
         w, g = self.adapters.router_state(pia, self.index, x, step)
-        return h + layer.mlp(layer.post_attention_layernorm.weight * pia(x, None, w=w, g=g))
+        gain = step.parts.gain(getattr(layer, step.parts.pre_mlp_norm))
+        y = pia(x, None, w=w, g=g)
+        return mlp_out(layer, h, (gain * y).to(y.dtype), step)
 
 
 class DASRoute(Route):
@@ -163,4 +181,4 @@ class DASRoute(Route):
     runs_attention = False
 
     def forward(self, layer: nn.Module, h: torch.Tensor, step: Step) -> torch.Tensor:
-        return h + self.adapters.bottleneck(layer.input_layernorm(h))
+        return h + self.adapters.bottleneck(normed_input(layer, h, step))

@@ -21,6 +21,7 @@ __all__ = [
     "ArchFacts",
     "HostFamily",
     "LayerHook",
+    "LayerParts",
     "UnsupportedModelError",
     "arch_facts",
     "decoder_slot",
@@ -36,6 +37,46 @@ __all__ = [
 
 class UnsupportedModelError(ValueError):
     """The model's architecture is not one skipvlm knows how to run."""
+
+
+@dataclass(frozen=True)
+class LayerParts:
+    """The sub-modules of one decoder layer and how its norms scale (``shared/METHODS.md`` §1-§2).
+
+    A layer computes ``a = h + N_ao(Attn(N_in(h)))`` and ``out = a + N_mo(MLP(N_pre(a)))``, where the
+    output norms ``N_ao`` / ``N_mo`` are the identity when absent (Llama, Qwen2) and Gemma's "sandwich"
+    norms when present. Every norm is an RMSNorm ``N(x) = rms(x) * gain``; ``gain = gain_offset + weight``
+    (Llama: ``weight``; Gemma: ``1 + weight``).
+
+    Args:
+        attention, mlp: attribute names of the attention and the MLP.
+        input_norm: the pre-attention norm ``N_in``.
+        pre_mlp_norm: the pre-MLP norm ``N_pre`` (Llama calls it ``post_attention_layernorm``).
+        attention_out_norm: the norm on the attention output ``N_ao``, if the layer has one.
+        mlp_out_norm: the norm on the MLP output ``N_mo``, if the layer has one.
+        gain_offset: added to a norm's ``weight`` to give its gain.
+    """
+
+    attention: str = "self_attn"
+    mlp: str = "mlp"
+    input_norm: str = "input_layernorm"
+    pre_mlp_norm: str = "post_attention_layernorm"
+    attention_out_norm: str | None = None
+    mlp_out_norm: str | None = None
+    gain_offset: float = 0.0
+
+    def gain(self, norm: nn.Module) -> torch.Tensor:
+        """(C,) the gain a norm multiplies the normalised input by: its weight itself, or ``offset +
+        weight`` in float32 (as Gemma's norm computes it; a half-precision sum would round it)."""
+        return norm.weight.float() + self.gain_offset if self.gain_offset else norm.weight
+
+    def unit_gain_(self, norm: nn.Module) -> None:
+        """Set a norm's gain to 1 in place (its weight to ``1 - gain_offset``)."""
+        norm.weight.fill_(1.0 - self.gain_offset)
+
+    def unit_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """A norm weight of the shape of ``weight`` whose gain is 1."""
+        return torch.full_like(weight, 1.0 - self.gain_offset)
 
 
 @dataclass(frozen=True)
@@ -57,7 +98,11 @@ class HostFamily:
         vision_macs: ``vision_macs(config, images, image_patches)`` -> (vision tower MACs, projector
             MACs) of a prompt's images, for cost accounting (None: text-only).
         description: how the supported-models list names it (default: ``model_class``).
-        attention_name, mlp_name, input_norm_name, post_norm_name: sub-module names in a decoder layer.
+        parts: the sub-modules of a decoder layer and its norm layout (:class:`LayerParts`).
+        rotary_per_layer_type: the text model keeps one rotary table per layer type (Gemma 3: local
+            for sliding layers, global for full ones), computed as ``rotary_emb(x, ids, layer_type)``.
+        image_blocks: image tokens attend bidirectionally within each image (Gemma 3), through the
+            ``token_type_ids`` the top-level model is called with.
         image_token_attrs / video_token_attrs: config attributes holding the placeholder token ids.
         forward_hook: ``forward_hook(kwargs)`` -> a :class:`LayerHook` or None: takes the family's own
             keywords of the text model's ``forward`` out of ``kwargs`` (e.g. Qwen3-VL's DeepStack
@@ -73,10 +118,9 @@ class HostFamily:
     visual_tokens: Callable[[PretrainedConfig, int, int], int] | None = None
     vision_macs: Callable[[PretrainedConfig, int, int], tuple[int, int]] | None = None
     description: str = ""
-    attention_name: str = "self_attn"
-    mlp_name: str = "mlp"
-    input_norm_name: str = "input_layernorm"
-    post_norm_name: str = "post_attention_layernorm"
+    parts: LayerParts = LayerParts()
+    rotary_per_layer_type: bool = False
+    image_blocks: bool = False
     image_token_attrs: tuple[str, ...] = ("image_token_id", "image_token_index")
     video_token_attrs: tuple[str, ...] = ("video_token_id",)
     forward_hook: Callable[[dict[str, Any]], LayerHook | None] | None = None
@@ -181,20 +225,25 @@ class ArchFacts:
         return self.image_token_id is not None
 
     @property
+    def parts(self) -> LayerParts:
+        return self.family.parts if self.family is not None else LayerParts()
+
+    @property
     def attention_name(self) -> str:
-        return self.family.attention_name
+        return self.parts.attention
 
     @property
     def mlp_name(self) -> str:
-        return self.family.mlp_name
+        return self.parts.mlp
 
     @property
     def input_norm_name(self) -> str:
-        return self.family.input_norm_name
+        return self.parts.input_norm
 
     @property
     def post_norm_name(self) -> str:
-        return self.family.post_norm_name
+        """The pre-MLP norm (Llama's ``post_attention_layernorm``)."""
+        return self.parts.pre_mlp_norm
 
     @property
     def visual_token_ids(self) -> tuple[int, ...]:

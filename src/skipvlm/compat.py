@@ -8,7 +8,8 @@ change between releases (5.24 renamed the forward keyword and output field ``pas
 * :data:`CACHE_KWARG` / :func:`cache_kwargs`: the keyword under which a forward receives the cache;
 * :func:`take_cache`: read the cache a caller passed, under either name, and refuse ambiguity;
 * :func:`output_cache` / :func:`decoder_output`: the cache field of model outputs;
-* :func:`build_masks`: the stock mask builders;
+* :func:`build_masks`: the stock mask builders (with Gemma 3's bidirectional image blocks);
+* :func:`rotary_tables`: the rotary tables, one per layer type where the model keeps several;
 * :func:`check_forward_kwargs`: the keywords a text model's ``forward`` may receive and pass on;
 * :data:`DEEPSTACK_MASK_KWARG` / :data:`DEEPSTACK_EMBEDS_KWARG`: the keywords under which Qwen3-VL's
   text model receives its DeepStack visual features;
@@ -45,6 +46,7 @@ __all__ = [
     "decoder_output",
     "layer_length",
     "output_cache",
+    "rotary_tables",
     "take_cache",
     "unsupported",
 ]
@@ -159,8 +161,40 @@ def build_masks(
     attention_mask: torch.Tensor | None,
     cache: Cache | None,
     position_ids: torch.Tensor | None,
+    token_type_ids: torch.Tensor | None = None,
 ) -> dict[str, Any]:
-    """The attention mask of each layer kind, built by the stock builders as the stock model builds them."""
+    """The attention mask of each layer kind, built by the stock builders as the stock model builds them.
+
+    ``token_type_ids`` (B, T) (1 on image tokens) gives Gemma 3's masks: image tokens attend
+    bidirectionally within their image, ``OR(causal, block)`` on full layers and ``AND(sliding window,
+    OR(causal, block))`` on sliding ones (what ``Gemma3Model`` hands its language model).
+
+    Raises:
+        ValueError: a text model with bidirectional attention (``use_bidirectional_attention``).
+    """
+    if getattr(config, "use_bidirectional_attention", False):
+        raise ValueError(
+            "skipvlm runs causal decoders; this text model attends bidirectionally "
+            "(use_bidirectional_attention=True), which skip plans do not support"
+        )
+    if token_type_ids is not None and bool((token_type_ids == 1).any()):
+        try:
+            from transformers.models.gemma3.modeling_gemma3 import (
+                create_masks_for_vision_model,
+                get_block_sequence_ids_for_mask,
+            )
+        except ImportError:  # the image-block mask builders of transformers 5.24
+            raise ValueError(unsupported("Gemma 3's image-block masks cannot be built")) from None
+
+        masks = create_masks_for_vision_model(
+            config=config,
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            block_sequence_ids=get_block_sequence_ids_for_mask(token_type_ids, device=embeds.device),
+            **{_MASK_CACHE_KWARG: cache},
+        )
+        return {kind: masks[kind] for kind in set(layer_types)}
     kwargs = {
         "config": config,
         "inputs_embeds": embeds,
@@ -173,6 +207,19 @@ def build_masks(
         build = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
         masks[kind] = build(**kwargs)
     return masks
+
+
+def rotary_tables(rotary_emb: torch.nn.Module, layer_types: tuple[str, ...] | None = None) -> Any:
+    """``(hidden, position ids) -> (cos, sin)``; with ``layer_types`` (a model that keeps one table per
+    layer type, Gemma 3), ``-> {layer type: (cos, sin)}`` computed as ``rotary_emb(x, ids, layer_type)``."""
+    if layer_types is None:
+        return rotary_emb
+    kinds = sorted(set(layer_types))
+
+    def tables(hidden: torch.Tensor, ids: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {kind: rotary_emb(hidden, ids, kind) for kind in kinds}
+
+    return tables
 
 
 def layer_length(layer: Any) -> int:

@@ -131,16 +131,19 @@ def count_macs(
     if plan.token_exit is not None:
         start, dropped = plan.token_exit.macs(plan, visual_tokens, exit_layer)
         start = facts.num_layers if start is None else start
+    window = getattr(facts.text_config, "sliding_window", None)
     layers = []
     for i in range(facts.num_layers):
         attn = i not in plan.skip_attention
         mlp = i not in plan.skip_mlp
         m = n - dropped if i >= start else n
+        # a sliding-window layer's queries see at most `window` keys each (Mistral, Gemma 3's local layers)
+        keys = min(m, window) if window and facts.layer_types[i] == "sliding_attention" else m
         layers.append(
             {
                 "tokens": m,
                 "attention_proj": m * (2 * c * c_q + 2 * c * c_kv) if attn else 0,
-                "attention_sdp": 2 * m * m * c_q if attn else 0,
+                "attention_sdp": 2 * m * keys * c_q if attn else 0,
                 "mlp": m * 3 * c * f if mlp else 0,
             }
         )

@@ -12,7 +12,7 @@ import math
 
 from transformers import PretrainedConfig
 
-from skipvlm.arch import HostFamily, register_host
+from skipvlm.arch import HostFamily, LayerParts, register_host
 from skipvlm.deepstack import take_deepstack
 
 __all__: list[str] = []
@@ -273,5 +273,57 @@ register_host(
         vision_macs=_qwen3_vl_macs,
         forward_hook=take_deepstack,
         description="Qwen3VLForConditionalGeneration (DeepStack, interleaved M-RoPE)",
+    )
+)
+
+
+# --- Gemma 3 ---------------------------------------------------------------------------------------------
+
+# Sandwich norms: a norm on the attention output and one on the MLP output; pre-MLP norm
+# `pre_feedforward_layernorm`; RMSNorm gain 1 + weight.
+GEMMA3_PARTS = LayerParts(
+    pre_mlp_norm="pre_feedforward_layernorm",
+    attention_out_norm="post_attention_layernorm",
+    mlp_out_norm="post_feedforward_layernorm",
+    gain_offset=1.0,
+)
+
+
+def _gemma3_tokens(config: PretrainedConfig, images: int, image_patches: int) -> int:
+    return images * config.mm_tokens_per_image
+
+
+def _gemma3_macs(config: PretrainedConfig, images: int, image_patches: int) -> tuple[int, int]:
+    """A SigLIP tower over each image (patch embedding, attention + MLP per layer, no class token), then
+    Gemma 3's projector: average pooling to ``mm_tokens_per_image`` tokens and one linear map each."""
+    vision, c = config.vision_config, config.get_text_config(decoder=True).hidden_size
+    e, f = vision.hidden_size, vision.intermediate_size
+    n = (vision.image_size // vision.patch_size) ** 2
+    embed = n * e * vision.num_channels * vision.patch_size**2
+    per_layer = n * (4 * e * e + 2 * e * f) + 2 * n * n * e
+    tower = embed + vision.num_hidden_layers * per_layer
+    return images * tower, images * config.mm_tokens_per_image * e * c
+
+
+register_host(
+    HostFamily(
+        "gemma3_text",
+        "Gemma3ForCausalLM",
+        parts=GEMMA3_PARTS,
+        rotary_per_layer_type=True,
+    )
+)
+register_host(
+    HostFamily(
+        "gemma3",
+        "Gemma3ForConditionalGeneration",
+        decoder_path="model.language_model",
+        text_types=("gemma3_text",),
+        projector_path="model.multi_modal_projector",
+        visual_tokens=_gemma3_tokens,
+        vision_macs=_gemma3_macs,
+        parts=GEMMA3_PARTS,
+        rotary_per_layer_type=True,
+        image_blocks=True,
     )
 )

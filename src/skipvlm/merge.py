@@ -3,9 +3,19 @@
 With its router weights ``w`` and pooled path ``g`` frozen, a PIA is the affine map ``y = R x + r``.
 
 * A replace-PIA folds into the skipped layer's MLP input projections, ``W' = W diag(gamma_post) R
-  diag(gamma_in)`` and ``b' = W (gamma_post * r)``; the layer then runs as a plain skip whose
-  ``post_attention_layernorm`` weight is 1, i.e. ``out = h + MLP'(rms(h))``.
+  diag(gamma_in)`` and ``b' = W (gamma_post * r)``; the layer then runs as a plain skip whose pre-MLP
+  norm has gain 1, i.e. ``out = h + N_mo(MLP'(rms(h)))``.
 * An adapt-PIA folds into W_q, W_k, W_v: ``W' = W R``, ``b' = W r (+ b)``.
+
+``gamma_in`` and ``gamma_post`` are the *gains* of the pre-attention and pre-MLP norms
+(:class:`~skipvlm.arch.LayerParts`): their weights for Llama / Qwen2 (``input_layernorm``,
+``post_attention_layernorm``), ``1 + weight`` for Gemma 3 (``input_layernorm``,
+``pre_feedforward_layernorm``). Gemma 3's sandwich norms change nothing else: a replace-PIA layer is
+``out = h + N_mo(MLP(gamma_post * PIA_r(rms(h) * gamma_in)))`` with ``N_mo`` its
+``post_feedforward_layernorm``, which sits after the MLP and so outside the fold; setting the pre-MLP
+gain to 1 is Gemma weight 0. The adapt-PIA fold sits before q/k/v, so Gemma's q/k norms and its
+``post_attention_layernorm`` (on the attention output) come after it unchanged. A skipped attention is
+exported as ``o_proj = 0``; Gemma's attention-output norm maps that 0 to 0.
 
 Merge modes:
 
@@ -32,7 +42,7 @@ import transformers
 from torch import nn
 
 from skipvlm.adapters import AdaptPIARoute, DASRoute, ReplacePIARoute
-from skipvlm.arch import ArchFacts, arch_facts, decoder_slot, get_layers, model_class
+from skipvlm.arch import ArchFacts, LayerParts, arch_facts, decoder_slot, get_layers, model_class
 from skipvlm.eas import EASModel
 from skipvlm.io import atomic_files
 from skipvlm.pia import (
@@ -46,7 +56,7 @@ from skipvlm.pia import (
     pooled_prompt,
 )
 from skipvlm.plan import CONFIG_KEY, Plan
-from skipvlm.routes import Route, Step, plain_route
+from skipvlm.routes import Route, Step, normed_input, plain_route
 from skipvlm.runtime import RemovedAttention, SkipDecoder, apply_plan
 
 __all__ = ["PerExampleRoute", "export_merged", "load_pretrained", "merge_and_unload", "remove_attention"]
@@ -56,9 +66,12 @@ logger = logging.getLogger(__name__)
 MODES = ("static", "per_example")
 PLAN_KEY = CONFIG_KEY  # attribute of a saved checkpoint's config: the plan to re-apply
 
-# Sub-modules of a decoder layer that each adapter kind folds into.
-_REPLACE_TARGETS = ("mlp.gate_proj", "mlp.up_proj")
-_ADAPT_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+
+def _targets(parts: LayerParts, replace: bool) -> tuple[str, ...]:
+    """Sub-modules of a decoder layer that an adapter kind folds into."""
+    if replace:
+        return (f"{parts.mlp}.gate_proj", f"{parts.mlp}.up_proj")
+    return tuple(f"{parts.attention}.{p}_proj" for p in "qkv")
 
 
 def _active_adapters(decoder: SkipDecoder) -> dict[int, PIABase]:
@@ -94,18 +107,16 @@ def _calibrated_affine(layer: int, adapter: PIABase) -> AffineMap:
     return collapse_adapt(adapter, adapter.calib_w)
 
 
-def _fold_layer(layer: nn.Module, affine: AffineMap, replace: bool) -> dict[str, tuple[torch.Tensor, ...]]:
+def _fold_layer(
+    layer: nn.Module, affine: AffineMap, replace: bool, parts: LayerParts
+) -> dict[str, tuple[torch.Tensor, ...]]:
     """{target name: (W', b')} for one layer's adapter map."""
+    pre = post = None
     if replace:
-        targets, pre, post = (
-            _REPLACE_TARGETS,
-            layer.post_attention_layernorm.weight,
-            layer.input_layernorm.weight,
-        )
-    else:
-        targets, pre, post = _ADAPT_TARGETS, None, None
+        pre = parts.gain(layer.get_submodule(parts.pre_mlp_norm))
+        post = parts.gain(layer.get_submodule(parts.input_norm))
     out = {}
-    for name in targets:
+    for name in _targets(parts, replace):
         linear = layer.get_submodule(name)
         out[name] = fold_into_linear(linear.weight, affine, linear.bias, pre_scale=pre, post_scale=post)
     return out
@@ -125,10 +136,11 @@ def _set_linear(layer: nn.Module, name: str, weight: torch.Tensor, bias: torch.T
 
 def remove_attention(model: nn.Module, layers: list[int]) -> None:
     """Free the attention weights of ``layers`` (their attention must stay skipped from now on)."""
+    name = arch_facts(model).parts.attention
     for i in layers:
         layer = get_layers(model)[i]
-        if not isinstance(layer.self_attn, RemovedAttention):
-            layer.self_attn = RemovedAttention(i)
+        if not isinstance(getattr(layer, name), RemovedAttention):
+            setattr(layer, name, RemovedAttention(i))
 
 
 @torch.no_grad()
@@ -154,20 +166,21 @@ def merge_and_unload(eas_model: EASModel, mode: str = "static") -> nn.Module:
     base, decoder, facts = eas_model.base_model, eas_model.decoder, eas_model.facts
     plan = decoder.plan
     layers = get_layers(base, facts)
+    parts = facts.parts
     active = _active_adapters(decoder)
     if mode == "static":
         folded = {
-            i: _fold_layer(layers[i], _calibrated_affine(i, a), isinstance(a, ReplacePIA))
+            i: _fold_layer(layers[i], _calibrated_affine(i, a), isinstance(a, ReplacePIA), parts)
             for i, a in active.items()
         }
         for i, targets in folded.items():
             for name, (w, b) in targets.items():
                 _set_linear(layers[i], name, w, b)
             if isinstance(active[i], ReplacePIA):
-                layers[i].post_attention_layernorm.weight.fill_(1.0)
+                parts.unit_gain_(layers[i].get_submodule(parts.pre_mlp_norm))
         decoder.attach({})
     else:
-        decoder.attach({i: _LayerRecipe(layers[i], a) for i, a in active.items()})
+        decoder.attach({i: _LayerRecipe(layers[i], a, parts) for i, a in active.items()})
     remove_attention(base, list(plan.skip_attention))
     logger.info("merged %d adapters (%s) into %s", len(active), mode, type(base).__name__)
     return base
@@ -178,22 +191,20 @@ class _LayerRecipe(nn.Module):
     non-persistent buffers). Prepares the layer on construction: biased linears to merge into, holding
     the original weights for now, and ``gamma_post = 1`` for a replace-PIA."""
 
-    def __init__(self, layer: nn.Module, adapter: PIABase):
+    def __init__(self, layer: nn.Module, adapter: PIABase, parts: LayerParts):
         super().__init__()
         self.pia = FrozenPIA(adapter)
-        self.targets = _REPLACE_TARGETS if self.pia.is_replace else _ADAPT_TARGETS
+        self.targets = _targets(parts, self.pia.is_replace)
         for k, name in enumerate(self.targets):
             linear = layer.get_submodule(name)
             self.register_buffer(f"weight_{k}", linear.weight.detach().clone(), persistent=False)
             bias = linear.bias.detach().clone() if linear.bias is not None else None
             self.register_buffer(f"bias_{k}", bias, persistent=False)
         if self.pia.is_replace:
-            self.register_buffer(
-                "pre_scale", layer.post_attention_layernorm.weight.detach().clone(), persistent=False
-            )
-            self.register_buffer(
-                "post_scale", layer.input_layernorm.weight.detach().clone(), persistent=False
-            )
+            pre = parts.gain(layer.get_submodule(parts.pre_mlp_norm))
+            post = parts.gain(layer.get_submodule(parts.input_norm))
+            self.register_buffer("pre_scale", pre.detach().clone(), persistent=False)
+            self.register_buffer("post_scale", post.detach().clone(), persistent=False)
         else:
             self.pre_scale = self.post_scale = None
         for name in self.targets:
@@ -201,7 +212,7 @@ class _LayerRecipe(nn.Module):
             bias = linear.bias if linear.bias is not None else torch.zeros_like(linear.weight[:, 0])
             _set_linear(layer, name, linear.weight, bias)
         if self.pia.is_replace:
-            layer.post_attention_layernorm.weight.fill_(1.0)
+            parts.unit_gain_(layer.get_submodule(parts.pre_mlp_norm))
 
     def route(self, plan: Plan, i: int) -> Route:
         return PerExampleRoute(i, self, plain_route(plan, i))
@@ -238,7 +249,7 @@ class _LayerRecipe(nn.Module):
 class PerExampleRoute(Route):
     """A layer merged per example (``merge_and_unload("per_example")``): at prefill, fold this prompt's
     adapter into the layer's weights (batch size 1); then, and while decoding, run the plain route of
-    the plan with those weights (a replace-PIA layer: ``out = h + MLP'(rms(h))``)."""
+    the plan with those weights (a replace-PIA layer: ``out = h + N_mo(MLP'(rms(h)))``)."""
 
     def __init__(self, index: int, recipe: _LayerRecipe, inner: Route):
         super().__init__(index, recipe)
@@ -247,7 +258,7 @@ class PerExampleRoute(Route):
 
     def forward(self, layer: nn.Module, h: torch.Tensor, step: Step) -> torch.Tensor:
         if step.prefill:
-            self.adapters.merge(layer, pooled_prompt(layer.input_layernorm(h), step.pool_mask()))
+            self.adapters.merge(layer, pooled_prompt(normed_input(layer, h, step), step.pool_mask()))
         return self.inner(layer, h, step)
 
 
@@ -317,18 +328,20 @@ def export_merged(eas_model: EASModel, path: str | os.PathLike, processor: Any =
 
     prefix = f"{facts.decoder_path}.layers"
     routes = f"{facts.decoder_path}.routes."
+    parts = facts.parts
     state = {k: v for k, v in base.state_dict().items() if not k.startswith(routes)}
     for i, adapter in active.items():
         is_replace = isinstance(adapter, ReplacePIA)
-        for name, (w, b) in _fold_layer(layers[i], _calibrated_affine(i, adapter), is_replace).items():
+        affine = _calibrated_affine(i, adapter)
+        for name, (w, b) in _fold_layer(layers[i], affine, is_replace, parts).items():
             state[f"{prefix}.{i}.{name}.weight"], state[f"{prefix}.{i}.{name}.bias"] = w, b
         if is_replace:
-            norm = f"{prefix}.{i}.post_attention_layernorm.weight"
-            state[norm] = torch.ones_like(state[norm])
+            norm = f"{prefix}.{i}.{parts.pre_mlp_norm}.weight"
+            state[norm] = parts.unit_weight(state[norm])
     for i in plan.skip_attention:
-        o_proj = f"{prefix}.{i}.self_attn.o_proj.weight"
+        o_proj = f"{prefix}.{i}.{parts.attention}.o_proj.weight"
         state[o_proj] = torch.zeros_like(state[o_proj])
-    _fill_zero_biases(state, prefix, layers, need)
+    _fill_zero_biases(state, prefix, layers, need, parts)
 
     config = copy.deepcopy(base.config)
     text = config.get_text_config(decoder=True)
@@ -357,13 +370,15 @@ def _base_processor(model: nn.Module) -> Any:
     return None
 
 
-def _fill_zero_biases(state: dict[str, torch.Tensor], prefix: str, layers: nn.ModuleList, need: dict) -> None:
+def _fill_zero_biases(
+    state: dict[str, torch.Tensor], prefix: str, layers: nn.ModuleList, need: dict, parts: LayerParts
+) -> None:
     """Zero biases for every projection the switched-on config flags give a bias to."""
     names = []
     if need.get("mlp_bias"):
-        names += ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+        names += [f"{parts.mlp}.{p}_proj" for p in ("gate", "up", "down")]
     if need.get("attention_bias"):
-        names += ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
+        names += [f"{parts.attention}.{p}_proj" for p in "qkvo"]
     for i in range(len(layers)):
         for name in names:
             key = f"{prefix}.{i}.{name}.bias"

@@ -8,8 +8,8 @@ Shapes follow the public model cards: LLaVA-1.5 (CLIP ViT-L/14 at 336 px + Vicun
 model of the EAS paper (CLIP ViT-L/14 at 224 px + Vicuna-7B), Qwen2-VL, Llama-2; and the ``config.json``
 files of Qwen/Qwen3-8B, llava-hf/llava-v1.6-mistral-7b-hf, llava-hf/llava-onevision-qwen2-7b-ov-hf,
 OpenGVLab/InternVL3-8B-hf, HuggingFaceTB/SmolVLM-Instruct, mistralai/Mistral-Small-3.1-24B-Instruct-2503
-and Qwen/Qwen3-VL-8B-Instruct
-(each builder names its source). The small
+and Qwen/Qwen3-VL-8B-Instruct (each builder names its source); Gemma 3 (SigLIP-400M at 896 px, 256 image
+tokens; five sliding-window layers per full one). The small
 ``*-cpu`` presets are the benchmark shapes that fit a laptop.
 """
 
@@ -259,6 +259,43 @@ def _qwen3_vl(hidden: int, ffn: int, layers: int, heads: int, kv: int, tie: bool
     )
 
 
+def _gemma3(hidden: int, ffn: int, layers: int, heads: int, kv: int) -> tf.Gemma3Config:
+    text = tf.Gemma3TextConfig(
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        head_dim=256,
+        query_pre_attn_scalar=256,
+        vocab_size=262208,
+        sliding_window=1024,
+        layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(layers)],
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 8.0},
+        },
+        max_position_embeddings=131072,
+    )
+    vision = tf.SiglipVisionConfig(
+        hidden_size=1152,
+        intermediate_size=4304,
+        num_hidden_layers=27,
+        num_attention_heads=16,
+        image_size=896,
+        patch_size=14,
+        vision_use_head=False,
+    )
+    return tf.Gemma3Config(
+        text_config=text,
+        vision_config=vision,
+        mm_tokens_per_image=256,
+        image_token_id=262144,
+        boi_token_id=255999,
+        eoi_token_id=256000,
+    )
+
+
 PRESETS: dict[str, Callable[[], tf.PretrainedConfig]] = {
     "llava-1.5-7b": lambda: _llava(336, _llama(4096, 11008, 32, 32)),
     "llava-1.5-13b": lambda: _llava(336, _llama(5120, 13824, 40, 40)),
@@ -273,6 +310,8 @@ PRESETS: dict[str, Callable[[], tf.PretrainedConfig]] = {
     "smolvlm-2b": _smolvlm_2b,
     "mistral-small-3.1-24b": _mistral_small_31_24b,
     "qwen3-vl-8b": lambda: _qwen3_vl(4096, 12288, 36, 32, 8, tie=False),
+    "gemma-3-4b": lambda: _gemma3(2560, 10240, 34, 8, 4),
+    "gemma-3-12b": lambda: _gemma3(3840, 15360, 48, 16, 8),
     # CPU-sized shapes of the benchmarks
     "llama-cpu": lambda: tf.LlamaConfig(**_llama(384, 1024, 12, 6, vocab=8000)),
     "llama-cpu-wide": lambda: tf.LlamaConfig(**_llama(1024, 2816, 8, 8, vocab=8000)),

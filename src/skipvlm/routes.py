@@ -1,11 +1,13 @@
 """Routes: what one decoder layer computes under a plan, and the per-forward state the routes share.
 
-``shared/METHODS.md`` §1. A pre-norm decoder layer computes ``a = h + Attn(N_in(h))`` and
-``out = a + MLP(N_post(a))``. Applying a plan compiles it into one :class:`Route` per layer; the layer
-loop of :class:`~skipvlm.runtime.SkipDecoder` is then ``h = route(layer, h, step)``. This file holds the
-plain routes (the stock layer and its skips); methods with trainable modules (EAS's PIA, DAS's
-bottleneck: :mod:`skipvlm.adapters`; the per-example merge: :mod:`skipvlm.merge`) subclass
-:class:`Route` in their own files. A route's trainable modules live in it, under the child name
+``shared/METHODS.md`` §1. A pre-norm decoder layer computes ``a = h + N_ao(Attn(N_in(h)))`` and ``out =
+a + N_mo(MLP(N_post(a)))``, where ``N_post`` is the pre-MLP norm and the output norms ``N_ao``, ``N_mo``
+are the identity except in Gemma's sandwich layout; the step's :class:`~skipvlm.arch.LayerParts` names
+the sub-modules. Applying a plan compiles it into one :class:`Route` per layer; the layer loop of
+:class:`~skipvlm.runtime.SkipDecoder` is then ``h = route(layer, h, step)``. This file holds the plain
+routes (the stock layer and its skips); methods with trainable modules (EAS's PIA, DAS's bottleneck:
+:mod:`skipvlm.adapters`; the per-example merge: :mod:`skipvlm.merge`) subclass :class:`Route` in their
+own files. A route's trainable modules live in it, under the child name
 ``adapters``, so every adapter parameter of a model is named ``...routes.<layer>.adapters...``.
 
 :class:`Step` is everything the routes of one forward share (cache, positions, rotary tables, masks,
@@ -23,6 +25,7 @@ import torch
 from torch import nn
 
 from skipvlm import compat
+from skipvlm.arch import LayerParts
 from skipvlm.compat import Cache
 from skipvlm.layout import gather_tokens
 
@@ -53,7 +56,8 @@ class Frame:
     mask: torch.Tensor | None
     text_ids: torch.Tensor | None  # position ids for masks and attention (None under 3-D M-RoPE)
     rope_ids: torch.Tensor  # position ids of the rotary tables
-    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    # (cos, sin), or one (cos, sin) per layer type where the model keeps one table per type (Gemma 3)
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | dict[str, tuple[torch.Tensor, torch.Tensor]]
     build_masks: Callable[[], dict[str, Any]]
     _masks: dict[str, Any] | None = field(default=None, repr=False)
 
@@ -61,6 +65,11 @@ class Frame:
         if self._masks is None:
             self._masks = self.build_masks()
         return self._masks[kind]
+
+    def rotary(self, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (cos, sin) tables of a layer of type ``kind``."""
+        tables = self.position_embeddings
+        return tables[kind] if isinstance(tables, dict) else tables
 
 
 @dataclass
@@ -93,8 +102,10 @@ class Step:
         attends: per layer, whether its attention runs.
         build_masks: builds a layer-type -> mask dict from (2-D mask, hidden states, cache) (token exit
             builds the masks of a packed layout with it).
-        rotary: builds the rotary tables from (hidden states, position ids).
+        rotary: builds the rotary tables from (hidden states, position ids), in the form of
+            :attr:`Frame.position_embeddings`.
         attentions: where attention weights are collected (``output_attentions``), else None.
+        parts: the decoder layer's sub-modules and norm layout.
     """
 
     shape: tuple[int, int]
@@ -109,6 +120,7 @@ class Step:
     build_masks: Callable[[torch.Tensor, torch.Tensor, Cache | None], dict[str, Any]]
     rotary: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
     attentions: list[torch.Tensor | None] | None = None
+    parts: LayerParts = field(default_factory=LayerParts)
     _prompt: torch.Tensor | None = field(default=None, repr=False)
 
     def pool_mask(self) -> torch.Tensor:
@@ -125,25 +137,42 @@ class Step:
 
 
 def attend(layer: nn.Module, i: int, h: torch.Tensor, x: torch.Tensor, step: Step) -> torch.Tensor:
-    """``h + Attn(x)``: layer ``i``'s attention on its (normed) input ``x``, with the step's cache, mask
-    and positions."""
-    frame = step.frame
-    out, weights = layer.self_attn(
+    """``h + N_ao(Attn(x))``: layer ``i``'s attention on its (normed) input ``x``, with the step's cache,
+    mask and positions (``N_ao`` only where the layer has an attention-output norm)."""
+    frame, parts = step.frame, step.parts
+    kind = step.layer_types[i]
+    out, weights = getattr(layer, parts.attention)(
         hidden_states=x,
-        attention_mask=frame.attention_mask(step.layer_types[i]),
+        attention_mask=frame.attention_mask(kind),
         position_ids=frame.text_ids,
-        position_embeddings=frame.position_embeddings,
+        position_embeddings=frame.rotary(kind),
         **compat.cache_kwargs(step.cache),
         **step.attention_kwargs,
     )
     if step.attentions is not None:
         step.attentions.append(weights)
+    if parts.attention_out_norm is not None:
+        out = getattr(layer, parts.attention_out_norm)(out)
     return h + out
 
 
-def feed(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """``h + MLP(N_post(h))``."""
-    return h + layer.mlp(layer.post_attention_layernorm(h))
+def normed_input(layer: nn.Module, h: torch.Tensor, step: Step) -> torch.Tensor:
+    """``N_in(h)``: the attention's normed input."""
+    return getattr(layer, step.parts.input_norm)(h)
+
+
+def mlp_out(layer: nn.Module, h: torch.Tensor, x: torch.Tensor, step: Step) -> torch.Tensor:
+    """``h + N_mo(MLP(x))``: the MLP on its input ``x`` (``N_mo`` only where the layer has one)."""
+    parts = step.parts
+    out = getattr(layer, parts.mlp)(x)
+    if parts.mlp_out_norm is not None:
+        out = getattr(layer, parts.mlp_out_norm)(out)
+    return h + out
+
+
+def feed(layer: nn.Module, h: torch.Tensor, step: Step) -> torch.Tensor:
+    """``h + N_mo(MLP(N_post(h)))``."""
+    return mlp_out(layer, h, getattr(layer, step.parts.pre_mlp_norm)(h), step)
 
 
 class RouteError(ValueError):
@@ -196,26 +225,28 @@ class Route(nn.Module):
 
 
 class Stock(Route):
-    """The stock layer: ``a = h + Attn(N_in(h))``, ``out = a + MLP(N_post(a))``."""
+    """The stock layer: ``a = h + N_ao(Attn(N_in(h)))``, ``out = a + N_mo(MLP(N_post(a)))``."""
 
     def forward(self, layer: nn.Module, h: torch.Tensor, step: Step) -> torch.Tensor:
-        return feed(layer, attend(layer, self.index, h, layer.input_layernorm(h), step))
+        return feed(layer, attend(layer, self.index, h, normed_input(layer, h, step), step), step)
 
 
 class SkipAttention(Route):
-    """Attention skipped (§1): ``out = h + MLP(N_post(h))``; no q/k/v/o, no kernel, no KV cache."""
+    """Attention skipped (§1): ``out = h + N_mo(MLP(N_post(h)))``; no q/k/v/o, no kernel, no KV cache.
+
+    Equal to the stock layer with ``o_proj = 0``: ``N_ao(0) = 0`` for an RMSNorm."""
 
     runs_attention = False
 
     def forward(self, layer: nn.Module, h: torch.Tensor, step: Step) -> torch.Tensor:
-        return feed(layer, h)
+        return feed(layer, h, step)
 
 
 class SkipMLP(Route):
-    """MLP skipped (§1): ``out = h + Attn(N_in(h))``."""
+    """MLP skipped (§1): ``out = h + N_ao(Attn(N_in(h)))``."""
 
     def forward(self, layer: nn.Module, h: torch.Tensor, step: Step) -> torch.Tensor:
-        return attend(layer, self.index, h, layer.input_layernorm(h), step)
+        return attend(layer, self.index, h, normed_input(layer, h, step), step)
 
 
 class SkipLayer(Route):

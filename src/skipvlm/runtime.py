@@ -9,7 +9,8 @@ runs the loop the stock model runs, ``h = route(layer, h, step)``:
 * a layer whose attention is skipped holds a :class:`~transformers.cache_utils.DummyLayer` in the KV
   cache (it stores nothing; sequence length and positions are read from the layers that attend);
 * position ids, rotary tables and masks are built once per forward exactly as the stock text models
-  build them (1-D RoPE, or Qwen2-VL's / Qwen3-VL's 3-D M-RoPE), through :mod:`skipvlm.compat`;
+  build them (1-D RoPE, Qwen2-VL's / Qwen3-VL's 3-D M-RoPE, Gemma 3's one table per layer type and
+  bidirectional image blocks), through :mod:`skipvlm.compat`;
 * visual-token exit (§4) is a hook of the step: before a layer it may switch the step to a packed
   layout of the remaining tokens; everything that reads the layout (masks, positions, the tokens
   adapters pool over) follows.
@@ -37,6 +38,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from skipvlm import compat
 from skipvlm.arch import ArchFacts, arch_facts, decoder_slot, unwrap
 from skipvlm.compat import Cache, DummyLayer, DynamicCache
+from skipvlm.layout import gather_tokens
 from skipvlm.plan import CONFIG_KEY, Plan
 from skipvlm.routes import Frame, Memory, Route, RouteError, Step, plain_route
 
@@ -85,10 +87,15 @@ class ExitHook(Protocol):
 class TopInputs:
     """What the top-level model was called with that its text model does not receive: the ``input_ids``
     (a LLaVA-style model hands its text model embeddings only; token exit finds the image tokens in
-    them) and the tokens adapters pool over (set by :meth:`~skipvlm.eas.EASModel.forward`)."""
+    them) and the tokens adapters pool over (set by :meth:`~skipvlm.eas.EASModel.forward`). For a family
+    with image blocks (Gemma 3) also the 2-D ``attention_mask`` and the ``token_type_ids``: its top model
+    hands the text model prepared masks, and the runtime builds its own (for token exit and pooling)."""
 
     def __init__(self) -> None:
         self.input_ids: torch.Tensor | None = None
+        self.attention_mask: torch.Tensor | None = None
+        self.token_type_ids: torch.Tensor | None = None
+        self.calling = False  # within a call of the top model
         self.pool_mask: torch.Tensor | None = None
         self.hooks: tuple = ()
 
@@ -250,7 +257,10 @@ class SkipDecoder(StockWrapper):
 
     def removed_attention(self) -> list[int]:
         """Layers whose attention weights were freed by a merge (see :class:`RemovedAttention`)."""
-        return [i for i, layer in enumerate(self.layers) if isinstance(layer.self_attn, RemovedAttention)]
+        name = self.facts.parts.attention
+        return [
+            i for i, layer in enumerate(self.layers) if isinstance(getattr(layer, name), RemovedAttention)
+        ]
 
     def unwrap(self) -> nn.Module:
         """Return the stock text model (see :meth:`StockWrapper.unwrap`), removing the input hooks."""
@@ -295,6 +305,7 @@ class SkipDecoder(StockWrapper):
         checkpointing = self.training and self._checkpointing_enabled()
         attends = [route.runs_attention for route in self.routes]
         cache = _prepare_cache(self.config, cache, use_cache, attends, checkpointing)
+        attention_mask = self._top_mask(attention_mask, inputs_embeds)
         step = self._step(inputs_embeds, attention_mask, position_ids, cache, kwargs, output_attentions)
         ids = input_ids if input_ids is not None else self.inputs.input_ids
         hook = self._exit.begin(step, ids, attention_mask) if self._exit is not None else None
@@ -339,6 +350,24 @@ class SkipDecoder(StockWrapper):
             getattr(layer, "gradient_checkpointing", False) for layer in self.layers
         )
 
+    def _top_mask(self, attention_mask: Any, embeds: torch.Tensor) -> Any:
+        """The 2-D mask the top model was called with, where it handed this text model prepared masks
+        because images attend within their blocks (Gemma 3); the runtime rebuilds those masks itself."""
+        if not (self.facts.family.image_blocks and isinstance(attention_mask, dict)):
+            return attention_mask
+        top = self.inputs.attention_mask
+        if not self.inputs.calling or (top is not None and top.shape[0] != embeds.shape[0]):
+            return attention_mask
+        return top  # None: no padding (the stock model builds its masks from None too)
+
+    def _image_types(self, embeds: torch.Tensor, prefill: bool) -> torch.Tensor | None:
+        """(B, T) token types of the top call (1: image token) where images attend within their blocks
+        (at prefill; the stock model drops them while decoding)."""
+        types = self.inputs.token_type_ids
+        if not self.facts.family.image_blocks or types is None or not prefill:
+            return None
+        return types if tuple(types.shape) == tuple(embeds.shape[:2]) else None
+
     def _step(
         self,
         embeds: torch.Tensor,
@@ -363,21 +392,28 @@ class SkipDecoder(StockWrapper):
                 )
         rope_ids, text_ids = _positions(self.facts.rope, position_ids, embeds, cache)
         config, types = self.config, self.facts.layer_types
-        masks = functools.partial(_masks, config, types, attention_mask, embeds, cache, text_ids)
-        return Step(
+        image_types = self._image_types(embeds, prefill)
+        masks = functools.partial(_masks, config, types, attention_mask, embeds, cache, text_ids, image_types)
+        per_type = types if self.facts.family.rotary_per_layer_type else None
+        rotary = compat.rotary_tables(self.rotary_emb, per_type)
+        step = Step(
             shape=tuple(embeds.shape[:2]),
             cache=cache,
             prefill=prefill,
-            frame=Frame(None, None, text_ids, rope_ids, self.rotary_emb(embeds, rope_ids), masks),
+            frame=Frame(None, None, text_ids, rope_ids, rotary(embeds, rope_ids), masks),
             layer_types=self.facts.layer_types,
             attention_kwargs=kwargs,
             memory=memory,
             prompt_mask=functools.partial(_prompt_mask, self.inputs.pool_mask, attention_mask, embeds),
             attends=tuple(route.runs_attention for route in self.routes),
-            build_masks=lambda mask, hidden, view: _masks(config, types, mask, hidden, view, None),
-            rotary=self.rotary_emb,
+            build_masks=lambda mask, hidden, view: _masks(
+                config, types, mask, hidden, view, None, _in_layout(image_types, step.frame)
+            ),
+            rotary=rotary,
             attentions=[] if output_attentions else None,
+            parts=self.facts.parts,
         )
+        return step
 
 
 # --- helpers of the forward --------------------------------------------------------------------------
@@ -430,10 +466,18 @@ def _masks(
     embeds: torch.Tensor,
     cache: Cache | None,
     text_ids: torch.Tensor | None,
+    image_types: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     if isinstance(attention_mask, dict):  # already prepared per layer type, e.g. by `generate`
         return attention_mask
-    return compat.build_masks(config, layer_types, embeds, attention_mask, cache, text_ids)
+    return compat.build_masks(config, layer_types, embeds, attention_mask, cache, text_ids, image_types)
+
+
+def _in_layout(values: torch.Tensor | None, frame: Frame) -> torch.Tensor | None:
+    """(B, T) per-position values read in ``frame``'s packed layout (0 in padding slots)."""
+    if values is None or frame.index is None:
+        return values
+    return torch.where(frame.mask, gather_tokens(values, frame.index), 0)
 
 
 def _prompt_mask(
@@ -502,12 +546,19 @@ def _check_cache_grew(cache: Cache | None, before: dict[int, int] | None) -> Non
 
 
 def _remember_ids(model: nn.Module, args: tuple, kwargs: dict, path: str) -> None:
+    inputs = model.get_submodule(path).inputs
     ids = kwargs.get("input_ids", args[0] if args else None)
-    model.get_submodule(path).inputs.input_ids = ids if isinstance(ids, torch.Tensor) else None
+    inputs.input_ids = ids if isinstance(ids, torch.Tensor) else None
+    mask, types = kwargs.get("attention_mask"), kwargs.get("token_type_ids")
+    inputs.attention_mask = mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
+    inputs.token_type_ids = types if isinstance(types, torch.Tensor) else None
+    inputs.calling = True
 
 
 def _forget_ids(model: nn.Module, args: tuple, kwargs: dict, output: Any, path: str) -> None:
-    model.get_submodule(path).inputs.input_ids = None
+    inputs = model.get_submodule(path).inputs
+    inputs.input_ids = inputs.attention_mask = inputs.token_type_ids = None
+    inputs.calling = False
 
 
 # --- public functions ----------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ def received_attention(
     queries: torch.Tensor,
     keys: torch.Tensor,
     scaling: float,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Attention each position receives, averaged over heads and over the chosen queries.
 
@@ -48,6 +49,7 @@ def received_attention(
         queries: (B, T) bool, the query positions to average over.
         keys: (B, T) bool, the positions that may be attended (real tokens).
         scaling: the attention's score scale (1 / sqrt(D)).
+        window: a sliding-window layer's window (a query sees the ``window - 1`` positions before it).
 
     Returns:
         (B, T) fp32: mean attention received from the chosen queries (causal: a query sees itself and
@@ -65,9 +67,10 @@ def received_attention(
     for b in rows.unique().tolist():
         pos = cols[rows == b]  # the query positions of example b
         scores = torch.einsum("qhd,htd->qht", q[b, pos], k_heads[b]) * scaling  # (Q, H, T)
-        visible = keys[b][None, :] & (
-            torch.arange(length, device=q.device)[None, :] <= pos[:, None]
-        )  # (Q, T)
+        kv = torch.arange(length, device=q.device)[None, :]
+        visible = keys[b][None, :] & (kv <= pos[:, None])  # (Q, T)
+        if window is not None:
+            visible &= kv > pos[:, None] - window
         scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
         total[b] = scores.softmax(-1).mean(dim=(0, 1))
     return total
@@ -89,19 +92,22 @@ class FastV:
         if i != self.layer - 1:
             yield
             return
-        attention = layer.self_attn
+        attention = getattr(layer, self.facts.parts.attention)
         self._scaling = float(getattr(attention, "scaling", self.facts.head_dim**-0.5))
-
-        def capture(name: str):
-            def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
-                self._captured[name] = output
-
-            return hook
-
-        # Attentions with per-head q / k norms (Qwen3, Qwen3-VL) apply them before RoPE: read after them.
+        # Attentions that normalise q and k per head before RoPE (Qwen3, Qwen3-VL, Gemma 3): read the
+        # norms' outputs. Qwen3 normalises (B, T, H, D) before moving the heads forward, Gemma 3 after,
+        # as (B, H, T, D) (a transposed, so non-contiguous, input); the projections give (B, T, H * D).
         q_out, k_out = (getattr(attention, f"{x}_norm", None) for x in "qk")
         q_out = attention.q_proj if q_out is None else q_out
         k_out = attention.k_proj if k_out is None else k_out
+
+        def capture(name: str):
+            def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+                heads_first = output.dim() == 4 and not args[0].is_contiguous()
+                self._captured[name] = output.transpose(1, 2) if heads_first else output
+
+            return hook
+
         handles = [q_out.register_forward_hook(capture("q")), k_out.register_forward_hook(capture("k"))]
         try:
             yield
@@ -122,7 +128,10 @@ class FastV:
         d = self.facts.head_dim
         q = q.reshape(batch, length, -1, d)  # (B, T', H, D)
         k = k.reshape(batch, length, -1, d)  # (B, T', H_kv, D)
-        cos, sin = run.frame.position_embeddings
+        kind = self.facts.layer_types[i - 1]
+        cos, sin = run.frame.rotary(kind)
+        text = self.facts.text_config
+        window = getattr(text, "sliding_window", None) if kind == "sliding_attention" else None
         real = run.in_layout(run.real)  # (B, T') real tokens of the layout
         if self.source == "last":
             queries = torch.zeros_like(real)
@@ -130,7 +139,7 @@ class FastV:
         else:
             queries = real & ~run.visual_in_layout()
         cos, sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
-        scores = received_attention(q, k, cos, sin, queries, real, self._scaling)  # (B, T')
+        scores = received_attention(q, k, cos, sin, queries, real, self._scaling, window)  # (B, T')
         scores = run.to_original(scores, 0.0)  # (B, T)
         visual = run.visual & run.keep
         count = visual.sum(1)  # (B,)
