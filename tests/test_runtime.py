@@ -365,3 +365,17 @@ def test_routes_follow_the_plan_and_state_their_formula():
     assert [type(r).__name__ for r in routes] == ["Stock", "SkipAttention", "SkipMLP", "SkipLayer"]
     assert all("out = " in type(r).__doc__ for r in routes)
     assert [r.runs_attention for r in routes] == [True, False, True, False]
+
+
+def test_a_copied_model_keeps_no_decode_memory_of_the_original():
+    import copy
+
+    model = build_model("llama")
+    skipvlm.apply_plan(model, skipvlm.Plan(skip_attention=[1]))
+    ids = torch.tensor([[1, 5, 6, 7]])
+    out = model(input_ids=ids, use_cache=True)  # the cache (and its memory) stays alive
+    decoder = get_decoder(model)
+    decoder._memory[output_cache(out)].layers[0] = (torch.ones(1, requires_grad=True) * 2,)  # a non-leaf
+    twin = copy.deepcopy(model)
+    assert len(get_decoder(twin)._memory) == 0 and len(decoder._memory) == 1
+    torch.testing.assert_close(twin(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)

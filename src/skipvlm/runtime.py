@@ -129,6 +129,24 @@ class TopInputs:
         finally:
             self.pool_mask = previous
 
+    def top_mask(self, attention_mask: Any, embeds: torch.Tensor, image_blocks: bool) -> Any:
+        """The 2-D mask the top model was called with, where it handed the text model prepared masks
+        because images attend within their blocks (Gemma 3); the runtime rebuilds those masks itself."""
+        if not (image_blocks and isinstance(attention_mask, dict)):
+            return attention_mask
+        top = self.attention_mask
+        if not self.calling or (top is not None and top.shape[0] != embeds.shape[0]):
+            return attention_mask
+        return top  # None: no padding (the stock model builds its masks from None too)
+
+    def image_types(self, embeds: torch.Tensor, prefill: bool, image_blocks: bool) -> torch.Tensor | None:
+        """(B, T) token types of the top call (1: image token) where images attend within their blocks
+        (at prefill; the stock model drops them while decoding)."""
+        types = self.token_type_ids
+        if not image_blocks or types is None or not prefill:
+            return None
+        return types if tuple(types.shape) == tuple(embeds.shape[:2]) else None
+
 
 class StockWrapper(nn.Module):
     """Stands where a stock module was, holding its children under their own names.
@@ -201,7 +219,7 @@ class SkipDecoder(StockWrapper):
         self.routes = nn.ModuleList([plain_route(Plan(), i) for i in range(facts.num_layers)])
         self._own.add("routes")
         object.__setattr__(self, "inputs", TopInputs())
-        object.__setattr__(self, "_memory", weakref.WeakKeyDictionary())  # KV cache -> Memory
+        object.__setattr__(self, "_memory", _Memories())
         object.__setattr__(self, "last_exit_layers", None)
         self.plan = plan
 
@@ -305,42 +323,34 @@ class SkipDecoder(StockWrapper):
         checkpointing = self.training and self._checkpointing_enabled()
         attends = [route.runs_attention for route in self.routes]
         cache = _prepare_cache(self.config, cache, use_cache, attends, checkpointing)
-        attention_mask = self._top_mask(attention_mask, inputs_embeds)
+        attention_mask = self.inputs.top_mask(attention_mask, inputs_embeds, self.facts.family.image_blocks)
         step = self._step(inputs_embeds, attention_mask, position_ids, cache, kwargs, output_attentions)
         ids = input_ids if input_ids is not None else self.inputs.input_ids
         hook = self._exit.begin(step, ids, attention_mask) if self._exit is not None else None
         lengths = _cache_lengths(cache, self.routes)
 
+        full = hook.expand if hook is not None else (lambda x: x)  # every original position
         h = inputs_embeds
-        all_hidden = [] if output_hidden_states or self.config.output_hidden_states else None
+        hidden = [h] if output_hidden_states or self.config.output_hidden_states else None
         for i, (layer, route) in enumerate(zip(self.layers, self.routes, strict=True)):
             if hook is not None:
                 h = hook.before_layer(i, h, step)
-            if all_hidden is not None and i == 0:
-                all_hidden.append(hook.expand(h) if hook is not None else h)
             with hook.watch(i, layer) if hook is not None else contextlib.nullcontext():
                 if checkpointing:
                     h = torch.utils.checkpoint.checkpoint(route, layer, h, step, use_reentrant=False)
                 else:
                     h = route(layer, h, step)
-            if all_hidden is not None and i < len(self.layers) - 1:  # layer outputs, as stock records them
-                all_hidden.append(hook.expand(h) if hook is not None else h)
+            if hidden is not None and i < len(self.layers) - 1:  # layer outputs, as stock records them
+                hidden.append(full(h))
             if extra is not None:
                 h = extra.after_layer(i, h, step.frame.index, step.frame.mask)
         _check_cache_grew(cache, lengths)
-        if hook is not None:
-            h = hook.expand(h)
         if step.prefill:
             object.__setattr__(self, "last_exit_layers", hook.exit_layers if hook is not None else None)
-        h = self.norm(h)
-        if all_hidden is not None:
-            all_hidden.append(h)
-        return compat.decoder_output(
-            h,
-            cache,
-            tuple(all_hidden) if all_hidden is not None else None,
-            tuple(step.attentions) if step.attentions is not None else None,
-        )
+        h = self.norm(full(h))
+        hidden = (*hidden, h) if hidden is not None else None
+        attentions = tuple(step.attentions) if step.attentions is not None else None
+        return compat.decoder_output(h, cache, hidden, attentions)
 
     # --- the step ------------------------------------------------------------------------------------
 
@@ -349,24 +359,6 @@ class SkipDecoder(StockWrapper):
         return bool(self.__dict__.get("gradient_checkpointing")) or any(
             getattr(layer, "gradient_checkpointing", False) for layer in self.layers
         )
-
-    def _top_mask(self, attention_mask: Any, embeds: torch.Tensor) -> Any:
-        """The 2-D mask the top model was called with, where it handed this text model prepared masks
-        because images attend within their blocks (Gemma 3); the runtime rebuilds those masks itself."""
-        if not (self.facts.family.image_blocks and isinstance(attention_mask, dict)):
-            return attention_mask
-        top = self.inputs.attention_mask
-        if not self.inputs.calling or (top is not None and top.shape[0] != embeds.shape[0]):
-            return attention_mask
-        return top  # None: no padding (the stock model builds its masks from None too)
-
-    def _image_types(self, embeds: torch.Tensor, prefill: bool) -> torch.Tensor | None:
-        """(B, T) token types of the top call (1: image token) where images attend within their blocks
-        (at prefill; the stock model drops them while decoding)."""
-        types = self.inputs.token_type_ids
-        if not self.facts.family.image_blocks or types is None or not prefill:
-            return None
-        return types if tuple(types.shape) == tuple(embeds.shape[:2]) else None
 
     def _step(
         self,
@@ -379,20 +371,10 @@ class SkipDecoder(StockWrapper):
     ) -> Step:
         """The forward's positions, rotary tables, lazy masks and memory, as the stock model builds them."""
         prefill = cache is None or cache.get_seq_length() == 0
-        if cache is None:
-            memory = Memory()
-        elif prefill:
-            memory = self._memory[cache] = Memory()
-        else:  # a cache filled by another model (or without a plan) decodes with an empty memory
-            memory = self._memory.setdefault(cache, Memory())
-            if self._exit is None and memory.token_exit is not None:
-                raise ValueError(
-                    "this KV cache was filled under a plan that withdrew visual tokens; start a new cache "
-                    "after changing the plan"
-                )
+        memory = _memory(self._memory, cache, prefill, self._exit is not None)
         rope_ids, text_ids = _positions(self.facts.rope, position_ids, embeds, cache)
         config, types = self.config, self.facts.layer_types
-        image_types = self._image_types(embeds, prefill)
+        image_types = self.inputs.image_types(embeds, prefill, self.facts.family.image_blocks)
         masks = functools.partial(_masks, config, types, attention_mask, embeds, cache, text_ids, image_types)
         per_type = types if self.facts.family.rotary_per_layer_type else None
         rotary = compat.rotary_tables(self.rotary_emb, per_type)
@@ -417,6 +399,34 @@ class SkipDecoder(StockWrapper):
 
 
 # --- helpers of the forward --------------------------------------------------------------------------
+
+
+class _Memories(weakref.WeakKeyDictionary):
+    """KV cache -> :class:`Memory`, for as long as the cache lives. A copy of the model (``deepcopy``,
+    pickling) starts without any: a generation's memory belongs to the model that ran it."""
+
+    def __deepcopy__(self, memo: dict) -> _Memories:
+        return _Memories()
+
+    def __reduce__(self) -> tuple:
+        return (_Memories, ())
+
+
+def _memory(memories: _Memories, cache: Cache | None, prefill: bool, exits: bool) -> Memory:
+    """The memory of ``cache``: a new one at prefill (or without a cache), the prefill's while decoding (an
+    empty one for a cache filled by another model or without a plan)."""
+    if cache is None:
+        return Memory()
+    if prefill:
+        memories[cache] = Memory()
+        return memories[cache]
+    memory = memories.setdefault(cache, Memory())
+    if not exits and memory.token_exit is not None:
+        raise ValueError(
+            "this KV cache was filled under a plan that withdrew visual tokens; start a new cache after "
+            "changing the plan"
+        )
+    return memory
 
 
 def _prepare_cache(
