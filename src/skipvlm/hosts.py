@@ -18,6 +18,15 @@ from skipvlm.deepstack import take_deepstack
 __all__: list[str] = []
 
 
+def _vit_macs(vision: PretrainedConfig, patches: int, tokens: int) -> int:
+    """One ViT pass over ``patches`` patches (``tokens`` sequence length with any class token)."""
+    e, f = vision.hidden_size, vision.intermediate_size
+    channels = getattr(vision, "num_channels", 3)
+    patch = vision.patch_size[0] if isinstance(vision.patch_size, (list, tuple)) else vision.patch_size
+    per_layer = tokens * (4 * e * e + 2 * e * f) + 2 * tokens * tokens * e
+    return patches * e * channels * patch**2 + vision.num_hidden_layers * per_layer
+
+
 def _clip_tokens(config: PretrainedConfig, images: int, image_patches: int) -> int:
     vision = config.vision_config
     return images * (vision.image_size // vision.patch_size) ** 2
@@ -27,12 +36,9 @@ def _clip_macs(config: PretrainedConfig, images: int, image_patches: int) -> tup
     """A CLIP-style tower over each image (patch embedding, attention + MLP per layer), then LLaVA's
     two-layer projector per visual token."""
     vision, c = config.vision_config, config.get_text_config(decoder=True).hidden_size
-    e, f = vision.hidden_size, vision.intermediate_size
+    e = vision.hidden_size
     patches = (vision.image_size // vision.patch_size) ** 2
-    n = patches + 1  # the class token
-    embed = patches * e * vision.num_channels * vision.patch_size**2
-    per_layer = n * (4 * e * e + 2 * e * f) + 2 * n * n * e
-    tower = embed + vision.num_hidden_layers * per_layer
+    tower = _vit_macs(vision, patches, patches + 1)  # the class token joins the sequence
     return images * tower, images * patches * (e * c + c * c)
 
 
@@ -102,15 +108,6 @@ def _tile_side(vision: PretrainedConfig) -> int:
     size = size[0] if isinstance(size, (list, tuple)) else size
     patch = patch[0] if isinstance(patch, (list, tuple)) else patch
     return size // patch
-
-
-def _vit_macs(vision: PretrainedConfig, patches: int, tokens: int) -> int:
-    """One ViT pass over ``patches`` patches (``tokens`` sequence length with any class token)."""
-    e, f = vision.hidden_size, vision.intermediate_size
-    channels = getattr(vision, "num_channels", 3)
-    patch = vision.patch_size[0] if isinstance(vision.patch_size, (list, tuple)) else vision.patch_size
-    per_layer = tokens * (4 * e * e + 2 * e * f) + 2 * tokens * tokens * e
-    return patches * e * channels * patch**2 + vision.num_hidden_layers * per_layer
 
 
 def _tiles(vision: PretrainedConfig, image_patches: int) -> tuple[int, int]:
@@ -297,12 +294,9 @@ def _gemma3_macs(config: PretrainedConfig, images: int, image_patches: int) -> t
     """A SigLIP tower over each image (patch embedding, attention + MLP per layer, no class token), then
     Gemma 3's projector: average pooling to ``mm_tokens_per_image`` tokens and one linear map each."""
     vision, c = config.vision_config, config.get_text_config(decoder=True).hidden_size
-    e, f = vision.hidden_size, vision.intermediate_size
     n = (vision.image_size // vision.patch_size) ** 2
-    embed = n * e * vision.num_channels * vision.patch_size**2
-    per_layer = n * (4 * e * e + 2 * e * f) + 2 * n * n * e
-    tower = embed + vision.num_hidden_layers * per_layer
-    return images * tower, images * config.mm_tokens_per_image * e * c
+    tower = _vit_macs(vision, n, n)
+    return images * tower, images * config.mm_tokens_per_image * vision.hidden_size * c
 
 
 register_host(
