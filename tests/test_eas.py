@@ -396,3 +396,25 @@ def test_the_optimiser_sees_every_trainable_parameter_once_projector_first_then_
     expected = [p for p in model.projector().parameters()]
     expected += [p for kind in kinds for i in sorted(kind, key=int) for p in kind[i].parameters()]
     assert [id(p) for p in params] == [id(p) for p in expected]
+
+
+def test_a_narrowed_plan_saves_and_reloads_with_every_adapter_built(tmp_path):
+    model = randomize_adapters(build_eas("llama", skip=(1, 2), adapt_layers="none"))
+    model.set_plan(skipvlm.Plan(skip_attention=[1]))
+    model.save_pretrained(tmp_path)
+    loaded = skipvlm.EASModel.from_pretrained(build_model("llama"), tmp_path)
+    assert loaded.plan == skipvlm.Plan(skip_attention=[1]) and loaded.eas_config.skip_attention == [1]
+    inputs = make_inputs("llama", lengths=(6, 3))
+    torch.testing.assert_close(logits(loaded, inputs), logits(model, inputs), rtol=0, atol=0)
+    loaded.set_plan(skipvlm.Plan(skip_attention=[1, 2]))  # layer 2's adapter came back too
+
+
+def test_format_1_tensor_names_load_into_a_built_model():
+    model = skipvlm.EASModel.from_pretrained(build_model("llama"), DATA / "eas_v1")
+    old = load_file(DATA / "eas_v1" / ADAPTER_FILE)
+    fresh = skipvlm.get_eas_model(build_model("llama"), model._config)
+    fresh.load_trainable_state_dict(old)  # e.g. a training checkpoint written before the routes
+    for (name, a), b in zip(
+        fresh.adapter_state_dict().items(), model.adapter_state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name

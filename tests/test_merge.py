@@ -273,3 +273,15 @@ def test_a_merged_model_says_its_adapters_are_gone(tmp_path):
     model.merge_and_unload("static")
     with pytest.raises(ValueError, match="already merged by merge_and_unload"):
         model.export_merged(tmp_path / "m")
+
+
+def test_a_merged_model_refuses_to_save_or_merge_its_adapters_again(tmp_path):
+    for mode in ("per_example", "static"):
+        model, _ = trained("llama")
+        model.merge_and_unload(mode)
+        with pytest.raises(ValueError, match="already merged"):
+            model.adapters  # noqa: B018
+        with pytest.raises(ValueError, match="already merged"):
+            model.save_pretrained(tmp_path / mode)
+        with pytest.raises(ValueError, match="already merged"):
+            model.merge_and_unload("static")

@@ -37,9 +37,7 @@ def fourth_method():
     method = TokenExitMethod(
         name="withdraw",
         fields=(PlanField("withdraw_layer", None, exit_layer_value, "test: withdraw at", int, layer=True),),
-        runner=lambda p, facts: ExitRunner(
-            lambda device: _WithdrawAll(p.withdraw_layer), facts.visual_token_ids
-        ),
+        runner=lambda p, facts: ExitRunner(lambda device: _WithdrawAll(p.withdraw_layer), facts),
         exit_layer=lambda p: p.withdraw_layer,
         macs=lambda p, visual, measured: (p.withdraw_layer, visual),
     )
@@ -104,3 +102,35 @@ def test_a_new_host_family_is_one_entry(qwen3_host):
     eas = skipvlm.get_eas_model(model, skipvlm.EASConfig(skip_attention=[1]))
     with torch.no_grad():
         torch.testing.assert_close(eas(input_ids=ids).logits.shape, expected.shape)
+
+
+def test_plans_built_before_a_method_registers_still_compare_validate_and_read(fourth_method):
+    del plan._METHODS[fourth_method.name]
+    before = skipvlm.Plan(skip_attention=[1], visual_exit_layer=2)
+    register_token_exit(fourth_method)
+    after = skipvlm.Plan(skip_attention=[1], visual_exit_layer=2)
+    assert before == after and hash(before) == hash(after)
+    assert before.withdraw_layer is None
+    before.validate_for(4)
+    assert skipvlm.Plan.from_dict(before.to_dict()) == before
+
+
+def test_the_supported_families_are_listed_right_after_import():
+    import subprocess
+    import sys
+
+    code = "import skipvlm as s; print('llama' in s.SUPPORTED_MODEL_TYPES, len(s.SUPPORTED_MODEL_TYPES) > 6)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "True"]
+
+
+def test_a_model_under_token_exit_copies():
+    import copy
+
+    model = build_model("llava")
+    skipvlm.apply_plan(model, skipvlm.Plan(skip_attention=[3], visual_exit_layer=2))
+    inputs = make_inputs("llava", lengths=(30, 20))
+    expected = logits(model, inputs)
+    twin = copy.deepcopy(model)  # the token-exit runner (closures) is rebuilt from the plan
+    torch.testing.assert_close(logits(twin, inputs), expected, rtol=0, atol=0)
+    assert skipvlm.exit_layers(twin) == [2, 2]

@@ -87,11 +87,11 @@ class LayerAdapters(nn.Module):
             return DASRoute(i, self) if self.bottleneck is not None else SkipLayer(i, self)
         if not attention:
             if self.replace is None:
-                raise _missing(i, "replace-PIA", "its attention skipped")
+                raise _missing(i)
             return ReplacePIARoute(i, self)
         if self.adapt is None:
             if self.require_adapt:
-                raise _missing(i, "adapt-PIA", "its attention kept")
+                raise _missing(i)
             return plain_route(plan, i, self)
         return AdaptPIARoute(i, self, mlp=mlp)
 
@@ -131,7 +131,7 @@ class LayerAdapters(nn.Module):
         return w, g
 
 
-def _missing(i: int, adapter: str, role: str) -> RouteError:
+def _missing(i: int) -> RouteError:
     return RouteError(
         i,
         "have no adapter for that role (a replace-PIA for a skipped attention, an adapt-PIA for a kept one)",

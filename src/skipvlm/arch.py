@@ -141,9 +141,17 @@ class LayerHook(Protocol):
 _HOSTS: dict[str, HostFamily] = {}
 
 
+def _builtins() -> dict[str, HostFamily]:
+    """The registry, with the built-in families (:mod:`skipvlm.hosts`) loaded first."""
+    import skipvlm.hosts  # noqa: F401  (registers the built-in families once)
+
+    return _HOSTS
+
+
 def register_host(family: HostFamily) -> HostFamily:
-    """Add a model family: plans, adapters, token exit and cost accounting then support it. Returns it."""
-    _HOSTS[family.model_type] = family
+    """Add a model family: plans, adapters, token exit and cost accounting then support it. A family
+    of a ``model_type`` already registered replaces it (the built-in ones load first). Returns it."""
+    _builtins()[family.model_type] = family
     return family
 
 
@@ -153,9 +161,7 @@ def host_family(model_type: str) -> HostFamily:
     Raises:
         UnsupportedModelError: none is registered; the message lists the supported ones.
     """
-    import skipvlm.hosts  # noqa: F401  (registers the built-in families)
-
-    family = _HOSTS.get(model_type)
+    family = _builtins().get(model_type)
     if family is None:
         raise _unsupported(f"model_type {model_type!r} is not supported")
     return family
@@ -165,16 +171,14 @@ class _Supported(Mapping):
     """model_type -> the supported family's name, read live from the registry."""
 
     def __getitem__(self, model_type: str) -> str:
-        family = _HOSTS[model_type]
+        family = _builtins()[model_type]
         return family.description or family.model_class
 
     def __iter__(self) -> Iterator[str]:
-        import skipvlm.hosts  # noqa: F401
-
-        return iter(_HOSTS)
+        return iter(list(_builtins()))
 
     def __len__(self) -> int:
-        return len(list(iter(self)))
+        return len(_builtins())
 
 
 SUPPORTED_MODEL_TYPES: Mapping[str, str] = _Supported()

@@ -368,6 +368,7 @@ class EASModel(nn.Module):
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """The tensors :meth:`save_pretrained` writes: the adapters (and the projector if trained)."""
+        self.adapters  # noqa: B018  (raises once they are merged)
         state = _routes_state(self.decoder.routes)
         if self.eas_config.train_projector:
             state |= {f"{_PROJECTOR_PREFIX}{k}": v for k, v in self.projector().state_dict().items()}
@@ -409,7 +410,8 @@ class EASModel(nn.Module):
             save_file(state, str(tmp), metadata={"format": "pt", "producer": "skipvlm"})
         meta = {
             "format_version": _FORMAT_VERSION,
-            "eas_config": self.eas_config.to_dict(),
+            "eas_config": self._config.to_dict(),  # the adapters built, whatever runs now
+            "plan": self.plan.skips_only().to_dict(),  # what runs now
             "base_model": _base_signature(self.facts),
         }
         atomic_write_text(path / CONFIG_FILE, json.dumps(meta, indent=2) + "\n")
@@ -462,12 +464,15 @@ class EASModel(nn.Module):
         _check_state(state, trial, weights)
         model = cls(base_model, config)
         model.load_adapter_state_dict(state, source=weights)
+        if "plan" in meta:  # format 2: the plan that ran when saved (format 1: the config's)
+            model.set_plan(Plan.from_dict(meta["plan"]))
         return model
 
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor], source: Any = "state dict") -> None:
         """Load tensors written by :meth:`adapter_state_dict` (names and shapes must match exactly, and
         every value must be finite)."""
         expected = self.adapter_state_dict()
+        state = _from_format_1(state)  # a file or training checkpoint written before the routes
         _check_state(state, {k: v.shape for k, v in expected.items()}, source)
         with torch.no_grad():
             for k, v in state.items():
@@ -571,7 +576,9 @@ class AdapterSet:
 
     def __init__(self, decoder: SkipDecoder):
         self.layers: dict[int, LayerAdapters] = {
-            i: route.adapters for i, route in enumerate(decoder.routes) if "adapters" in route._modules
+            i: route.adapters
+            for i, route in enumerate(decoder.routes)
+            if isinstance(route._modules.get("adapters"), LayerAdapters)  # not a per-example merge's
         }
 
     def _kind(self, kind: str) -> dict[str, nn.Module]:

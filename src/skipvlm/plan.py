@@ -155,10 +155,11 @@ _METHODS: dict[str, TokenExitMethod] = {}
 
 
 def register_token_exit(method: TokenExitMethod) -> TokenExitMethod:
-    """Add a token-exit method; its fields become :class:`Plan` fields. Returns ``method``.
+    """Add a token-exit method; its fields become :class:`Plan` fields. Registering a method of a name
+    already registered replaces it. Returns ``method``.
 
     Raises:
-        ValueError: a method of that name, or a field of one of its names, is registered already.
+        ValueError: a field of the method is another method's (or a skip list's) already.
     """
     taken = {f.name for m in _METHODS.values() if m.name != method.name for f in m.fields}
     clash = sorted(taken & {f.name for f in method.fields} | (set(_CORE) & {f.name for f in method.fields}))
@@ -225,6 +226,7 @@ class Plan:
         self,
         skip_attention: Any = (),
         skip_mlp: Any = (),
+        *,
         candidates: str | None = None,
         **token_exit: Any,
     ):
@@ -261,16 +263,20 @@ class Plan:
                 )
 
     def __getattr__(self, name: str) -> Any:
-        exit_fields = object.__getattribute__(self, "_exit")
-        if name != "method" and name in exit_fields:
-            return exit_fields[name]
+        if name.startswith("_"):
+            raise AttributeError(name)
+        fields = self.token_fields()  # a method registered after this plan was built reads as its default
+        if name in fields:
+            return fields[name]
         raise AttributeError(f"Plan has no field {name!r}")
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("a Plan is immutable; build another with plan.replace(...)")
 
     def _key(self) -> tuple:
-        return (self.skip_attention, self.skip_mlp, tuple(sorted(self.token_fields().items(), key=str)))
+        defaults = {name: spec.default for name, (_, spec) in _token_fields().items()}
+        changed = sorted((k, v) for k, v in self.token_fields().items() if v != defaults[k])
+        return (self.skip_attention, self.skip_mlp, tuple(changed))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Plan) and self._key() == other._key()
@@ -296,7 +302,8 @@ class Plan:
 
     def token_fields(self) -> dict[str, Any]:
         """The token-exit fields, every registered method's, by name."""
-        return {k: v for k, v in self._exit.items() if k != "method"}
+        exit_fields = object.__getattribute__(self, "_exit")
+        return {name: exit_fields.get(name, spec.default) for name, (_, spec) in _token_fields().items()}
 
     @property
     def token_exit(self) -> TokenExitMethod | None:
@@ -344,7 +351,7 @@ class Plan:
                     f"allowed indices are 0..{num_layers - 1}"
                 )
         for name, (_, spec) in _token_fields().items():
-            value = self._exit[name]
+            value = self.token_fields()[name]
             if spec.layer and value is not None and value > num_layers:
                 raise ValueError(
                     f"Plan.{name} is {value}, but the model has {num_layers} decoder layers; use "

@@ -227,6 +227,17 @@ class SkipDecoder(StockWrapper):
     def plan(self) -> Plan:
         return self._plan
 
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("_exit", None)  # closures of the token-exit method: rebuilt from the plan
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        plan = self.__dict__.get("_plan")
+        runner = plan.token_exit.runner(plan, self.facts) if plan is not None and plan.exits_tokens else None
+        object.__setattr__(self, "_exit", runner)
+
     @plan.setter
     def plan(self, plan: Plan) -> None:
         self._compile(plan, list(self.routes))
@@ -493,8 +504,8 @@ def _in_layout(values: torch.Tensor | None, frame: Frame) -> torch.Tensor | None
 def _prompt_mask(
     pool_mask: torch.Tensor | None, attention_mask: torch.Tensor | dict | None, embeds: torch.Tensor
 ) -> torch.Tensor:
-    """(B, T) bool: what adapters pool over at prefill: ``pool_mask`` (see
-    :meth:`SkipDecoder.pooling_mask`), else the non-padding tokens of the 2-D attention mask."""
+    """(B, T) bool: what adapters pool over at prefill: ``pool_mask`` (see :meth:`TopInputs.pooling`),
+    else the non-padding tokens of the 2-D attention mask."""
     batch, length = embeds.shape[:2]
     mask = pool_mask
     if mask is None:

@@ -244,17 +244,16 @@ def _runner(plan: Plan, facts: ArchFacts) -> ExitRunner:
     weights = Path(plan.dyvte) / WEIGHTS_NAME
     key = (plan.dyvte, weights.stat().st_mtime_ns if weights.is_file() else None)
     if key not in _LOADED:
-        routers = DyVTERouters.load(plan.dyvte)
-        routers.check_model(facts)
-        _LOADED[key] = routers
-    routers = _LOADED[key]
+        _LOADED[key] = DyVTERouters.load(plan.dyvte)
+    routers = _LOADED[key]  # shared by every model that runs this folder; they never train here
+    routers.check_model(facts)
     attends = [i for i in range(facts.num_layers) if i not in plan.skip_attention]
     if not attends or attends[0] >= routers.layers[0]:
         raise ValueError(
             f"the DyVTE routers may exit at layer {routers.layers[0]}, but no attention runs before it "
             "under this plan; keep an earlier attention or train routers for later layers"
         )
-    return ExitRunner(lambda device: DyVTE(routers.to(device), plan.dyvte_threshold), facts.visual_token_ids)
+    return ExitRunner(lambda device: DyVTE(routers.to(device), plan.dyvte_threshold), facts)
 
 
 def _macs(plan: Plan, visual_tokens: int, exit_layer: int | None) -> tuple[int, int]:

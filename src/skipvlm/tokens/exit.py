@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from skipvlm.arch import ArchFacts, visual_token_mask
 from skipvlm.compat import DummyLayer, DynamicCache
 from skipvlm.layout import gather_positions, gather_tokens, pack, scatter_tokens
 from skipvlm.routes import Frame, Step
@@ -68,12 +69,12 @@ class ExitRunner:
 
     Args:
         policy: builds the method's policy for a prefill on a device.
-        image_token_ids: the ids whose positions are visual tokens (image and video).
+        facts: the model's architecture facts (which token ids are visual).
     """
 
-    def __init__(self, policy: Callable[[torch.device], Policy], image_token_ids: tuple[int, ...]):
+    def __init__(self, policy: Callable[[torch.device], Policy], facts: ArchFacts):
         self.policy = policy
-        self.image_token_ids = image_token_ids
+        self.facts = facts
 
     def begin(self, step: Step, ids: torch.Tensor | None, attention_mask: Any) -> TokenExit | None:
         """The hook of one forward (None while decoding after a prefill that withdrew nothing)."""
@@ -95,7 +96,7 @@ class ExitRunner:
                 "visual-token exit finds the image tokens from input_ids; call the model with input_ids "
                 "(not inputs_embeds), or apply the plan with skipvlm.apply_plan on the full model"
             )
-        visual = torch.isin(ids, torch.tensor(self.image_token_ids, device=ids.device))
+        visual = visual_token_mask(ids, self.facts)
         return TokenExit(self.policy(ids.device), step, visual, attention_mask)
 
 

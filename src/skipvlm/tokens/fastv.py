@@ -168,7 +168,7 @@ def _runner(plan: Any, facts: Any) -> ExitRunner:
     def policy(device: torch.device) -> FastV:
         return FastV(plan.fastv_layer, plan.fastv_ratio, plan.fastv_source, facts)
 
-    return ExitRunner(policy, facts.visual_token_ids)
+    return ExitRunner(policy, facts)
 
 
 def _macs(plan: Any, visual_tokens: int, exit_layer: int | None) -> tuple[int, int]:

@@ -57,9 +57,7 @@ METHOD = register_token_exit(
                 layer=True,
             ),
         ),
-        runner=lambda plan, facts: ExitRunner(
-            lambda device: VTW(plan.visual_exit_layer), facts.visual_token_ids
-        ),
+        runner=lambda plan, facts: ExitRunner(lambda device: VTW(plan.visual_exit_layer), facts),
         exit_layer=lambda plan: plan.visual_exit_layer,
         macs=lambda plan, visual_tokens, exit_layer: (plan.visual_exit_layer, visual_tokens),
     )
