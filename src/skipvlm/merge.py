@@ -111,15 +111,23 @@ def _fold_layer(
     layer: nn.Module, affine: AffineMap, replace: bool, parts: LayerParts
 ) -> dict[str, tuple[torch.Tensor, ...]]:
     """{target name: (W', b')} for one layer's adapter map."""
-    pre = post = None
-    if replace:
-        pre = parts.gain(layer.get_submodule(parts.pre_mlp_norm))
-        post = parts.gain(layer.get_submodule(parts.input_norm))
+    pre, post = _fold_scales(layer, replace, parts)
     out = {}
     for name in _targets(parts, replace):
         linear = layer.get_submodule(name)
         out[name] = fold_into_linear(linear.weight, affine, linear.bias, pre_scale=pre, post_scale=post)
     return out
+
+
+def _fold_scales(
+    layer: nn.Module, replace: bool, parts: LayerParts
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(gamma_post, gamma_in), the gains a replace-PIA folds around its map; (None, None) for adapt-PIA."""
+    if not replace:
+        return None, None
+    return parts.gain(layer.get_submodule(parts.pre_mlp_norm)), parts.gain(
+        layer.get_submodule(parts.input_norm)
+    )
 
 
 def _set_linear(layer: nn.Module, name: str, weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
@@ -200,13 +208,10 @@ class _LayerRecipe(nn.Module):
             self.register_buffer(f"weight_{k}", linear.weight.detach().clone(), persistent=False)
             bias = linear.bias.detach().clone() if linear.bias is not None else None
             self.register_buffer(f"bias_{k}", bias, persistent=False)
-        if self.pia.is_replace:
-            pre = parts.gain(layer.get_submodule(parts.pre_mlp_norm))
-            post = parts.gain(layer.get_submodule(parts.input_norm))
-            self.register_buffer("pre_scale", pre.detach().clone(), persistent=False)
-            self.register_buffer("post_scale", post.detach().clone(), persistent=False)
-        else:
-            self.pre_scale = self.post_scale = None
+        for name, scale in zip(
+            ("pre_scale", "post_scale"), _fold_scales(layer, self.pia.is_replace, parts), strict=True
+        ):
+            self.register_buffer(name, None if scale is None else scale.detach().clone(), persistent=False)
         for name in self.targets:
             linear = layer.get_submodule(name)
             bias = linear.bias if linear.bias is not None else torch.zeros_like(linear.weight[:, 0])

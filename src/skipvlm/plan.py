@@ -64,7 +64,8 @@ def _layer_list(name: str, values: Any) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
-def _optional_layer(name: str, value: Any) -> int | None:
+def exit_layer_value(name: str, value: Any) -> int | None:
+    """A plan field that names the layer visual tokens leave before (None: off); 1 or more."""
     if value is None:
         return None
     if isinstance(value, bool) or not hasattr(value, "__index__"):
@@ -78,22 +79,13 @@ def _optional_layer(name: str, value: Any) -> int | None:
     return value
 
 
-def _fraction(name: str, value: Any) -> float:
+def fraction_value(name: str, value: Any) -> float:
+    """A plan field in [0, 1]."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"Plan.{name} must be a number in [0, 1], got {value!r}")
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"Plan.{name} is {value}; it must lie in [0, 1]")
     return float(value)
-
-
-def exit_layer_value(name: str, value: Any) -> int | None:
-    """A plan field that names the layer visual tokens leave before (None: off); 1 or more."""
-    return _optional_layer(name, value)
-
-
-def fraction_value(name: str, value: Any) -> float:
-    """A plan field in [0, 1]."""
-    return _fraction(name, value)
 
 
 @dataclass(frozen=True)

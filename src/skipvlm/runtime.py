@@ -335,7 +335,9 @@ class SkipDecoder(StockWrapper):
         attends = [route.runs_attention for route in self.routes]
         cache = _prepare_cache(self.config, cache, use_cache, attends, checkpointing)
         attention_mask = self.inputs.top_mask(attention_mask, inputs_embeds, self.facts.family.image_blocks)
-        step = self._step(inputs_embeds, attention_mask, position_ids, cache, kwargs, output_attentions)
+        step = self._step(
+            inputs_embeds, attention_mask, position_ids, cache, kwargs, output_attentions, attends
+        )
         ids = input_ids if input_ids is not None else self.inputs.input_ids
         hook = self._exit.begin(step, ids, attention_mask) if self._exit is not None else None
         lengths = _cache_lengths(cache, self.routes)
@@ -379,6 +381,7 @@ class SkipDecoder(StockWrapper):
         cache: Cache | None,
         kwargs: dict[str, Any],
         output_attentions: bool | None,
+        attends: list[bool],
     ) -> Step:
         """The forward's positions, rotary tables, lazy masks and memory, as the stock model builds them."""
         prefill = cache is None or cache.get_seq_length() == 0
@@ -398,7 +401,7 @@ class SkipDecoder(StockWrapper):
             attention_kwargs=kwargs,
             memory=memory,
             prompt_mask=functools.partial(_prompt_mask, self.inputs.pool_mask, attention_mask, embeds),
-            attends=tuple(route.runs_attention for route in self.routes),
+            attends=tuple(attends),
             build_masks=lambda mask, hidden, view: _masks(
                 config, types, mask, hidden, view, None, _in_layout(image_types, step.frame)
             ),
