@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from skipvlm.bench import format_rows, lora_model, measure_models
 from skipvlm.cost import count_macs
-from skipvlm.data.chat import ChatCollator
+from skipvlm.data.chat import ChatCollator, ChatExample
 from skipvlm.data.synthetic import SyntheticBatches, SyntheticTask
 from skipvlm.eas import EASConfig
 from skipvlm.evaluate import evaluate
@@ -44,7 +44,7 @@ from skipvlm.tokens.vtw import calibrate_vtw
 from skipvlm.toy import DOWNSTREAM_FAMILIES, SHIPPED, load_toy
 from skipvlm.train import SearchConfig, TrainConfig, eas_config_for_plan, fit, search, train
 
-__all__ = ["DemoConfig", "format_table", "run_demo"]
+__all__ = ["DemoConfig", "ToySetup", "format_table", "run_demo", "toy_setup"]
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +103,54 @@ class DemoConfig:
         return cls(quick=True, train_examples=512, test_examples=120, epochs=2, repeats=3, interval=4, **kw)
 
 
+@dataclass
+class ToySetup:
+    """The toy base model and the downstream task's data, shared by every method of a run.
+
+    Attributes:
+        base: the frozen toy LLaVA (copy it before adapting).
+        collator: its chat collator.
+        batches: the collated training batches (collated once, reused by every method).
+        heldout: the collated val batches (the bandit's held-out set).
+        val / test: the val and test examples.
+    """
+
+    base: nn.Module
+    collator: ChatCollator
+    batches: list[dict[str, Any]]
+    heldout: list[dict[str, Any]]
+    val: list[ChatExample]
+    test: list[ChatExample]
+
+    @property
+    def total_params(self) -> int:
+        return sum(p.numel() for p in self.base.parameters())
+
+    @property
+    def num_layers(self) -> int:
+        return self.base.config.text_config.num_hidden_layers
+
+
+def toy_setup(
+    model: str | Path, train_examples: int, val_examples: int, test_examples: int, batch_size: int, seed: int
+) -> ToySetup:
+    """Load the toy checkpoint ``model`` (frozen) and build the downstream task's splits, seeded.
+
+    Raises:
+        FileNotFoundError: the toy checkpoint is missing.
+    """
+    base, processor = load_toy(model)
+    base.requires_grad_(False)
+    collator = ChatCollator(processor)
+    task = SyntheticTask(families=DOWNSTREAM_FAMILIES, image_size=base.config.vision_config.image_size)
+    bs = batch_size
+    lazy = SyntheticBatches(task, collator, train_examples // bs, bs, "train", seed)
+    val = task.examples(val_examples, "val", seed)
+    heldout = [collator(val[i : i + bs]) for i in range(0, len(val), bs)]
+    test = task.examples(test_examples, "test", seed)
+    return ToySetup(base, collator, [lazy[i] for i in range(len(lazy))], heldout, val, test)
+
+
 def _trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -115,19 +163,11 @@ def run_demo(config: DemoConfig, out: str | Path | None = None, progress: bool =
     """
     start = time.perf_counter()
     out_dir = Path(out) if out is not None else None
-    base, processor = load_toy(config.model)
-    base.requires_grad_(False)
-    collator = ChatCollator(processor)
-    image_size = base.config.vision_config.image_size
-    task = SyntheticTask(families=DOWNSTREAM_FAMILIES, image_size=image_size)
+    sizes = (config.train_examples, config.val_examples, config.test_examples)
+    setup = toy_setup(config.model, *sizes, config.batch_size, config.seed)
+    base, collator, batches, heldout = setup.base, setup.collator, setup.batches, setup.heldout
+    val, test, total_params, num_layers = setup.val, setup.test, setup.total_params, setup.num_layers
     bs = config.batch_size
-    batches = SyntheticBatches(task, collator, config.train_examples // bs, bs, "train", config.seed)
-    batches = [batches[i] for i in range(len(batches))]  # collate once, reuse for every method
-    val = task.examples(config.val_examples, "val", config.seed)
-    heldout = [collator(val[i : i + bs]) for i in range(0, len(val), bs)]
-    test = task.examples(config.test_examples, "test", config.seed)
-    total_params = sum(p.numel() for p in base.parameters())
-    num_layers = base.config.text_config.num_hidden_layers
     k1, k2 = config.k
     tc = TrainConfig(epochs=config.epochs, lr=config.lr, seed=config.seed, progress=progress)
     search_cfg = {

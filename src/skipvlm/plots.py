@@ -8,7 +8,14 @@ from pathlib import Path
 
 from skipvlm.io import atomic_path
 
-__all__ = ["plot_kl_curve", "plot_preferences", "plot_speedups", "plot_tradeoff"]
+__all__ = [
+    "plot_distribution",
+    "plot_kl_curve",
+    "plot_preferences",
+    "plot_series",
+    "plot_speedups",
+    "plot_tradeoff",
+]
 
 
 def _pyplot():
@@ -116,4 +123,44 @@ def plot_kl_curve(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
+    return _save(plt, fig, path)
+
+
+def plot_distribution(
+    scores: Sequence[float],
+    marks: dict[str, float],
+    path: str | os.PathLike,
+    xlabel: str,
+    title: str = "",
+) -> Path:
+    """Every score as a dot on a strip (a histogram of the distribution), with labelled vertical lines
+    at ``marks`` (e.g. where the searched plan and the controls fall among all plans)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    ax.hist(scores, bins=min(20, max(5, len(scores) // 2)), color="0.8", edgecolor="0.5")
+    for i, (name, x) in enumerate(marks.items()):
+        ax.axvline(x, color=f"C{i}", linestyle="--", linewidth=1.2, label=f"{name}: {x:.1f}")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("plans")
+    if title:
+        ax.set_title(title)
+    ax.legend(fontsize=7, loc="upper left")
+    return _save(plt, fig, path)
+
+
+def plot_series(
+    series: dict[str, tuple[Sequence[float], Sequence[float]]],
+    path: str | os.PathLike,
+    xlabel: str,
+    ylabel: str,
+) -> Path:
+    """One line with markers per series (name -> (xs, ys)), e.g. accuracy against modules skipped."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o", label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     return _save(plt, fig, path)

@@ -1,6 +1,6 @@
 """The ``skipvlm`` command line. Each subcommand parses its arguments and calls one library function.
 
-One module per group of commands: :mod:`~skipvlm.cli.toy` (showcase, demo, toy),
+One module per group of commands: :mod:`~skipvlm.cli.toy` (showcase, demo, study, toy),
 :mod:`~skipvlm.cli.training` (search, train, eval, merge), :mod:`~skipvlm.cli.tokens` (generate,
 calibrate-vtw, train-dyvte) and :mod:`~skipvlm.cli.measure` (cost, bench); the options they share are
 defined once in :mod:`~skipvlm.cli.options`, and what they load in :mod:`~skipvlm.cli.loading`. This
@@ -65,6 +65,7 @@ _OUTPUTS: dict[str, tuple[str, dict[str, str], bool]] = {
         False,
     ),
     "showcase": ("run", {"showcase.json": "file"}, False),
+    "study": ("run", {"study.json": "file", "tables.md": "file", "jobs": "dir"}, False),
     "cost": ("run", {}, True),
     "bench": ("run", {}, True),
 }

@@ -1,4 +1,4 @@
-"""``skipvlm showcase``, ``demo`` and ``toy``: what runs with no checkpoint or data of one's own."""
+"""``skipvlm showcase``, ``demo``, ``study`` and ``toy``: what runs with no checkpoint or data of your own."""
 
 from __future__ import annotations
 
@@ -7,6 +7,16 @@ import json
 from pathlib import Path
 
 from skipvlm.cli.options import add_command, add_model_option, add_out_option, positive_int
+
+PARTS = ("validation", "k_sweep", "candidates", "ablations")  # skipvlm.study.PARTS, without importing torch
+
+
+def _parts(text: str) -> list[str]:
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown or not parts:
+        raise argparse.ArgumentTypeError(f"--parts takes some of {','.join(PARTS)}, got {text!r}")
+    return parts
 
 
 def _cmd_showcase(args: argparse.Namespace) -> int:
@@ -69,6 +79,30 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_study(args: argparse.Namespace) -> int:
+    from skipvlm.study import StudyConfig, run_study
+    from skipvlm.study_report import format_tables
+
+    kw = {"seed": args.seed, "parts": tuple(args.parts)} | ({"model": args.model} if args.model else {})
+    if args.workers is not None:
+        kw["workers"] = args.workers
+    config = StudyConfig.quick_config(**kw) if args.quick else StudyConfig(**kw)
+    out = Path(args.out)
+    if config.quick:
+        print("skipvlm study --quick: every table on tiny data with few steps; its numbers are not a result.")
+    print(
+        f"skipvlm study: the paper's tables on the toy LLaVA ({config.model}): {', '.join(config.parts)}; "
+        f"{config.train_examples} training examples, {config.epochs} epochs per plan, {config.test_examples} "
+        f"test questions, {config.workers} worker process(es). Finished jobs in {out / 'jobs'} are reused."
+    )
+    result = run_study(config, out, progress=not args.no_progress)
+    print()
+    print(format_tables(result))
+    print(f"wrote {out / 'study.json'}, {out / 'tables.md'} and the plots in {out}")
+    print(f"done in {result['meta']['seconds'] / 60:.1f} min")
+    return 0
+
+
 def _cmd_toy_pretrain(args: argparse.Namespace) -> int:
     from skipvlm.toy import pretrain
 
@@ -108,6 +142,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     demo.set_defaults(func=_cmd_demo)
+
+    study = add_command(sub, "study", "reproduce the paper's tables on the bundled toy (takes ~35 min)")
+    study.add_argument(
+        "--quick", action="store_true", help="every table on tiny data in seconds (not a result)"
+    )
+    add_out_option(study, "folder for study.json, tables.md, plots and jobs/ (a rerun continues it)", True)
+    add_model_option(
+        study, required=False, help="toy checkpoint folder (default: the one shipped with skipvlm)"
+    )
+    study.add_argument(
+        "--parts",
+        type=_parts,
+        default=list(PARTS),
+        help=f"comma-separated parts (default: {','.join(PARTS)})",
+    )
+    study.add_argument("--workers", type=positive_int, help="parallel job processes (default 2; --quick: 1)")
+    study.add_argument("--seed", type=int, default=0)
+    study.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    study.set_defaults(func=_cmd_study)
 
     show = add_command(sub, "showcase", "time the skip runtime on a LLaVA-shaped model with random weights")
     show.add_argument("--new-tokens", type=int, default=16, help="tokens decoded per timing (default 16)")
