@@ -282,7 +282,10 @@ def run_jobs(
         jid = job_id(spec)
         path = jobs / f"{jid}.json"
         if path.is_file():
-            saved = json.loads(path.read_text())
+            try:
+                saved = json.loads(path.read_text())
+            except ValueError:  # damaged (written by hand): run it again rather than trust it
+                saved = {}
             if (
                 saved.get("spec") == spec
                 and saved.get("settings") == settings
