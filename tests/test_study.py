@@ -166,3 +166,26 @@ def test_cli_refuses_unknown_parts(capsys):
     with pytest.raises(SystemExit):
         main(["study", "--out", "x", "--parts", "validation,foo"])
     assert "--parts takes some of validation,k_sweep,candidates,ablations" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_worker_processes_compute_what_this_process_computes(tmp_path):
+    """The process pool runs the same jobs to the same numbers (fresh interpreters, one thread each)."""
+    import torch
+
+    from skipvlm.eas import EASConfig
+    from skipvlm.study import _train_spec
+
+    specs = [_train_spec(EASConfig(skip_attention=[i]), 0) for i in (2, 5)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        here = run_jobs(specs, StudyConfig.quick_config(workers=1), tmp_path / "one", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    pool = run_jobs(specs, StudyConfig.quick_config(workers=2), tmp_path / "two", progress=False)
+    assert here.keys() == pool.keys()
+    for jid in here:
+        assert pool[jid]["accuracy"] == here[jid]["accuracy"]
+        assert pool[jid]["answer_nll"] == pytest.approx(here[jid]["answer_nll"], rel=1e-5)
+        assert (tmp_path / "two" / "jobs" / jid / "adapters" / "adapter_model.safetensors").is_file()
