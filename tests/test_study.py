@@ -59,7 +59,10 @@ def test_quick_validation_places_every_search_among_all_plans(quick_run):
         summary["plans"] == 8
         and summary["accuracy_min"] <= summary["accuracy_median"] <= summary["accuracy_max"]
     )
-    assert len(summary["replicas"]) == config.noise_plans and summary["seed_sd_accuracy"] is not None
+    assert summary["seeds"] == 2 and summary["seed_sd_accuracy"] is not None
+    for g in v["ground_truth"]:  # a plan's score is the mean of its training seeds
+        assert len(g["runs"]) == 2
+        assert g["accuracy"] == pytest.approx(sum(r["accuracy"] for r in g["runs"]) / 2)
     tests = config.test_examples
     right = summary["binomial_se"] ** 2 * tests  # = p (1 - p) with p the mean accuracy
     assert 0 <= right <= 0.25

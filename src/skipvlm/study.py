@@ -88,7 +88,8 @@ class StudyConfig:
         search_warmup_epochs / search_epochs / interval / n_candidates: the bandit search (METHODS §3).
         validation_k: attentions skipped by every plan of the ground truth.
         search_seeds: seeds of the validation's searches (and of its random controls).
-        noise_plans: ground-truth plans trained again with seed + 1 to measure the noise of one number.
+        ground_seeds: training seeds of every ground-truth plan (seed, seed + 1, ...): its score is their
+            mean, and their spread measures the noise of one training run.
         sweep_k: the k of the k-sweep (0 = nothing skipped).
         candidate_k: the k of the candidate table.
         ablation_k: attentions skipped by the ablation models (the bandit's plan at that k).
@@ -112,7 +113,7 @@ class StudyConfig:
     n_candidates: int = field(default=3, metadata={"help": "subsets scored per bandit update"})
     validation_k: int = field(default=2, metadata={"help": "attentions skipped by the ground-truth plans"})
     search_seeds: tuple[int, ...] = field(default=(0, 1, 2), metadata={"help": "validation search seeds"})
-    noise_plans: int = field(default=4, metadata={"help": "plans retrained with another seed"})
+    ground_seeds: int = field(default=2, metadata={"help": "training seeds per ground-truth plan"})
     sweep_k: tuple[int, ...] = field(default=(0, 1, 2, 3, 4, 5, 6), metadata={"help": "k of the sweep"})
     candidate_k: tuple[int, ...] = field(default=(1, 2, 3, 4), metadata={"help": "k of the candidate table"})
     ablation_k: int = field(default=2, metadata={"help": "attentions skipped by the ablation models"})
@@ -135,6 +136,9 @@ class StudyConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"StudyConfig.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("workers", "search_epochs", "validation_k", "ablation_k", "n_candidates", "repeats"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"StudyConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("ground_seeds",):
             if getattr(self, name) < 1:
                 raise ValueError(f"StudyConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not self.search_seeds:
@@ -161,7 +165,7 @@ class StudyConfig:
             n_candidates=2,
             validation_k=1,
             search_seeds=(0, 1),
-            noise_plans=1,
+            ground_seeds=2,
             sweep_k=(0, 1, 2),
             candidate_k=(1, 2),
             ablation_k=1,
@@ -398,11 +402,10 @@ def _training_specs(
         cands = Candidates("attention", num_layers)
         k = config.validation_k
         plans = [list(c) for c in itertools.combinations(range(num_layers), k)]
-        ground = {",".join(map(str, p)): add(EASConfig(skip_attention=p)) for p in plans}
-        step = max(1, len(plans) // max(config.noise_plans, 1))
-        replicas = {
-            ",".join(map(str, p)): add(EASConfig(skip_attention=p, init_seed=seed + 1), seed + 1)
-            for p in plans[::step][: config.noise_plans]
+        seeds = range(seed, seed + config.ground_seeds)
+        ground = {
+            ",".join(map(str, p)): [add(EASConfig(skip_attention=p, init_seed=s), s) for s in seeds]
+            for p in plans
         }
         controls = {
             "last_k": control_plan(cands, k, "last_k").skip_attention,
@@ -413,7 +416,6 @@ def _training_specs(
         }
         rows["validation"] = {
             "ground": ground,
-            "replicas": replicas,
             "controls": {name: ",".join(map(str, p)) for name, p in controls.items()},
         }
     if "k_sweep" in need:

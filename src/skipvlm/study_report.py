@@ -81,7 +81,11 @@ def _key(arms: Sequence[int]) -> str:
 
 
 def _validation(config, setup, need, found, rows, trained) -> dict[str, Any]:
-    ground = {plan: trained[jid] for plan, jid in rows["ground"].items()}
+    runs = {plan: [trained[jid] for jid in jids] for plan, jids in rows["ground"].items()}
+    ground = {
+        plan: {m: statistics.fmean(r[m] for r in rs) for m in ("accuracy", "answer_nll")}
+        for plan, rs in runs.items()
+    }
     plans = list(ground)
     acc = [ground[p]["accuracy"] for p in plans]
     nll = [-ground[p]["answer_nll"] for p in plans]  # higher is better
@@ -110,12 +114,12 @@ def _validation(config, setup, need, found, rows, trained) -> dict[str, Any]:
         )
         entry["proxy_best"] = plans[max(range(len(plans)), key=lambda i: proxy[i])]
         searches.append(entry)
-    pairs = [(trained[rows["ground"][p]], trained[jid]) for p, jid in rows["replicas"].items()]
 
     def seed_sd(metric: str) -> float | None:
-        if not pairs:
+        """The sd of one training run's number around its plan's mean, pooled over the plans."""
+        if config.ground_seeds < 2:
             return None
-        return math.sqrt(statistics.fmean((a[metric] - b[metric]) ** 2 for a, b in pairs) / 2)
+        return math.sqrt(statistics.fmean(statistics.variance(r[metric] for r in rs) for rs in runs.values()))
 
     mean_acc = statistics.fmean(acc)
     summary = {
@@ -130,13 +134,16 @@ def _validation(config, setup, need, found, rows, trained) -> dict[str, Any]:
         "binomial_se": math.sqrt(mean_acc * (1 - mean_acc) / config.test_examples),
         "seed_sd_accuracy": seed_sd("accuracy"),
         "seed_sd_nll": seed_sd("answer_nll"),
-        "replicas": {p: trained[jid] | {"seed": config.seed + 1} for p, jid in rows["replicas"].items()},
+        "seeds": config.ground_seeds,
         "bandit_percentile_accuracy_mean": statistics.fmean(s["percentile_accuracy"] for s in searches),
         "bandit_percentile_nll_mean": statistics.fmean(s["percentile_nll"] for s in searches),
     }
     return {
         "k": config.validation_k,
-        "ground_truth": [{"plan": p, **{m: ground[p][m] for m in ("accuracy", "answer_nll")}} for p in plans],
+        "ground_truth": [
+            {"plan": p, **ground[p], "runs": [{m: r[m] for m in ("accuracy", "answer_nll")} for r in runs[p]]}
+            for p in plans
+        ],
         "searches": searches,
         "controls": {name: place(plan) for name, plan in rows["controls"].items()},
         "summary": summary,
@@ -271,16 +278,23 @@ def _validation_text(v: dict[str, Any]) -> str:
     table = _md(
         rows, [("plan", lambda r: r["plan"]), ("who", lambda r: r["who"]), _ACC, _NLL, *_PLACES, *_RHOS]
     )
-    seed_sd = _pct(s["seed_sd_accuracy"])
-    seed_nll = "-" if s["seed_sd_nll"] is None else f"{s['seed_sd_nll']:.3f}"
+    seeds = s["seeds"]
+    noise = (
+        f"one training run's seed sd is {_pct(s['seed_sd_accuracy'])} points of accuracy and "
+        f"{s['seed_sd_nll']:.3f} of NLL, so a plan's mean of {seeds} runs is uncertain by about "
+        f"{_pct(s['seed_sd_accuracy'] / math.sqrt(seeds))} points and "
+        f"{s['seed_sd_nll'] / math.sqrt(seeds):.3f}"
+        if s["seed_sd_accuracy"] is not None
+        else "one training seed per plan: its seed noise is not measured"
+    )
     return (
         f"## Search validation: the bandit's k={v['k']} plan among all {s['plans']} plans\n\n{table}\n\n"
-        f"The {s['plans']} plans: accuracy {_pct(s['accuracy_min'])} / {_pct(s['accuracy_median'])} / "
-        f"{_pct(s['accuracy_max'])} % (min / median / max), sd {_pct(s['accuracy_sd'])} points; best "
-        f"plan [{s['best_plan']}]. Noise of one plan's number: binomial se {_pct(s['binomial_se'])} "
-        f"points; seed sd {seed_sd} points (accuracy), {seed_nll} (NLL; the plans' NLL sd is "
-        f"{s['nll_sd']:.3f}). Mean bandit percentile: {s['bandit_percentile_accuracy_mean']:.0f} "
-        f"(accuracy), {s['bandit_percentile_nll_mean']:.0f} (NLL)."
+        f"The {s['plans']} plans (each the mean of {seeds} training seed(s)): accuracy "
+        f"{_pct(s['accuracy_min'])} / {_pct(s['accuracy_median'])} / {_pct(s['accuracy_max'])} % (min / "
+        f"median / max), sd {_pct(s['accuracy_sd'])} points; NLL sd {s['nll_sd']:.3f}; best plan "
+        f"[{s['best_plan']}]. Noise: the binomial se of one accuracy is {_pct(s['binomial_se'])} points; "
+        f"{noise}. Mean bandit percentile: {s['bandit_percentile_accuracy_mean']:.0f} (accuracy), "
+        f"{s['bandit_percentile_nll_mean']:.0f} (NLL)."
     )
 
 
