@@ -112,6 +112,38 @@ def test_each_sampled_subset_is_scored_under_its_own_plan(monkeypatch):
     assert all(len(c[2].skip_attention) == 2 for c in calls if c[1])
 
 
+def test_score_batches_scores_every_subset_on_that_many_held_out_batches(monkeypatch):
+    """With ``score_batches=2`` each subset's loss is the mean over the next two held-out batches (the same
+    two for every subset of an update), and the updates walk through the held-out batches in turn."""
+    calls = []
+    forward = skipvlm.EASModel.forward
+
+    def spy(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        if not torch.is_grad_enabled():
+            calls.append((self.plan, kwargs["input_ids"], float(out.loss.detach())))
+        return out
+
+    monkeypatch.setattr(skipvlm.EASModel, "forward", spy)
+    model, batches, _ = data()
+    collate = ChatCollator(toy_parts()[1])
+    held_ex = colour_examples(12, seed=1)
+    held = [collate(held_ex[i : i + 4]) for i in (0, 4, 8)]
+    result = skipvlm.search(model, batches, held, quick_search(score_batches=2))
+    updates = result.trajectory[1:]
+    assert len(calls) == len(updates) * 3 * 2
+    for u, update in enumerate(updates):
+        mine = calls[6 * u : 6 * u + 6]
+        for j, subset in enumerate(update["subsets"]):
+            pair = mine[2 * j : 2 * j + 2]
+            assert [c[0] for c in pair] == [skipvlm.Plan(skip_attention=subset)] * 2
+            assert torch.equal(pair[0][1], held[(2 * u) % 3]["input_ids"])
+            assert torch.equal(pair[1][1], held[(2 * u + 1) % 3]["input_ids"])
+            assert update["losses"][j] == pytest.approx((pair[0][2] + pair[1][2]) / 2, rel=1e-6)
+    with pytest.raises(ValueError, match="score_batches"):
+        quick_search(score_batches=0)
+
+
 def test_search_is_deterministic_for_a_seed():
     runs = []
     for _ in range(2):

@@ -86,6 +86,8 @@ class StudyConfig:
             supernet-proxy ranking only.
         batch_size / epochs / lr: every trained plan's budget.
         search_warmup_epochs / search_epochs / interval / n_candidates: the bandit search (METHODS §3).
+        score_batches: held-out batches each subset is scored on per bandit update (see
+            :class:`~skipvlm.train.SearchConfig`; 4 x 16 questions: less reward noise than one batch).
         validation_k: attentions skipped by every plan of the ground truth.
         search_seeds: seeds of the validation's searches (and of its random controls).
         ground_seeds: training seeds of every ground-truth plan (seed, seed + 1, ...): its score is their
@@ -111,6 +113,7 @@ class StudyConfig:
     search_epochs: int = field(default=1, metadata={"help": "bandit epochs"})
     interval: int = field(default=8, metadata={"help": "steps between bandit updates"})
     n_candidates: int = field(default=3, metadata={"help": "subsets scored per bandit update"})
+    score_batches: int = field(default=4, metadata={"help": "held-out batches per subset per update"})
     validation_k: int = field(default=2, metadata={"help": "attentions skipped by the ground-truth plans"})
     search_seeds: tuple[int, ...] = field(default=(0, 1, 2), metadata={"help": "validation search seeds"})
     ground_seeds: int = field(default=2, metadata={"help": "training seeds per ground-truth plan"})
@@ -163,6 +166,7 @@ class StudyConfig:
             epochs=1,
             interval=1,
             n_candidates=2,
+            score_batches=1,
             validation_k=1,
             search_seeds=(0, 1),
             ground_seeds=2,
@@ -178,7 +182,7 @@ class StudyConfig:
     def training(self) -> dict[str, Any]:
         """What every job's result depends on besides its own spec (a changed value reruns every job)."""
         keep = ("model", "train_examples", "val_examples", "test_examples", "batch_size", "epochs", "lr")
-        keep += ("search_warmup_epochs", "search_epochs", "interval", "n_candidates")
+        keep += ("search_warmup_epochs", "search_epochs", "interval", "n_candidates", "score_batches")
         return {k: getattr(self, k) for k in keep}
 
 
@@ -241,6 +245,7 @@ def run_job(spec: dict[str, Any], settings: dict[str, Any], data_seed: int, fold
             search_epochs=settings["search_epochs"],
             interval=settings["interval"],
             n_candidates=settings["n_candidates"],
+            score_batches=settings["score_batches"],
             train=TrainConfig(lr=lr, seed=spec["seed"], progress=False),
         )
         eas = EASConfig.from_dict(EASConfig(init_seed=spec["seed"]).to_dict() | spec["eas"])

@@ -72,6 +72,9 @@ class SearchConfig:
         interval: optimiser steps between bandit updates.
         n_candidates: subsets scored per bandit update.
         beta / alpha / noise: the bandit's inverse temperature, step size and exploration noise.
+        score_batches: held-out batches every subset of an update is scored on (the mean of their losses).
+            METHODS scores one; a data-parallel run all-reduces one per rank, so N ranks score N batches.
+            On one process, more batches give the rewards less noise (the study's search validation).
         train: optimisation settings of the supernet (its ``epochs`` is not used).
     """
 
@@ -84,13 +87,14 @@ class SearchConfig:
     beta: float = field(default=10.0, metadata={"help": "policy inverse temperature"})
     alpha: float = field(default=2.0, metadata={"help": "preference step size"})
     noise: float = field(default=0.0, metadata={"help": "exploration noise eps (0: sample the policy)"})
+    score_batches: int = field(default=1, metadata={"help": "held-out batches per subset per bandit update"})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "supernet optimisation"})
 
     def __post_init__(self) -> None:
         if isinstance(self.train, dict):
             self.train = TrainConfig(**self.train)
         Candidates(self.candidates, 1)  # validates the kind
-        check_positive(self, "k", "search_epochs", "interval", "n_candidates")
+        check_positive(self, "k", "search_epochs", "interval", "n_candidates", "score_batches")
         if self.warmup_epochs < 0:
             raise ValueError(f"SearchConfig.warmup_epochs must be >= 0, got {self.warmup_epochs}")
 
@@ -273,16 +277,20 @@ class _BanditSteps(StepHooks):
         return {"phase": self.phase, "top_k": ",".join(map(str, self.bandit.top_k()))}
 
     def _score(self, loop: Loop, subsets: list[list[int]]) -> list[float]:
-        """The held-out loss of each subset's plan on the next held-out batch, averaged over ranks."""
-        batch = to_device(self.heldout[self.evals % len(self.heldout)], loop.device)
-        self.evals += 1
+        """The held-out loss of each subset's plan on the next ``score_batches`` held-out batches (their
+        mean), averaged over ranks."""
+        n = self.config.score_batches
+        batches = [
+            to_device(self.heldout[(self.evals + i) % len(self.heldout)], loop.device) for i in range(n)
+        ]
+        self.evals += n
         was_training = self.model.training
         self.model.eval()
         losses = []
         with torch.no_grad(), loop.autocast():
             for subset in subsets:
                 self.model.set_plan(self.cands.plan(subset))
-                losses.append(self.model(**batch).loss.float())
+                losses.append(torch.stack([self.model(**batch).loss.float() for batch in batches]).mean())
         self.model.train(was_training)
         return loop.ranks.mean(torch.stack(losses)).tolist()
 
