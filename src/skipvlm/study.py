@@ -160,9 +160,9 @@ class StudyConfig:
         """The ``--quick`` sizes: every part and row, on tiny data with few steps (k = 1 ground truth)."""
         sizes = dict(
             quick=True,
-            train_examples=64,
-            val_examples=32,
-            test_examples=32,
+            train_examples=32,
+            val_examples=16,
+            test_examples=16,
             epochs=1,
             interval=1,
             n_candidates=2,
@@ -171,7 +171,7 @@ class StudyConfig:
             search_seeds=(0, 1),
             ground_seeds=2,
             sweep_k=(0, 1, 2),
-            candidate_k=(1, 2),
+            candidate_k=(2,),
             ablation_k=1,
             new_tokens=3,
             repeats=1,
