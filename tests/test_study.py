@@ -31,7 +31,7 @@ def test_quick_study_writes_every_part(quick_run):
     tables = (out / "tables.md").read_text()
     for heading in ("Search validation", "Skipped attentions k", "Candidates", "PIA design ablations"):
         assert f"## {heading}" in tables
-    for name in ("validation.png", "k_sweep.png", "candidates.png", "ablations.png"):
+    for name in ("validation.png", "contrast.png", "k_sweep.png", "candidates.png", "ablations.png"):
         assert (out / name).read_bytes()[:4] == PNG, name
     for seed in config.search_seeds:
         assert (out / f"preferences_s{seed}.png").read_bytes()[:4] == PNG
@@ -63,6 +63,18 @@ def test_quick_validation_places_every_search_among_all_plans(quick_run):
     for g in v["ground_truth"]:  # a plan's score is the mean of its training seeds
         assert len(g["runs"]) == 2
         assert g["accuracy"] == pytest.approx(sum(r["accuracy"] for r in g["runs"]) / 2)
+    contrast = v["contrast"]  # where the choice should matter more: bandit plans beside random ones
+    assert contrast["k"] == config.contrast_k and list(contrast["plans"]) == [
+        "bandit s=0", "bandit s=1", "random 0", "random 1", "last_k",
+    ]  # fmt: skip
+    assert contrast["plans"]["last_k"]["plan"] == "6,7"
+    randoms = [contrast["plans"][f"random {i}"]["plan"] for i in range(2)]
+    assert len(set(randoms)) == 2 and all(len(p.split(",")) == 2 for p in randoms)
+    for who in ("bandit s=0", "bandit s=1"):
+        mine = contrast["plans"][who]
+        beaten = sum(mine["accuracy"] > contrast["plans"][f"random {i}"]["accuracy"] for i in range(2))
+        ties = sum(mine["accuracy"] == contrast["plans"][f"random {i}"]["accuracy"] for i in range(2))
+        assert mine["beats_random_accuracy"] == 100 * (beaten + ties / 2) / 2
     tests = config.test_examples
     right = summary["binomial_se"] ** 2 * tests  # = p (1 - p) with p the mean accuracy
     assert 0 <= right <= 0.25

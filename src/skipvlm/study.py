@@ -33,6 +33,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
@@ -92,7 +93,11 @@ class StudyConfig:
         search_seeds: seeds of the validation's searches (and of its random controls).
         ground_seeds: training seeds of every ground-truth plan (seed, seed + 1, ...): its score is their
             mean, and their spread measures the noise of one training run.
-        sweep_k: the k of the k-sweep (0 = nothing skipped).
+        contrast_k: where the choice should matter more: the validation's searches also run at this k,
+            and their plans are trained beside ``contrast_random`` distinct random plans and the last-k
+            plan (one training seed each; 0 leaves this out).
+        contrast_random: random plans of the contrast.
+        sweep_k: the k of the sweep (0 = nothing skipped).
         candidate_k: the k of the candidate table.
         ablation_k: attentions skipped by the ablation models (the bandit's plan at that k).
         new_tokens / repeats: decode tokens per latency measurement and interleaved rounds.
@@ -117,6 +122,8 @@ class StudyConfig:
     validation_k: int = field(default=2, metadata={"help": "attentions skipped by the ground-truth plans"})
     search_seeds: tuple[int, ...] = field(default=(0, 1, 2), metadata={"help": "validation search seeds"})
     ground_seeds: int = field(default=2, metadata={"help": "training seeds per ground-truth plan"})
+    contrast_k: int = field(default=4, metadata={"help": "k of the bandit-vs-random contrast (0: none)"})
+    contrast_random: int = field(default=6, metadata={"help": "random plans of the contrast"})
     sweep_k: tuple[int, ...] = field(default=(0, 1, 2, 3, 4, 5, 6), metadata={"help": "k of the sweep"})
     candidate_k: tuple[int, ...] = field(default=(1, 2, 3, 4), metadata={"help": "k of the candidate table"})
     ablation_k: int = field(default=2, metadata={"help": "attentions skipped by the ablation models"})
@@ -141,7 +148,7 @@ class StudyConfig:
         for name in ("workers", "search_epochs", "validation_k", "ablation_k", "n_candidates", "repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"StudyConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("ground_seeds",):
+        for name in ("ground_seeds", "contrast_random"):
             if getattr(self, name) < 1:
                 raise ValueError(f"StudyConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not self.search_seeds:
@@ -168,6 +175,8 @@ class StudyConfig:
             n_candidates=2,
             score_batches=1,
             validation_k=1,
+            contrast_k=2,
+            contrast_random=2,
             search_seeds=(0, 1),
             ground_seeds=2,
             sweep_k=(0, 1, 2),
@@ -344,6 +353,10 @@ def _plan_specs(config: StudyConfig) -> tuple[list[dict[str, Any]], dict[str, An
             s: add(_search_spec("attention", config.validation_k, s, {}, proxy=True))
             for s in config.search_seeds
         }
+        if config.contrast_k:
+            need["contrast"] = {
+                s: add(_search_spec("attention", config.contrast_k, s, {})) for s in config.search_seeds
+            }
     if "k_sweep" in config.parts:
         need["k_sweep"] = {k: add(_search_spec("attention", k, config.seed, {})) for k in config.sweep_k if k}
     if "candidates" in config.parts:
@@ -421,6 +434,7 @@ def _training_specs(
         }
         rows["validation"] = {
             "ground": ground,
+            "contrast": _contrast(config, need, found, cands, add) if "contrast" in need else None,
             "controls": {name: ",".join(map(str, p)) for name, p in controls.items()},
         }
     if "k_sweep" in need:
@@ -444,3 +458,27 @@ def _training_specs(
             table.append({"row": row, "merged": merged, "train": add(cfg)})
         rows["ablations"] = table
     return specs, rows
+
+
+def _contrast(
+    config: StudyConfig, need: dict[str, Any], found: dict[str, Any], cands: Candidates, add
+) -> dict:
+    """The contrast's plans by who chose them (bandit seeds, distinct random plans, last k) -> training id."""
+    k = config.contrast_k
+    plans = {f"bandit s={s}": found[jid]["arms"] for s, jid in need["contrast"].items()}
+    randoms: list[list[int]] = []
+    seed = 1000  # other seeds than the validation's random controls
+    while len(randoms) < min(config.contrast_random, math.comb(cands.num_arms, k)):
+        arms = control_plan(cands, k, "random", seed).skip_attention
+        if list(arms) not in randoms:
+            randoms.append(list(arms))
+        seed += 1
+    plans |= {f"random {i}": arms for i, arms in enumerate(randoms)}
+    plans["last_k"] = list(control_plan(cands, k, "last_k").skip_attention)
+    return {
+        who: {
+            "plan": ",".join(map(str, arms)),
+            "train": add(EASConfig(skip_attention=arms, init_seed=config.seed)),
+        }
+        for who, arms in plans.items()
+    }

@@ -139,6 +139,7 @@ def _validation(config, setup, need, found, rows, trained) -> dict[str, Any]:
         "bandit_percentile_nll_mean": statistics.fmean(s["percentile_nll"] for s in searches),
     }
     return {
+        "contrast": _contrast(config, rows["contrast"], trained) if rows.get("contrast") else None,
         "k": config.validation_k,
         "ground_truth": [
             {"plan": p, **ground[p], "runs": [{m: r[m] for m in ("accuracy", "answer_nll")} for r in runs[p]]}
@@ -149,6 +150,31 @@ def _validation(config, setup, need, found, rows, trained) -> dict[str, Any]:
         "summary": summary,
         "trajectories": {str(s): found[jid]["trajectory"] for s, jid in need.items()},
     }
+
+
+def _contrast(config, rows: dict[str, Any], trained) -> dict[str, Any]:
+    """The bandit's plans at ``contrast_k`` beside random plans: each bandit plan's share of the random plans
+    it beats (ties half), and the means."""
+    plans = {who: {"plan": r["plan"], **_scores(trained[r["train"]])} for who, r in rows.items()}
+    randoms = [p for who, p in plans.items() if who.startswith("random")]
+    for who, p in plans.items():
+        if who.startswith("bandit"):
+            for metric, sign in (("accuracy", 1), ("answer_nll", -1)):
+                scores = [sign * p[metric]] + [sign * r[metric] for r in randoms]
+                p[f"beats_random_{metric}"] = percentile(scores, 0)
+    bandits = [p for who, p in plans.items() if who.startswith("bandit")]
+    return {
+        "k": config.contrast_k,
+        "plans": plans,
+        "bandit_accuracy_mean": statistics.fmean(p["accuracy"] for p in bandits),
+        "random_accuracy_mean": statistics.fmean(p["accuracy"] for p in randoms),
+        "bandit_nll_mean": statistics.fmean(p["answer_nll"] for p in bandits),
+        "random_nll_mean": statistics.fmean(p["answer_nll"] for p in randoms),
+    }
+
+
+def _scores(result: dict[str, Any]) -> dict[str, float]:
+    return {m: result[m] for m in ("accuracy", "answer_nll")}
 
 
 def _measured_row(setup, trained, jid, merged, models, name, prompt_tokens) -> dict[str, Any]:
@@ -295,6 +321,22 @@ def _validation_text(v: dict[str, Any]) -> str:
         f"[{s['best_plan']}]. Noise: the binomial se of one accuracy is {_pct(s['binomial_se'])} points; "
         f"{noise}. Mean bandit percentile: {s['bandit_percentile_accuracy_mean']:.0f} (accuracy), "
         f"{s['bandit_percentile_nll_mean']:.0f} (NLL)."
+    ) + (_contrast_text(v["contrast"]) if v.get("contrast") else "")
+
+
+def _beats(metric: str) -> Any:
+    key = f"beats_random_{metric}"
+    return lambda r: f"{r[key]:.0f}" if key in r else ""
+
+
+def _contrast_text(c: dict[str, Any]) -> str:
+    rows = [p | {"who": who} for who, p in c["plans"].items()]
+    beats = [("beats random (acc) %", _beats("accuracy")), ("beats random (NLL) %", _beats("answer_nll"))]
+    table = _md(rows, [("plan", lambda r: r["plan"]), ("who", lambda r: r["who"]), _ACC, _NLL, *beats])
+    return (
+        f"\n\n### Where the choice matters more: k={c['k']} (one training seed per plan)\n\n{table}\n\n"
+        f"Bandit plans: mean accuracy {_pct(c['bandit_accuracy_mean'])} %, NLL {c['bandit_nll_mean']:.3f}; "
+        f"random plans: {_pct(c['random_accuracy_mean'])} %, NLL {c['random_nll_mean']:.3f}."
     )
 
 
@@ -347,6 +389,14 @@ def write_report(result: dict[str, Any], out: Path) -> list[Path]:
                     out / f"preferences_s{seed}.png",
                 )
             )
+        if v.get("contrast"):
+            c = v["contrast"]
+            randoms = [100 * p["accuracy"] for who, p in c["plans"].items() if who.startswith("random")]
+            others = {
+                who: 100 * p["accuracy"] for who, p in c["plans"].items() if not who.startswith("random")
+            }
+            title = f"{len(randoms)} random plans skipping {c['k']} attentions (histogram) and the others"
+            paths.append(plot_distribution(randoms, others, out / "contrast.png", "test accuracy %", title))
     if "k_sweep" in parts:
         paths.append(plot_tradeoff(parts["k_sweep"], out / "k_sweep.png"))
     if "candidates" in parts:
