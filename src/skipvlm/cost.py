@@ -86,6 +86,7 @@ def count_macs(
     image_patches: int = 1024,
     visual_tokens: int | None = None,
     exit_layer: int | None = None,
+    mlp_replacement: int = 0,
 ) -> CostReport:
     """MACs of one prefill forward over ``prompt_tokens`` tokens (visual tokens included).
 
@@ -107,6 +108,9 @@ def count_macs(
             image_patches / 4 for Qwen2-VL and Qwen3-VL).
         exit_layer: DyVTE only: the layer its visual tokens left at (e.g. a measured
             :func:`skipvlm.exit_layers`); without it a DyVTE plan is counted as keeping them.
+        mlp_replacement: MACs per token of what runs in each skipped MLP's place (counted as that
+            layer's ``mlp``): 0 for the plain skip; a merged FFN-PIA's ``2 * C * d_r``
+            (:meth:`skipvlm.EASConfig.mlp_replacement_macs`).
 
     Raises:
         ValueError: more visual tokens than prompt tokens.
@@ -144,7 +148,7 @@ def count_macs(
                 "tokens": m,
                 "attention_proj": m * (2 * c * c_q + 2 * c * c_kv) if attn else 0,
                 "attention_sdp": 2 * m * keys * c_q if attn else 0,
-                "mlp": m * 3 * c * f if mlp else 0,
+                "mlp": m * 3 * c * f if mlp else m * mlp_replacement,
             }
         )
     report = CostReport(

@@ -3,11 +3,16 @@
 :func:`get_eas_model` freezes a supported transformers model, puts skipvlm's layer loop in place of its
 text model (:class:`~skipvlm.runtime.SkipDecoder`) and gives each layer's route its adapters
 (:class:`~skipvlm.adapters.LayerAdapters`): a replace-PIA in every layer whose attention is skipped
-and, with ``adapt_layers="kept"``, an adapt-PIA in every layer whose attention runs. Only the adapters
+and, with ``adapt_layers="kept"``, an adapt-PIA in every layer whose attention runs; with
+``mlp_replace="pia"``, an FFN-PIA in every layer whose MLP is skipped. Only the adapters
 (parameters named ``...routes.<layer>.adapters...``) and, if asked, the multimodal projector train.
 The wrapped model keeps the Hugging Face interface (``forward`` with ``labels`` -> loss, ``generate``);
 in training the adapters pool over the prompt tokens found from the labels, so answers never leak
 into the pooled vector.
+
+The switches of the paper's PIA design table (``single_path``, ``info_exchange``, ``freeze_pooled``), the
+replace-PIA's input (``replace_input``) and the FFN replacement (``mlp_replace``) are fields of
+:class:`EASConfig`; their formulas are in :mod:`skipvlm.pia` and :mod:`skipvlm.adapters`.
 
 Adapters are saved as ``eas_config.json`` + ``adapter_model.safetensors`` (adapters only) and merged
 into the weights by :mod:`skipvlm.merge`. File format 2 names tensors
@@ -32,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from skipvlm.adapters import DASRoute, LayerAdapters
+from skipvlm.adapters import REPLACE_INPUTS, DASRoute, LayerAdapters
 from skipvlm.arch import ArchFacts, arch_facts, decoder_slot
 from skipvlm.io import atomic_path, atomic_write_text
 from skipvlm.pia import AdaptPIA, BottleneckAdapter, ReplacePIA, prompt_mask_from_labels
@@ -49,6 +54,7 @@ _FORMAT_VERSION = 2
 _PROJECTOR_PREFIX = "projector."
 _ROUTES_PREFIX = "routes."  # every adapter tensor of a decoder: routes.<layer>.adapters.<kind>....
 _V1_KEY = re.compile(r"^pia_adapters\.(replace|adapt|bottleneck)\.(\d+)\.(.+)$")  # format 1
+MLP_REPLACEMENTS = ("none", "pia")
 
 
 @dataclass
@@ -57,7 +63,7 @@ class EASConfig:
 
     Args:
         skip_attention: layers whose self-attention is skipped and replaced by a replace-PIA.
-        skip_mlp: layers whose MLP is skipped (plainly: the MLP ablation of the search).
+        skip_mlp: layers whose MLP is skipped (plainly, or by an FFN-PIA with ``mlp_replace="pia"``).
         skip_layers: layers skipped whole and replaced by a DAS bottleneck adapter (the DAS baseline).
         replace_dim: bottleneck width d_r of the replace-PIA (the spec's default is 4 * adapt_dim), also
             the width of DAS bottleneck adapters.
@@ -72,6 +78,22 @@ class EASConfig:
         dropout: dropout on the adapters' bottleneck.
         train_projector: also train the multimodal projector (saved with the adapters).
         init_seed: seed of the adapters' random initialisation.
+        single_path: one up-projection and no router in every PIA (``w = (1,)``): the "Base" row of the
+            paper's PIA design table. Affine; merges exactly.
+        info_exchange: the replace-PIA's pooled path ``g = W_A p + b_A`` (the "Info. Exc." row); False:
+            ``g = 0`` and no ``W_A``. Affine; merges exactly.
+        freeze_pooled: compute ``p``, ``w``, ``g`` at prefill and freeze them for decoding (the "Frozen
+            bias" row; the spec). False: recompute them at every forward over the tokens that forward
+            holds (the prompt at prefill and in training, the new tokens at each decoding step), what an
+            implementation without frozen state computes. Then the adapters are not one affine map across
+            steps, and every merge is refused.
+        replace_input: what the replace-PIA reads: ``"normed"``, ``x = N_in(h) = gamma_in * rms(h)`` (the
+            spec and the official code; a fresh model feeds ``gamma_post * gamma_in * rms(h)`` to the
+            MLP, which is the plain skip only where ``gamma_in = 1``), or ``"rms"``, ``x = rms(h)`` (a
+            fresh model computes exactly the plain skip plan). Both merge exactly.
+        mlp_replace: what runs in a skipped MLP's place: ``"none"`` (nothing: the plain MLP skip) or
+            ``"pia"`` (an FFN-PIA, ``out = a + N_mo(F(N_post(a)))``, the paper's FFN rows; bottleneck
+            ``replace_dim``; merged into a rank-``replace_dim`` affine map, 2*C*d_r MACs per token).
 
     Raises:
         ValueError: a field is out of range; the message names it and the fix.
@@ -97,6 +119,22 @@ class EASConfig:
     dropout: float = field(default=0.0, metadata={"help": "dropout rate on the adapter bottleneck"})
     train_projector: bool = field(default=False, metadata={"help": "also train the multimodal projector"})
     init_seed: int = field(default=0, metadata={"help": "seed of the adapters' initialisation"})
+    single_path: bool = field(
+        default=False, metadata={"help": "one up-projection, no router (the 'Base' PIA ablation)"}
+    )
+    info_exchange: bool = field(
+        default=True, metadata={"help": "replace-PIA pooled path g = W_A p + b_A (off: g = 0)"}
+    )
+    freeze_pooled: bool = field(
+        default=True,
+        metadata={"help": "freeze p, w, g at prefill (off: recomputed every forward; not mergeable)"},
+    )
+    replace_input: str = field(
+        default="normed", metadata={"help": "replace-PIA input: 'normed' (N_in(h)) or 'rms' (rms(h))"}
+    )
+    mlp_replace: str = field(
+        default="none", metadata={"help": "a skipped MLP is replaced by 'none' (plain skip) or 'pia'"}
+    )
 
     def __post_init__(self) -> None:
         plan = Plan(skip_attention=self.skip_attention, skip_mlp=self.skip_mlp)
@@ -131,6 +169,23 @@ class EASConfig:
             raise ValueError(f"EASConfig.temperature must be > 0, got {self.temperature}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"EASConfig.dropout must be in [0, 1), got {self.dropout}")
+        for name in ("single_path", "info_exchange", "freeze_pooled"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"EASConfig.{name} must be true or false, got {getattr(self, name)!r}")
+        if self.replace_input not in REPLACE_INPUTS:
+            raise ValueError(
+                f"EASConfig.replace_input must be one of {REPLACE_INPUTS}, got {self.replace_input!r}"
+            )
+        if self.mlp_replace not in MLP_REPLACEMENTS:
+            raise ValueError(
+                f"EASConfig.mlp_replace must be one of {MLP_REPLACEMENTS}, got {self.mlp_replace!r}"
+            )
+        if self.mlp_replace == "pia" and self.supernet and self.candidates == "layer":
+            raise ValueError(
+                "EASConfig.mlp_replace='pia' replaces skipped MLPs, but a 'layer' supernet skips whole "
+                "layers with DAS bottleneck adapters; use candidates='mlp' or 'attention_or_mlp', or "
+                "mlp_replace='none'"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -156,6 +211,21 @@ class EASConfig:
             plan = self.plan()
             adapt = [i for i in everything if i not in plan.skip_attention]
         return replace, adapt if self.adapt_layers == "kept" else [], bottleneck
+
+    def ffn_layout(self, num_layers: int) -> list[int]:
+        """The layers that get an FFN-PIA (``mlp_replace="pia"``): every layer of an ``mlp`` or
+        ``attention_or_mlp`` supernet, else the layers of ``skip_mlp``."""
+        if self.mlp_replace != "pia":
+            return []
+        if self.supernet:
+            return list(range(num_layers)) if self.candidates in ("mlp", "attention_or_mlp") else []
+        return list(self.skip_mlp)
+
+    def mlp_replacement_macs(self, hidden_size: int) -> int:
+        """MACs per token of what runs in a skipped MLP's place once merged: ``2 * C * d_r`` for an FFN-PIA
+        (its rank-``replace_dim`` affine map), 0 for the plain skip. Pass it to
+        :func:`skipvlm.cost.count_macs` as ``mlp_replacement``."""
+        return 2 * hidden_size * self.replace_dim if self.mlp_replace == "pia" else 0
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EASConfig:
@@ -377,7 +447,7 @@ class EASModel(nn.Module):
     def optimizer_parameters(self) -> list[nn.Parameter]:
         """The trainable parameters in the order the training loops hand them to the optimiser: those
         of the base model (a trained projector) first, then the adapters by kind (replace-PIA, adapt-PIA,
-        DAS bottleneck) and layer.
+        DAS bottleneck, FFN-PIA) and layer.
 
         The order does not change the maths, but it is the order in which gradient clipping sums
         floats; it is the order format-1 models registered their adapters in, so a run gives the same
@@ -386,7 +456,7 @@ class EASModel(nn.Module):
         adapters = AdapterSet(self.decoder)
         own = {id(p) for p in adapters.parameters()}
         params = [p for p in self.parameters() if p.requires_grad and id(p) not in own]
-        for kind in (adapters.replace, adapters.adapt, adapters.bottleneck):
+        for kind in (adapters.replace, adapters.adapt, adapters.bottleneck, adapters.ffn):
             params += [p for module in kind.values() for p in module.parameters() if p.requires_grad]
         return params
 
@@ -522,20 +592,36 @@ def _check_state(state: dict[str, torch.Tensor], shapes: dict[str, torch.Size], 
 def _build_adapters(facts: ArchFacts, config: EASConfig) -> dict[int, LayerAdapters]:
     """The adapters of ``config`` for a model with ``facts``, by layer (on the current default device).
 
-    Built kind by kind in layer order (replace-PIAs, adapt-PIAs, DAS bottlenecks), so that one
-    ``init_seed`` always gives the same initial weights.
+    Built kind by kind in layer order (replace-PIAs, adapt-PIAs, DAS bottlenecks, FFN-PIAs), so that one
+    ``init_seed`` always gives the same initial weights (and the kinds a config did not ask for before
+    the FFN-PIA existed draw the same random numbers as then).
     """
     replace_at, adapt_at, bottleneck_at = config.adapter_layout(facts.num_layers)
     c = facts.hidden_size
     pia = dict(
         groups=config.groups, scale=config.scale, temperature=config.temperature, dropout=config.dropout
     )
-    replace = {i: ReplacePIA(c, config.replace_dim, **pia) for i in replace_at}
+    if config.single_path:
+        pia["paths"] = 1
+    exchange = {} if config.info_exchange else {"info_exchange": False}
+    replace = {i: ReplacePIA(c, config.replace_dim, **pia, **exchange) for i in replace_at}
     adapt = {i: AdaptPIA(c, config.adapt_dim, **pia) for i in adapt_at}
     bottleneck = {i: BottleneckAdapter(c, config.replace_dim, config.dropout) for i in bottleneck_at}
+    ffn = {
+        i: ReplacePIA(c, config.replace_dim, **pia, **exchange) for i in config.ffn_layout(facts.num_layers)
+    }
     kept = config.adapt_layers == "kept"
     return {
-        i: LayerAdapters(replace.get(i), adapt.get(i), bottleneck.get(i), kept)
+        i: LayerAdapters(
+            replace.get(i),
+            adapt.get(i),
+            bottleneck.get(i),
+            kept,
+            ffn=ffn.get(i),
+            require_ffn=config.mlp_replace == "pia",
+            freeze_pooled=config.freeze_pooled,
+            replace_input=config.replace_input,
+        )
         for i in range(facts.num_layers)
     }
 
@@ -570,7 +656,7 @@ def _from_format_1(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 class AdapterSet:
     """A view of an EAS model's adapters by kind and layer; the modules live in the layers' routes.
 
-    ``replace`` / ``adapt`` / ``bottleneck`` map a layer (as a string) to that kind's module;
+    ``replace`` / ``adapt`` / ``bottleneck`` / ``ffn`` map a layer (as a string) to that kind's module;
     ``use_calibration`` and ``collecting`` switch every layer at once.
     """
 
@@ -595,6 +681,10 @@ class AdapterSet:
     @property
     def bottleneck(self) -> dict[str, nn.Module]:
         return self._kind("bottleneck")
+
+    @property
+    def ffn(self) -> dict[str, nn.Module]:
+        return self._kind("ffn")
 
     def named_modules(self) -> Iterator[tuple[str, nn.Module]]:
         """(``"<layer>.<name>"``, module) for every module of every layer's adapters."""
@@ -666,8 +756,12 @@ def _read_meta(path: Path) -> dict[str, Any]:
 def get_eas_model(base_model: nn.Module, config: EASConfig) -> EASModel:
     """Freeze ``base_model``, skip ``config.skip_attention`` and inject PIA adapters.
 
-    A fresh model computes exactly what the plain skip plan computes (the adapters start as the
-    identity), and with no skips exactly what the base model computes.
+    The adapters start as the identity, so a fresh model with no skips computes exactly what the base
+    model computes. With skips it is the plain skip plan only where the replace-PIA's input is
+    ``rms(h)`` (``replace_input="rms"``): with the default ``"normed"`` input, an identity replace-PIA
+    feeds ``gamma_post * gamma_in * rms(h)`` to the skipped layer's MLP, where the plain skip feeds
+    ``gamma_post * rms(h)``; real checkpoints have ``gamma_in`` far from 1. Skipped MLPs start as the
+    plain MLP skip (with or without an FFN-PIA).
 
     Args:
         base_model: a supported transformers model (modified in place).
