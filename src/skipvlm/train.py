@@ -2,7 +2,8 @@
 
 :func:`search` trains a weight-sharing supernet (adapters for every candidate module) while a
 :class:`~skipvlm.search.Bandit` learns which k modules are safe to skip: warm-up epochs skip k arms
-drawn uniformly; search epochs skip k arms drawn from the policy and, every ``interval`` steps, score
+drawn uniformly; search epochs skip k arms drawn from the policy and, every ``interval`` micro-batches
+(as the official code counts; with ``grad_accum=1`` a micro-batch is an optimiser step), score
 ``n_candidates`` subsets on a held-out batch (eval mode, no grad) and update the bandit.
 :func:`train` fine-tunes the adapters of one fixed plan; :func:`fit` trains whatever requires grad.
 
@@ -19,6 +20,7 @@ the same subsets from the same seed), and only rank 0 writes files. Nothing assu
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import os
@@ -69,7 +71,11 @@ class SearchConfig:
         candidates: ``attention`` (EAS), ``mlp``, ``attention_or_mlp`` or ``layer`` (DAS).
         warmup_epochs: epochs of uniformly random skips training the supernet.
         search_epochs: epochs of policy-driven skips with bandit updates.
-        interval: optimiser steps between bandit updates.
+        interval: micro-batches between bandit updates, counted as the official EAS code counts them
+            (its data-loader iterations): with ``grad_accum=1`` every ``interval`` optimiser steps; with
+            ``grad_accum=a`` every ``interval / a`` optimiser steps (the updates due within one step run
+            after it, so ``interval < a`` gives several updates per step). Skips are drawn once per
+            optimiser step.
         n_candidates: subsets scored per bandit update.
         beta / alpha / noise: the bandit's inverse temperature, step size and exploration noise.
         train: optimisation settings of the supernet (its ``epochs`` is not used).
@@ -79,7 +85,10 @@ class SearchConfig:
     candidates: str = field(default="attention", metadata={"help": "attention, mlp, attention_or_mlp, layer"})
     warmup_epochs: int = field(default=5, metadata={"help": "epochs of uniform random skips"})
     search_epochs: int = field(default=5, metadata={"help": "epochs of bandit-driven skips"})
-    interval: int = field(default=10, metadata={"help": "steps between bandit updates"})
+    interval: int = field(
+        default=10,
+        metadata={"help": "micro-batches between bandit updates (= optimiser steps when grad_accum is 1)"},
+    )
     n_candidates: int = field(default=3, metadata={"help": "subsets scored per bandit update"})
     beta: float = field(default=10.0, metadata={"help": "policy inverse temperature"})
     alpha: float = field(default=2.0, metadata={"help": "preference step size"})
@@ -94,8 +103,9 @@ class SearchConfig:
         if self.warmup_epochs < 0:
             raise ValueError(f"SearchConfig.warmup_epochs must be >= 0, got {self.warmup_epochs}")
 
-    def check_against(self, num_layers: int, steps_per_epoch: int) -> None:
-        """Raise early if ``k`` exceeds the candidates or ``interval`` the search phase."""
+    def check_against(self, num_layers: int, micro_batches_per_epoch: int) -> None:
+        """Raise early if ``k`` exceeds the candidates or ``interval`` the search phase (counted in
+        micro-batches, this process's share)."""
         arms = Candidates(self.candidates, num_layers).num_arms
         if self.k > arms:
             raise ValueError(
@@ -109,11 +119,12 @@ class SearchConfig:
                 f"{subsets} subset(s) of k={self.k} out of {arms} candidates exist; lower --n-candidates "
                 "or --k"
             )
-        search_steps = self.search_epochs * steps_per_epoch
-        if self.interval > search_steps:
+        search_batches = self.search_epochs * micro_batches_per_epoch
+        if self.interval > search_batches:
             raise ValueError(
-                f"interval={self.interval} is larger than the search phase ({search_steps} steps = "
-                f"{self.search_epochs} epochs x {steps_per_epoch} steps); lower it or search longer"
+                f"interval={self.interval} is larger than the search phase ({search_batches} micro-batches = "
+                f"{self.search_epochs} epochs x {micro_batches_per_epoch} micro-batches); lower it or search "
+                "longer"
             )
 
 
@@ -195,7 +206,7 @@ def search(
     cands = Candidates(config.candidates, num_layers)
     ranks = Ranks(next(eas_model.parameters()).device)
     train_batches = Batches(batches, ranks, tc.shuffle, tc.seed)
-    config.check_against(num_layers, train_batches.steps_per_epoch(tc.grad_accum))
+    config.check_against(num_layers, train_batches.count)
     held = list(heldout)
     held_local = [held[i] for i in ranks.shard(len(held))]
     if not held_local:
@@ -204,7 +215,9 @@ def search(
     out_dir = Path(out) if out is not None else None
     epochs = config.warmup_epochs + config.search_epochs
     loop = Loop(eas_model, train_batches, tc, epochs, out_dir, "search")
-    steps = _BanditSteps(eas_model, cands, config, held_local, config.warmup_epochs * loop.steps_per_epoch)
+    micro_batches = functools.partial(_micro_batches, train_batches.count, tc.grad_accum)
+    warmup = config.warmup_epochs * loop.steps_per_epoch
+    steps = _BanditSteps(eas_model, cands, config, held_local, warmup, micro_batches)
     loop.run({"search": asdict(config), "arms": cands.num_arms}, data, resume, steps, callback)
 
     arms = steps.bandit.top_k()
@@ -225,10 +238,18 @@ def _supernet_config(config: SearchConfig, eas: EASConfig | None) -> EASConfig:
     return EASConfig.from_dict(cfg.to_dict())
 
 
+def _micro_batches(per_epoch: int, grad_accum: int, steps: int) -> int:
+    """Micro-batches consumed by the first ``steps`` optimiser steps (an epoch's last group may be short)."""
+    steps_per_epoch = math.ceil(per_epoch / grad_accum)
+    epochs, rest = divmod(steps, steps_per_epoch)
+    return epochs * per_epoch + min(rest * grad_accum, per_epoch)
+
+
 class _BanditSteps(StepHooks):
     """The search's part of each supernet step (METHODS §3): before it, the k arms the step skips (uniform
-    in warm-up, from the policy after); every ``interval`` search steps after it, a bandit update from the
-    held-out losses of ``n_candidates`` sampled subsets. Its checkpoint share: bandit, trajectory, evals."""
+    in warm-up, from the policy after); after it, one bandit update from the held-out losses of
+    ``n_candidates`` sampled subsets for every ``interval`` search-phase micro-batches completed in the
+    step. Its checkpoint share: bandit, trajectory, evals."""
 
     def __init__(
         self,
@@ -237,9 +258,11 @@ class _BanditSteps(StepHooks):
         config: SearchConfig,
         heldout: list[dict[str, Any]],
         warmup_steps: int,
+        micro_batches: Callable[[int], int],
     ):
         self.model, self.cands, self.config, self.heldout = model, cands, config, heldout
         self.warmup_steps = warmup_steps
+        self.micro_batches = micro_batches  # micro-batches consumed by the first n optimiser steps
         self.bandit = Bandit(
             cands.num_arms, config.k, config.beta, config.alpha, seed=config.train.seed, noise=config.noise
         )
@@ -255,8 +278,16 @@ class _BanditSteps(StepHooks):
         self.model.set_plan(self.cands.plan(subset))
         return self.phase
 
+    def updates_due(self, step: int) -> int:
+        """Bandit updates due after optimiser step ``step`` (1-based): search-phase micro-batches crossing
+        multiples of ``interval`` in it (with ``grad_accum=1``: 1 when ``interval`` divides the search
+        step)."""
+        start = self.micro_batches(self.warmup_steps)
+        done, before = self.micro_batches(step) - start, self.micro_batches(step - 1) - start
+        return done // self.config.interval - max(before, 0) // self.config.interval
+
     def after_step(self, loop: Loop, loss: float) -> dict[str, str]:
-        if self.phase == "search" and (loop.step - self.warmup_steps) % self.config.interval == 0:
+        for _ in range(self.updates_due(loop.step) if self.phase == "search" else 0):
             subsets = self.bandit.sample(self.config.n_candidates)
             losses = self._score(loop, subsets)
             rewards = self.bandit.update(subsets, losses)
