@@ -608,8 +608,22 @@ def test_ffn_pia_costs_its_low_rank_map_in_place_of_the_mlp():
             {"mlp_replace": "pia", "supernet": True, "candidates": "layer"},
             "'layer' supernet skips whole layers",
         ),
+        (
+            {"mlp_replace": "pia", "supernet": True, "candidates": "attention"},
+            r"'attention' supernet never skips one.*candidates='mlp' or 'attention_or_mlp'",
+        ),
     ],
 )
 def test_switch_validation_names_the_field(kwargs, message):
     with pytest.raises(ValueError, match=message):
         skipvlm.EASConfig(**kwargs)
+
+
+def test_ffn_replacement_with_no_mlp_skipped_warns_that_it_builds_nothing(caplog):
+    with caplog.at_level("WARNING", logger="skipvlm.eas"):
+        model = build_eas("llama", mlp_replace="pia")
+    assert not model.adapters.ffn and "builds no FFN-PIA: its plan skips no MLP" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="skipvlm.eas"):
+        build_eas("llama", skip_mlp=[3], mlp_replace="pia")
+    assert "FFN-PIA" not in caplog.text
