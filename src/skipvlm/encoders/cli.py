@@ -115,7 +115,7 @@ def demo_main(args: argparse.Namespace) -> int:
     print()
     meta = result["meta"]
     print(
-        f"accuracy on {config.test_examples} test questions; GMACs of one forward ({meta['text_tokens']} "
+        f"accuracy on {config.test_examples} test questions; MMACs of one forward ({meta['text_tokens']} "
         f"text + {meta['image_tokens']} image tokens, encoders included); latency: batch 1, median of "
         f"{config.repeats} interleaved rounds on {meta['threads']} CPU threads."
     )
