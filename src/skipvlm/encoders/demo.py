@@ -74,7 +74,7 @@ class EncoderDemoConfig:
     search_warmup_epochs: int = 1
     search_epochs: int = 1
     interval: int = 4
-    repeats: int = 7
+    repeats: int = 15
     seed: int = 0
 
     @classmethod
