@@ -96,8 +96,9 @@ class HostFamily:
         projector_path: dotted path to the multimodal projector, if any.
         visual_tokens: ``visual_tokens(config, images, image_patches)``: visual tokens in a prompt, for
             cost accounting (None: text-only).
-        vision_macs: ``vision_macs(config, images, image_patches)`` -> (vision tower MACs, projector
-            MACs) of a prompt's images, for cost accounting (None: text-only).
+        vision_macs: ``vision_macs(config, images, image_patches, sdp)`` -> (vision tower MACs,
+            projector MACs) of a prompt's images, for cost accounting (None: text-only); ``sdp=False``
+            leaves out the attention's ``N^2`` score / value terms (the ``paper`` convention).
         description: how the supported-models list names it (default: ``model_class``).
         parts: the sub-modules of a decoder layer and its norm layout (:class:`LayerParts`).
         rotary_per_layer_type: the text model keeps one rotary table per layer type (Gemma 3: local
@@ -122,7 +123,7 @@ class HostFamily:
     text_types: tuple[str, ...] = ()
     projector_path: str | None = None
     visual_tokens: Callable[[PretrainedConfig, int, int], int] | None = None
-    vision_macs: Callable[[PretrainedConfig, int, int], tuple[int, int]] | None = None
+    vision_macs: Callable[..., tuple[int, int]] | None = None
     description: str = ""
     parts: LayerParts = LayerParts()
     rotary_per_layer_type: bool = False

@@ -39,11 +39,13 @@ def encoder_cost(args: argparse.Namespace, name: str, model: Any) -> int:
     config = model.config
     plan = _plan(args)
     t = args.text_tokens
-    base = count_encoder_macs(config, t)
-    cost = count_encoder_macs(config, t, plan)
+    paper = getattr(args, "convention", None) == "paper"  # the table's convention; shares print in both
+    base = count_encoder_macs(config, t, paper=paper)
+    cost = count_encoder_macs(config, t, plan, paper=paper)
     print(
         f"{name}: {config.num_hidden_layers} co-attention layers, C={config.hidden_size}; {t} text tokens, "
-        f"{base.image_tokens} image tokens ({config.vision_config.image_size} px); {plan}"
+        f"{base.image_tokens} image tokens ({config.vision_config.image_size} px); {plan}; MACs in the "
+        f"{'paper' if paper else 'full'!r} convention"
     )
     print(f"{'module':<22}{'stock GMACs':>14}{'plan GMACs':>14}{'share':>9}")
     for label, value in base.modules.items():
