@@ -13,6 +13,7 @@ from skipvlm.arch import (
     register_host,
 )
 from skipvlm.eas import EASConfig, EASModel, get_eas_model
+from skipvlm.encoders.eas import EncoderEASConfig, EncoderEASModel
 from skipvlm.lora import lora_target_modules
 from skipvlm.merge import export_merged, load_pretrained, merge_and_unload
 from skipvlm.plan import Plan, PlanField, TokenExitMethod, register_token_exit
@@ -34,6 +35,8 @@ __all__ = [
     "DyVTERouters",
     "EASConfig",
     "EASModel",
+    "EncoderEASConfig",
+    "EncoderEASModel",
     "HostFamily",
     "Plan",
     "PlanField",

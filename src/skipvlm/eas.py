@@ -38,7 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from skipvlm.adapters import DASRoute, LayerAdapters
-from skipvlm.arch import ArchFacts, arch_facts, decoder_slot
+from skipvlm.arch import ArchFacts, arch_facts, decoder_slot, encoder_host
 from skipvlm.eas_config import EASConfig
 from skipvlm.io import atomic_path, atomic_write_text
 from skipvlm.pia import AdaptPIA, BottleneckAdapter, ReplacePIA, prompt_mask_from_labels
@@ -592,6 +592,9 @@ def get_eas_model(base_model: nn.Module, config: EASConfig) -> EASModel:
         ValueError: the config names layers the model does not have.
         UnsupportedModelError: the architecture is not supported.
     """
+    encoder = encoder_host(base_model)
+    if encoder is not None:  # a two-stream encoder host (METHODS §7) builds its own EAS model
+        return encoder.eas_model(base_model, config)
     if not isinstance(config, EASConfig):
         raise TypeError(f"get_eas_model needs an skipvlm.EASConfig, got {type(config).__name__}")
     return EASModel(base_model, config)

@@ -241,6 +241,8 @@ def merge_and_unload(eas_model: EASModel, mode: str = "static") -> nn.Module:
     Raises:
         ValueError: an unknown mode; ``static`` without calibration means; non-finite merged weights.
     """
+    if getattr(type(eas_model), "mergeable", True) is False:  # a host that refuses merges says why
+        return eas_model.merge_and_unload(mode)
     if mode not in MODES:
         raise ValueError(f"unknown merge mode {mode!r}; use one of {MODES}")
     eas_model.adapters  # noqa: B018  (raises if they were merged already)
@@ -462,6 +464,8 @@ def export_merged(eas_model: EASModel, path: str | os.PathLike, processor: Any =
         ValueError: the architecture's stock config cannot express the merged biases (e.g. Qwen2 MLPs),
             or calibration means are missing.
     """
+    if getattr(type(eas_model), "mergeable", True) is False:  # a host that refuses merges says why
+        return eas_model.export_merged(path, processor)
     facts = eas_model.facts
     base = eas_model.base_model
     plan = eas_model.decoder.plan

@@ -32,9 +32,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from skipvlm.arch import encoder_host
 from skipvlm.eas import EASConfig, EASModel, get_eas_model
 from skipvlm.io import atomic_write_text
-from skipvlm.plan import Plan
+from skipvlm.plan import Plan, uses_names
 from skipvlm.plots import plot_preferences
 from skipvlm.runinfo import run_info
 from skipvlm.search import Bandit, Candidates
@@ -103,10 +104,10 @@ class SearchConfig:
         if self.warmup_epochs < 0:
             raise ValueError(f"SearchConfig.warmup_epochs must be >= 0, got {self.warmup_epochs}")
 
-    def check_against(self, num_layers: int, micro_batches_per_epoch: int) -> None:
-        """Raise early if ``k`` exceeds the candidates or ``interval`` the search phase (counted in
-        micro-batches, this process's share)."""
-        arms = Candidates(self.candidates, num_layers).num_arms
+    def check_against(self, num_layers: int, micro_batches_per_epoch: int, arms: int | None = None) -> None:
+        """Raise early if ``k`` exceeds the candidates (``arms``; default: a decoder's) or ``interval`` the
+        search phase (counted in micro-batches, this process's share)."""
+        arms = Candidates(self.candidates, num_layers).num_arms if arms is None else arms
         if self.k > arms:
             raise ValueError(
                 f"k={self.k} is larger than the {arms} {self.candidates!r} candidates of a "
@@ -128,8 +129,13 @@ class SearchConfig:
             )
 
 
-def eas_config_for_plan(plan: Plan, candidates: str, template: EASConfig | None = None) -> EASConfig:
-    """An :class:`EASConfig` (fixed plan, not a supernet) that skips what a searched ``plan`` skips."""
+def eas_config_for_plan(plan: Plan, candidates: str, template: Any = None) -> Any:
+    """An :class:`EASConfig` (fixed plan, not a supernet) that skips what a searched ``plan`` skips (an
+    encoder host's plan, naming sublayers, gives its :class:`~skipvlm.encoders.eas.EncoderEASConfig`)."""
+    if uses_names(plan):
+        from skipvlm.encoders.eas import encoder_config_for_plan
+
+        return encoder_config_for_plan(plan, candidates, template)
     cfg = copy.deepcopy(template) if template is not None else EASConfig()
     cfg.supernet, cfg.candidates = False, "attention"
     whole = sorted(set(plan.skip_attention) & set(plan.skip_mlp))
@@ -140,13 +146,31 @@ def eas_config_for_plan(plan: Plan, candidates: str, template: EASConfig | None 
     return EASConfig.from_dict(cfg.to_dict())
 
 
-def _eas_model(model: nn.Module, config: Callable[[], EASConfig]) -> EASModel:
+def _eas_model(model: nn.Module, config: Callable[[], Any]) -> EASModel:
     """``model`` itself when it already runs plans with adapters (an EAS model), else ``model`` with fresh
-    adapters from ``config()``."""
+    adapters from ``config()`` (None: the host's default adapters)."""
     # On the class: a wrapper that forwards unknown attributes to an EAS model inside is not one.
     if callable(getattr(type(model), "set_plan", None)):
         return model
-    return get_eas_model(model, config())
+    cfg = config()
+    if cfg is None:
+        cfg = _config_class(model)()
+    return get_eas_model(model, cfg)
+
+
+def _config_class(model: nn.Module) -> type:
+    """The adapter configuration class of ``model``'s host (an encoder host has its own)."""
+    encoder = encoder_host(model)
+    return encoder.config_class if encoder is not None else EASConfig
+
+
+def _candidates(model: nn.Module, kind: str) -> Any:
+    """The candidate space of ``kind`` on ``model`` (an EAS model): a decoder's layers, or an encoder
+    host's sublayers."""
+    encoder = encoder_host(model)
+    if encoder is not None:
+        return encoder.candidates(kind, encoder.num_layers(model))
+    return Candidates(kind, model.facts.num_layers)
 
 
 # --- search -------------------------------------------------------------------------------------------
@@ -186,7 +210,8 @@ def search(
         batches: model-ready training batches with ``labels`` (a list, or a DataLoader).
         heldout: model-ready held-out batches for scoring candidate subsets (never trained on).
         config: the :class:`SearchConfig`.
-        eas: adapter settings (dims, dropout ...); the supernet flags are set here.
+        eas: adapter settings (dims, dropout ...); the supernet flags are set here. A BridgeTower model
+            takes an :class:`~skipvlm.encoders.eas.EncoderEASConfig` (default: the host's).
         out: folder for ``plan.json``, ``search_log.json``, ``preferences.png`` and checkpoints.
         resume: continue from the checkpoint in ``out`` (a killed run ends as an uninterrupted one).
         callback: called after every optimiser step with ``{"step", "loss", "phase"}``.
@@ -201,12 +226,11 @@ def search(
     """
     config = config or SearchConfig()
     tc = config.train
-    eas_model = _eas_model(model, lambda: _supernet_config(config, eas))
-    num_layers = eas_model.facts.num_layers
-    cands = Candidates(config.candidates, num_layers)
+    eas_model = _eas_model(model, lambda: _supernet_config(config, eas, model))
+    cands = _candidates(eas_model, config.candidates)
     ranks = Ranks(next(eas_model.parameters()).device)
     train_batches = Batches(batches, ranks, tc.shuffle, tc.seed)
-    config.check_against(num_layers, train_batches.count)
+    config.check_against(cands.num_layers, train_batches.count, cands.num_arms)
     held = list(heldout)
     held_local = [held[i] for i in ranks.shard(len(held))]
     if not held_local:
@@ -230,12 +254,12 @@ def search(
     return result
 
 
-def _supernet_config(config: SearchConfig, eas: EASConfig | None) -> EASConfig:
-    """``eas`` (or the default adapters) as a supernet over ``config.candidates``, nothing skipped yet."""
-    cfg = copy.deepcopy(eas) if eas is not None else EASConfig()
+def _supernet_config(config: SearchConfig, eas: Any, model: nn.Module) -> Any:
+    """``eas`` (or the host's default adapters) as a supernet over ``config.candidates``, nothing skipped."""
+    cfg = copy.deepcopy(eas) if eas is not None else _config_class(model)()
     cfg.skip_attention, cfg.skip_mlp, cfg.skip_layers = [], [], []
     cfg.supernet, cfg.candidates = True, config.candidates
-    return EASConfig.from_dict(cfg.to_dict())
+    return type(cfg).from_dict(cfg.to_dict())
 
 
 def _micro_batches(per_epoch: int, grad_accum: int, steps: int) -> int:
@@ -426,7 +450,8 @@ def train(
             :class:`EASModel` to continue training (e.g. a search's supernet with its found plan).
         batches: model-ready training batches with ``labels`` (a list, or a DataLoader).
         config: the :class:`TrainConfig`.
-        eas: the adapters and plan for a plain ``model`` (default: ``EASConfig()``, no skips).
+        eas: the adapters and plan for a plain ``model`` (default: ``EASConfig()``, no skips; a BridgeTower
+            model: ``EncoderEASConfig()``).
         out: folder for ``adapters/``, ``train_log.json`` and checkpoints.
         resume: continue from the checkpoint in ``out``.
         callback: called after every optimiser step with ``{"step", "loss", "phase"}``.
@@ -436,14 +461,14 @@ def train(
         The trained :class:`EASModel` (in eval mode).
     """
     config = config or TrainConfig()
-    eas_model = _eas_model(model, lambda: eas or EASConfig())
+    eas_model = _eas_model(model, lambda: eas)
     identity = {"eas": eas_model.eas_config.to_dict()}
     history = fit(
         eas_model, batches, config, out, resume, callback, name="train", identity=identity, data=data
     )
     device = next(eas_model.parameters()).device
     ranks = Ranks(device)
-    if config.calibrate:
+    if config.calibrate and getattr(type(eas_model), "mergeable", True):  # the means serve merges only
         local = Batches(batches, ranks, shuffle=False, seed=config.seed).epoch(0)
         eas_model.calibrate((to_device(b, device) for b in local), progress=config.progress and ranks.is_main)
         _sync_calibration(eas_model, ranks)
