@@ -96,6 +96,7 @@ def count_macs(
     visual_tokens: int | None = None,
     exit_layer: int | None = None,
     convention: str = "full",
+    mlp_replacement: int = 0,
 ) -> CostReport:
     """MACs of one prefill forward over ``prompt_tokens`` tokens (visual tokens included).
 
@@ -119,6 +120,9 @@ def count_macs(
             :func:`skipvlm.exit_layers`); without it a DyVTE plan is counted as keeping them.
         convention: ``"full"`` (with the attention's ``N^2`` terms) or ``"paper"`` (without them, in the
             decoder and the vision tower: the EAS paper's counts).
+        mlp_replacement: MACs per token of what runs in each skipped MLP's place (counted as that
+            layer's ``mlp``): 0 for the plain skip; a merged FFN-PIA's ``2 * C * d_r``
+            (:meth:`skipvlm.EASConfig.mlp_replacement_macs`).
 
     Raises:
         ValueError: more visual tokens than prompt tokens, or an unknown convention.
@@ -159,7 +163,7 @@ def count_macs(
                 "tokens": m,
                 "attention_proj": m * (2 * c * c_q + 2 * c * c_kv) if attn else 0,
                 "attention_sdp": 2 * m * keys * c_q if attn and sdp else 0,
-                "mlp": m * 3 * c * f if mlp else 0,
+                "mlp": m * 3 * c * f if mlp else m * mlp_replacement,
             }
         )
     report = CostReport(

@@ -342,3 +342,8 @@ register_host(
         image_blocks=True,
     )
 )
+
+
+# --- two-stream encoders (issue 16): BridgeTower, the METER family, registers itself -------------------
+
+from skipvlm.encoders import host as _bridgetower  # noqa: E402, F401

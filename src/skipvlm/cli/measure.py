@@ -62,11 +62,20 @@ def _preset_or_model(args: argparse.Namespace, device: str = "meta") -> tuple[st
 
 
 def _cmd_cost(args: argparse.Namespace) -> int:
-    from skipvlm.arch import arch_facts
+    from skipvlm.arch import arch_facts, encoder_host
     from skipvlm.cost import CONVENTIONS, count_macs
     from skipvlm.io import atomic_write_text
 
     name, model = _preset_or_model(args)
+    if encoder_host(model) is not None:
+        from skipvlm.encoders.cli import encoder_cost
+
+        return encoder_cost(args, name, model)
+    if args.skip_sublayers:
+        raise ValueError(
+            "--skip-sublayers names sublayers of a two-stream encoder (BridgeTower); a decoder takes "
+            "--skip-attention / --skip-mlp layer indices"
+        )
     facts = arch_facts(model)
     plan = _skip_plan(args, facts.num_layers)
     shown = args.convention or "full"
@@ -209,6 +218,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_skip_options(cost, ("skip_mlp",))
     cost.add_argument("--images", type=int, default=None, help="images in the prompt (default 1 for VLMs)")
+    cost.add_argument(
+        "--skip-sublayers",
+        default=None,
+        help="BridgeTower only: skipped sublayers by name, comma-separated (text.1.cross,image.0.ffn)",
+    )
+    cost.add_argument(
+        "--text-tokens",
+        type=int,
+        default=40,
+        help="BridgeTower only: text tokens (default 40; --prompt-tokens is the decoders')",
+    )
     cost.add_argument(
         "--convention",
         choices=("full", "paper"),
