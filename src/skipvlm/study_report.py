@@ -195,9 +195,9 @@ def _measured_row(setup, trained, jid, merged, models, name, prompt_tokens) -> d
 
 
 def _row(setup, result, cfg, plan: Plan, prompt_tokens: int, extra: int = 0) -> dict[str, Any]:
-    if getattr(cfg, "mlp_replace", "none") == "pia":  # a merged FFN-PIA: a rank-d_r affine map per token
-        extra += len(plan.skip_mlp) * cfg.mlp_replacement_macs(setup.base.config.text_config.hidden_size)
-    macs = count_macs(setup.base.config, prompt_tokens, plan, extra_per_token=extra)
+    # a skipped MLP's FFN-PIA, merged: a rank-d_r affine map per token (0 for the plain skip)
+    ffn = cfg.mlp_replacement_macs(setup.base.config.text_config.hidden_size)
+    macs = count_macs(setup.base.config, prompt_tokens, plan, extra_per_token=extra, mlp_replacement=ffn)
     return {
         "skip_attention": list(plan.skip_attention),
         "skip_mlp": list(plan.skip_mlp),
