@@ -204,3 +204,31 @@ def test_worker_processes_compute_what_this_process_computes(tmp_path):
         assert pool[jid]["accuracy"] == here[jid]["accuracy"]
         assert pool[jid]["answer_nll"] == pytest.approx(here[jid]["answer_nll"], rel=1e-5)
         assert (tmp_path / "two" / "jobs" / jid / "adapters" / "adapter_model.safetensors").is_file()
+
+
+def test_cli_sizes_override_the_chosen_config(tmp_path, monkeypatch):
+    seen = []
+
+    def fake(config, out, progress=True):
+        seen.append(config)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(study, "run_study", fake)
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "study",
+                "--quick",
+                "--out",
+                str(tmp_path),
+                "--epochs",
+                "3",
+                "--contrast-k",
+                "0",
+                "--workers",
+                "2",
+            ]
+        )
+    config = seen[0]
+    assert config.quick and config.epochs == 3 and config.contrast_k == 0 and config.workers == 2
+    assert config.train_examples == StudyConfig.quick_config().train_examples  # the rest stay quick

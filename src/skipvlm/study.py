@@ -116,7 +116,7 @@ class StudyConfig:
     lr: float = field(default=2e-3, metadata={"help": "learning rate"})
     search_warmup_epochs: int = field(default=1, metadata={"help": "search warm-up epochs"})
     search_epochs: int = field(default=1, metadata={"help": "bandit epochs"})
-    interval: int = field(default=8, metadata={"help": "steps between bandit updates"})
+    interval: int = field(default=8, metadata={"help": "micro-batches (here: steps) between bandit updates"})
     n_candidates: int = field(default=3, metadata={"help": "subsets scored per bandit update"})
     score_batches: int = field(default=4, metadata={"help": "held-out batches per subset per update"})
     validation_k: int = field(default=2, metadata={"help": "attentions skipped by the ground-truth plans"})

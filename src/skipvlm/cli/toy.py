@@ -6,12 +6,19 @@ import argparse
 import json
 from pathlib import Path
 
-from skipvlm.cli.options import add_command, add_model_option, add_out_option, positive_int
-
-PARTS = ("validation", "k_sweep", "candidates", "ablations")  # skipvlm.study.PARTS, without importing torch
+from skipvlm.cli.options import (
+    add_command,
+    add_config_args,
+    add_model_option,
+    add_out_option,
+    config_from_args,
+    positive_int,
+)
 
 
 def _parts(text: str) -> list[str]:
+    from skipvlm.study import PARTS
+
     parts = [p.strip() for p in text.split(",") if p.strip()]
     unknown = [p for p in parts if p not in PARTS]
     if unknown or not parts:
@@ -90,7 +97,8 @@ def _cmd_study(args: argparse.Namespace) -> int:
     kw = {"seed": args.seed, "parts": tuple(args.parts)} | ({"model": args.model} if args.model else {})
     if args.workers is not None:
         kw["workers"] = args.workers
-    config = StudyConfig.quick_config(**kw) if args.quick else StudyConfig(**kw)
+    base = StudyConfig.quick_config(**kw) if args.quick else StudyConfig(**kw)
+    config = config_from_args(StudyConfig, args, base=base)  # the sizes given as options win
     out = Path(args.out)
     if config.quick:
         print("skipvlm study --quick: every table on tiny data with few steps; its numbers are not a result.")
@@ -143,7 +151,9 @@ HOSTS = tuple(_PRETRAIN)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``demo``, ``showcase`` and ``toy`` to the ``skipvlm`` parser."""
+    """Add ``demo``, ``study``, ``showcase`` and ``toy`` to the ``skipvlm`` parser."""
+    from skipvlm.study import PARTS, StudyConfig
+
     demo = add_command(sub, "demo", "compare adaptation methods end to end on the bundled toy world")
     demo.add_argument("--quick", action="store_true", help="a smoke run in a few minutes (not a result)")
     add_out_option(
@@ -176,6 +186,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=list(PARTS),
         help=f"comma-separated parts (default: {','.join(PARTS)})",
     )
+    add_config_args(study, StudyConfig, skip=("model", "quick", "parts", "workers", "seed"))
     study.add_argument("--workers", type=positive_int, help="parallel job processes (default 2; --quick: 1)")
     study.add_argument("--seed", type=int, default=0)
     study.add_argument("--no-progress", action="store_true", help="hide progress bars")
