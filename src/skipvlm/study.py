@@ -324,9 +324,13 @@ def run_jobs(
         context = get_context("spawn")  # fresh interpreters: no forked torch thread pools
         with ProcessPoolExecutor(min(config.workers, len(todo)), context, _init_worker) as pool:
             futures = {pool.submit(run_job, *a): jid for jid, a in args.items()}
-            for future in as_completed(futures):
-                finish(futures[future], future.result())
-                bar.update(1)
+            try:
+                for future in as_completed(futures):
+                    finish(futures[future], future.result())
+                    bar.update(1)
+            except BaseException:  # a failed job or Ctrl-C: stop the queue (finished jobs are kept)
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
     else:
         for jid, a in args.items():
             finish(jid, run_job(*a))
