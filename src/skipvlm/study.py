@@ -214,7 +214,7 @@ def job_id(spec: dict[str, Any]) -> str:
     if spec["kind"] == "search":
         return f"search-{spec['candidates']}-k{spec['k']}-s{spec['seed']}-{digest}"
     eas = spec["eas"]
-    skips = "-".join(f"a{i}" for i in eas["skip_attention"]) + "-".join(f"m{i}" for i in eas["skip_mlp"])
+    skips = "-".join([*(f"a{i}" for i in eas["skip_attention"]), *(f"m{i}" for i in eas["skip_mlp"])])
     return f"train-{skips or 'none'}-s{spec['seed']}-{digest}"
 
 
