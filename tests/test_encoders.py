@@ -132,6 +132,22 @@ def test_plan_on_a_head_model_and_back_to_stock():
 
 
 @pytest.mark.parametrize(
+    "cls", [tf.BridgeTowerModel, BridgeTowerForVQA, BridgeTowerForNLVR2, tf.BridgeTowerForImageAndTextRetrieval]
+)
+def test_wrapped_layers_with_nothing_skipped_compute_the_stock_model(cls):
+    batch = inputs()
+    if cls is BridgeTowerForNLVR2:
+        batch["pixel_values"] = torch.randn(3, 2, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    stock = features(build(cls), batch)
+    wrapped = build(cls)
+    assert len(skipvlm.encoders.HOST.wrap_all(wrapped)) == 2 * LAYERS  # every layer a CoLayer, no skips
+    torch.testing.assert_close(features(wrapped, batch), stock, atol=0, rtol=0)
+    eas = skipvlm.get_eas_model(build(cls), EncoderEASConfig(replace_dim=8))  # fresh adapt-PIA everywhere
+    assert all(a.adapt for a in eas.adapters().values()) and eas.plan.is_empty
+    torch.testing.assert_close(features(eas, batch), stock, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
     "plan, message",
     [
         (skipvlm.Plan(skip_attention=[1]), "integer indices are the decoder hosts' form"),
