@@ -131,9 +131,10 @@ def test_plan_on_a_head_model_and_back_to_stock():
     torch.testing.assert_close(features(model, batch), stock, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize(
-    "cls", [tf.BridgeTowerModel, BridgeTowerForVQA, BridgeTowerForNLVR2, tf.BridgeTowerForImageAndTextRetrieval]
-)
+HEADS = [tf.BridgeTowerModel, BridgeTowerForVQA, BridgeTowerForNLVR2, tf.BridgeTowerForImageAndTextRetrieval]
+
+
+@pytest.mark.parametrize("cls", HEADS)
 def test_wrapped_layers_with_nothing_skipped_compute_the_stock_model(cls):
     batch = inputs()
     if cls is BridgeTowerForNLVR2:
@@ -285,14 +286,44 @@ def test_save_load_round_trip(tmp_path):
     torch.testing.assert_close(loaded(**batch).logits, expected, atol=0, rtol=0)
     with pytest.raises(ValueError, match="saved for a different base model"):
         EncoderEASModel.from_pretrained(build(tf.BridgeTowerModel), tmp_path / "adapters")
+    via_decoder_entry = skipvlm.EASModel.from_pretrained(build(BridgeTowerForVQA), tmp_path / "adapters")
+    assert isinstance(via_decoder_entry, EncoderEASModel)  # the one entry dispatches on the host
+    torch.testing.assert_close(via_decoder_entry(**batch).logits, expected, atol=0, rtol=0)
 
 
-def test_merge_is_refused_clearly():
+def test_adapters_of_another_host_are_refused_clearly(tmp_path):
+    text = tf.LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2
+    )
+    decoder = skipvlm.get_eas_model(tf.LlamaForCausalLM(text), skipvlm.EASConfig(skip_attention=[1]))
+    decoder.save_pretrained(tmp_path / "decoder")
+    encoder = skipvlm.get_eas_model(build(), EncoderEASConfig(skip_attention=["text.0.self"], replace_dim=8))
+    encoder.save_pretrained(tmp_path / "encoder")
+    base = build()
+    with pytest.raises(ValueError, match="model_type: saved for 'llama', this model has 'bridgetower'"):
+        EncoderEASModel.from_pretrained(base, tmp_path / "decoder")
+    assert not any(isinstance(m, CoLayer) for m in base.modules())  # left unchanged
+    with pytest.raises(ValueError, match="model_type: saved for 'bridgetower', this model has 'llama'"):
+        skipvlm.EASModel.from_pretrained(tf.LlamaForCausalLM(text), tmp_path / "encoder")
+
+
+def test_merge_is_refused_clearly(tmp_path):
     model = skipvlm.get_eas_model(build(), EncoderEASConfig(skip_attention=["text.0.self"], replace_dim=8))
     with pytest.raises(ValueError, match="post-norm"):
         model.merge_and_unload()
     with pytest.raises(ValueError, match="post-norm"):
         skipvlm.merge_and_unload(model)
+    with pytest.raises(ValueError, match="post-norm"):
+        skipvlm.export_merged(model, tmp_path / "merged")
+    with pytest.raises(ValueError, match="post-norm"):
+        model.calibrate([])
+    plain = build()  # a planned model without adapters: refused alike, not an AttributeError
+    skipvlm.apply_plan(plain, skipvlm.Plan(skip_attention=["text.0.self"]))
+    with pytest.raises(ValueError, match="post-norm"):
+        skipvlm.merge_and_unload(plain)
+    with pytest.raises(ValueError, match="post-norm"):
+        skipvlm.export_merged(plain, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
 
 
 def test_a_fixed_plan_cannot_move_a_skip_without_its_adapter():

@@ -309,13 +309,17 @@ class EASModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, path: str | os.PathLike) -> EASModel:
-        """Rebuild an EAS model on ``base_model`` from a folder written by :meth:`save_pretrained`.
+        """Rebuild an EAS model on ``base_model`` from a folder written by :meth:`save_pretrained` (a
+        BridgeTower model gets its :class:`~skipvlm.encoders.eas.EncoderEASModel`).
 
         Raises:
             FileNotFoundError: the folder or one of its files is missing.
             ValueError: the adapters were saved for another architecture, hidden size or layer count,
                 or the file's tensors do not match the config.
         """
+        encoder = encoder_host(base_model)
+        if encoder is not None:  # a two-stream encoder host (METHODS §7) loads its own EAS model
+            return encoder.load_eas_model(base_model, path)
         path = Path(path)
         meta = _read_meta(path)
         facts = arch_facts(base_model)

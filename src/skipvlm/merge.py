@@ -51,7 +51,15 @@ import transformers
 from torch import nn
 
 from skipvlm.adapters import AdaptPIARoute, DASRoute, FFNPIARoute, ReplacePIARoute, rms
-from skipvlm.arch import ArchFacts, LayerParts, arch_facts, decoder_slot, get_layers, model_class
+from skipvlm.arch import (
+    ArchFacts,
+    LayerParts,
+    arch_facts,
+    decoder_slot,
+    encoder_host,
+    get_layers,
+    model_class,
+)
 from skipvlm.eas import EASModel
 from skipvlm.io import atomic_files
 from skipvlm.pia import (
@@ -225,6 +233,14 @@ def remove_attention(model: nn.Module, layers: list[int]) -> None:
 
 
 @torch.no_grad()
+def _refuse_encoder(model: nn.Module, what: str) -> None:
+    """Raise ValueError for a two-stream encoder host's model (METHODS §7: no merge for post-norm hosts)."""
+    if encoder_host(model) is not None:
+        from skipvlm.encoders.eas import NOT_MERGEABLE
+
+        raise ValueError(f"cannot {what} a BridgeTower model: {NOT_MERGEABLE}")
+
+
 def merge_and_unload(eas_model: EASModel, mode: str = "static") -> nn.Module:
     """Fold the adapters of ``eas_model`` into its base weights and return the base model.
 
@@ -243,6 +259,7 @@ def merge_and_unload(eas_model: EASModel, mode: str = "static") -> nn.Module:
     """
     if getattr(type(eas_model), "mergeable", True) is False:  # a host that refuses merges says why
         return eas_model.merge_and_unload(mode)
+    _refuse_encoder(eas_model, "merge")
     if mode not in MODES:
         raise ValueError(f"unknown merge mode {mode!r}; use one of {MODES}")
     eas_model.adapters  # noqa: B018  (raises if they were merged already)
@@ -466,6 +483,7 @@ def export_merged(eas_model: EASModel, path: str | os.PathLike, processor: Any =
     """
     if getattr(type(eas_model), "mergeable", True) is False:  # a host that refuses merges says why
         return eas_model.export_merged(path, processor)
+    _refuse_encoder(eas_model, "export a merge of")
     facts = eas_model.facts
     base = eas_model.base_model
     plan = eas_model.decoder.plan
