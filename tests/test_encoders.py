@@ -22,6 +22,7 @@ from skipvlm.encoders.heads import (
 from skipvlm.encoders.host import co_layers
 from skipvlm.encoders.layers import CoLayer
 from skipvlm.encoders.names import EncoderCandidates
+from skipvlm.train import eas_config_for_plan
 
 LAYERS = 2
 ANSWERS = ["yes", "no", "red", "blue"]
@@ -341,6 +342,11 @@ def test_encoder_config_refuses_indices():
 
 
 # --- candidates, heads, search and training ----------------------------------------------------------------
+
+
+def test_an_empty_plan_with_an_encoder_template_gives_an_encoder_config():
+    fixed = eas_config_for_plan(skipvlm.Plan(), "attention", EncoderEASConfig(replace_dim=8))
+    assert isinstance(fixed, EncoderEASConfig) and fixed.replace_dim == 8 and fixed.plan().is_empty
 
 
 def test_candidates_map_arms_to_named_plans():
