@@ -375,6 +375,11 @@ def test_heads_losses_and_metrics():
     batch["pixel_values"] = torch.randn(2, 2, 3, 16, 16)
     out = nlvr(**batch, labels=torch.tensor([0, 1]))
     assert out.logits.shape == (2, 2) and out.loss.item() > 0
+    widths = [tuple(m.weight.shape) for m in nlvr.classifier if isinstance(m, torch.nn.Linear)]
+    assert widths == [(64, 128), (2, 64)]  # METER's NLVR2 head: 4C -> 2C -> 2
+    vqa = build(BridgeTowerForVQA)
+    widths = [tuple(m.weight.shape) for m in vqa.classifier if isinstance(m, torch.nn.Linear)]
+    assert widths == [(64, 64), (len(ANSWERS), 64)]  # METER's VQA head: 2C -> 2C -> answers
     itm = build(tf.BridgeTowerForImageAndTextRetrieval)
     b = inputs(batch=3)
     assert retrieval_scores(itm, b["input_ids"], b["attention_mask"], b["pixel_values"], 4).shape == (3, 3)
