@@ -148,7 +148,7 @@ class _FullFineTune(nn.Module):
 
 
 def _model_name(folder: str) -> str:
-    """The toy's folder as results record it: ``skipvlm:toy-bridgetower`` for the shipped one (no local path)."""
+    """The toy as results record it: ``skipvlm:toy-bridgetower`` for the shipped one (no local path)."""
     return f"skipvlm:{SHIPPED.name}" if Path(folder).resolve() == SHIPPED.resolve() else folder
 
 
