@@ -324,16 +324,7 @@ class EASModel(nn.Module):
         meta = _read_meta(path)
         facts = arch_facts(base_model)
         saved, here = meta.get("base_model", {}), _base_signature(facts)
-        wrong = [
-            f"{k}: saved for {saved.get(k)!r}, this model has {v!r}"
-            for k, v in here.items()
-            if saved.get(k) != v
-        ]
-        if wrong:
-            raise ValueError(
-                f"the adapters in {path} were saved for a different base model ({'; '.join(wrong)}); "
-                "load them onto the model they were trained on"
-            )
+        _check_signature(path, saved, here)
         try:
             config = EASConfig.from_dict(meta["eas_config"])
         except (KeyError, TypeError) as err:
@@ -552,6 +543,18 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(
             f"{path} is not a readable safetensors file ({err}); it is damaged or truncated"
         ) from None
+
+
+def _check_signature(path: Path, saved: dict[str, Any], here: dict[str, Any]) -> None:
+    """Raise ValueError naming each base-model fact in ``here`` the adapters in ``path`` differ on."""
+    wrong = [
+        f"{k}: saved for {saved.get(k)!r}, this model has {v!r}" for k, v in here.items() if saved.get(k) != v
+    ]
+    if wrong:
+        raise ValueError(
+            f"the adapters in {path} were saved for a different base model ({'; '.join(wrong)}); "
+            "load them onto the model they were trained on"
+        )
 
 
 def _read_meta(path: Path) -> dict[str, Any]:
