@@ -183,6 +183,29 @@ def test_bandit_interval_counts_micro_batches(grad_accum, interval, update_steps
     assert result.bandit.updates == len(update_steps)
 
 
+def test_search_killed_between_bandit_updates_resumes_with_accumulation(tmp_path):
+    """With grad_accum=3 (steps of 3, 3, 2 micro-batches) the update cadence is a function of the step, so a
+    search resumed from a mid-search checkpoint updates the bandit at the same steps as an unbroken one."""
+    config = quick_search(interval=2, train={"grad_accum": 3, "checkpoint_every": 2})
+    model, batches, held = data(batch_size=2)
+    full = skipvlm.search(model, batches, held, config)
+    assert [t["step"] for t in full.trajectory[1:]] == [4, 5, 5, 6, 7, 8, 8, 9]
+
+    def kill_at_7(event):
+        if event["step"] == 7:
+            raise Killed
+
+    model, batches, held = data(batch_size=2)
+    with pytest.raises(Killed):
+        skipvlm.search(model, batches, held, config, out=tmp_path, callback=kill_at_7)
+    assert json.loads((tmp_path / "search_checkpoint" / "state.json").read_text())["step"] == 6
+    model, batches, held = data(batch_size=2)
+    resumed = skipvlm.search(model, batches, held, config, out=tmp_path, resume=True)
+    assert [t["step"] for t in resumed.trajectory[1:]] == [t["step"] for t in full.trajectory[1:]]
+    assert resumed.bandit.state_dict() == full.bandit.state_dict()
+    assert_same_adapters(adapters_of(resumed.model), adapters_of(full.model))
+
+
 def test_search_needs_held_out_data():
     model, batches, _ = data()
     with pytest.raises(ValueError, match="held-out"):

@@ -413,18 +413,16 @@ def _build_adapters(facts: ArchFacts, config: EASConfig) -> dict[int, LayerAdapt
     """
     replace_at, adapt_at, bottleneck_at = config.adapter_layout(facts.num_layers)
     c = facts.hidden_size
-    pia = dict(
-        groups=config.groups, scale=config.scale, temperature=config.temperature, dropout=config.dropout
-    )
-    if config.single_path:
-        pia["paths"] = 1
-    exchange = {} if config.info_exchange else {"info_exchange": False}
+    pia = dict(groups=config.groups, scale=config.scale, temperature=config.temperature)
+    pia |= dict(dropout=config.dropout, paths=1 if config.single_path else 2)
+    exchange = dict(info_exchange=config.info_exchange)
     replace = {i: ReplacePIA(c, config.replace_dim, **pia, **exchange) for i in replace_at}
     adapt = {i: AdaptPIA(c, config.adapt_dim, **pia) for i in adapt_at}
     bottleneck = {i: BottleneckAdapter(c, config.replace_dim, config.dropout) for i in bottleneck_at}
-    ffn = {
-        i: ReplacePIA(c, config.replace_dim, **pia, **exchange) for i in config.ffn_layout(facts.num_layers)
-    }
+    ffn_at = config.ffn_layout(facts.num_layers)
+    if config.mlp_replace == "pia" and not ffn_at:
+        logger.warning("EASConfig(mlp_replace='pia') builds no FFN-PIA: its plan skips no MLP")
+    ffn = {i: ReplacePIA(c, config.replace_dim, **pia, **exchange) for i in ffn_at}
     kept = config.adapt_layers == "kept"
     return {
         i: LayerAdapters(
