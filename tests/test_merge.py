@@ -11,7 +11,8 @@ import transformers as tf
 import skipvlm
 from skipvlm.adapters import LayerAdapters
 from skipvlm.arch import get_decoder, get_layers
-from skipvlm.merge import PLAN_KEY, AffineMLP, PerExampleRoute
+from skipvlm.export import PLAN_KEY
+from skipvlm.merge import AffineMLP, PerExampleRoute
 from skipvlm.pia import PIABase
 from skipvlm.runtime import RemovedAttention
 from skipvlm.search import Candidates

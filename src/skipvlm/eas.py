@@ -378,8 +378,8 @@ class EASModel(nn.Module):
 
     def export_merged(self, path: str | os.PathLike, processor: Any = None) -> Path:
         """Write the ``static`` merge as a checkpoint stock transformers loads, with the processor beside
-        it (``processor``, else the base checkpoint's; see :func:`skipvlm.merge.export_merged`)."""
-        from skipvlm.merge import export_merged
+        it (``processor``, else the base checkpoint's; see :func:`skipvlm.export.export_merged`)."""
+        from skipvlm.export import export_merged
 
         return export_merged(self, path, processor)
 
