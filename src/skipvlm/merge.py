@@ -163,6 +163,10 @@ class AffineMLP(nn.Module):
         for target, value in zip((self.down.weight, self.up.weight, self.up.bias), tensors, strict=True):
             target.copy_(value.to(target.dtype))
 
+    def macs_per_token(self) -> int:
+        """``2 * C * d``: what :func:`skipvlm.cost.count_macs` counts in this MLP's place."""
+        return self.down.weight.numel() + self.up.weight.numel()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(self.down(x))
 
