@@ -180,7 +180,7 @@ def test_token_exit_commands_end_to_end(toy_dir, tmp_path, capsys):
     # the curve is the library's on the same six examples
     from skipvlm.data import ChatCollator, load_processor
     from skipvlm.data.formats import load_chat_jsonl
-    from skipvlm.merge import load_pretrained
+    from skipvlm.export import load_pretrained
 
     examples = load_chat_jsonl(toy_dir / "heldout.jsonl").examples[:6]
     collator = ChatCollator(load_processor(toy_dir / "model"))

@@ -511,3 +511,32 @@ def test_search_over_mlps_replaced_by_ffn_pias_and_train_the_found_plan():
     fresh, _, _ = data()
     trained = skipvlm.train(fresh, batches, skipvlm.TrainConfig(epochs=1, progress=False), eas=cfg)
     assert sorted(trained.adapters.ffn) == [str(i) for i in result.arms]
+
+
+def test_param_groups_train_at_their_lr_scale():
+    """A model's ``optimizer_parameters()`` may give param groups with an ``lr_scale``: AdamW's first
+    step moves every weight by about its group's learning rate."""
+
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = torch.nn.Linear(4, 4), torch.nn.Linear(4, 1)
+
+        def forward(self, x, labels):
+            return type("Out", (), {"loss": ((self.head(self.body(x)) - labels) ** 2).mean()})()
+
+        def optimizer_parameters(self):
+            return [{"params": self.body.parameters(), "lr_scale": 0.1}, {"params": self.head.parameters()}]
+
+    torch.manual_seed(0)
+    model = Two()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    batch = {"x": torch.randn(8, 4), "labels": torch.randn(8, 1)}
+    fit(model, [batch], skipvlm.TrainConfig(epochs=1, lr=1e-2, max_grad_norm=0, progress=False))
+    moved = {n: (p.detach() - before[n]).abs() for n, p in model.named_parameters()}
+    torch.testing.assert_close(
+        moved["head.weight"], torch.full_like(moved["head.weight"], 1e-2), rtol=1e-3, atol=0
+    )
+    torch.testing.assert_close(
+        moved["body.weight"], torch.full_like(moved["body.weight"], 1e-3), rtol=1e-3, atol=0
+    )
