@@ -280,6 +280,7 @@ def _pct(x: float | None) -> str:
 
 _ACC = ("accuracy %", lambda r: _pct(r["accuracy"]))
 _NLL = ("answer NLL", lambda r: f"{r['answer_nll']:.3f}")
+_UNMERGED = ("unmerged acc %", lambda r: _pct(r.get("accuracy_unmerged")))
 _TRAINABLE = ("trainable %", lambda r: f"{r['trainable_pct']:.2f}")
 _MACS = ("GMACs", lambda r: f"{r['macs_g']:.4f}")
 _TIMES = [
@@ -347,7 +348,7 @@ def format_tables(result: dict[str, Any]) -> str:
     if "validation" in parts:
         out.append(_validation_text(parts["validation"]))
     if "k_sweep" in parts:
-        columns = [("k", lambda r: r["k"]), skipped, _ACC, _NLL, _TRAINABLE, _MACS, *_TIMES]
+        columns = [("k", lambda r: r["k"]), skipped, _ACC, _UNMERGED, _NLL, _TRAINABLE, _MACS, *_TIMES]
         out.append("## Skipped attentions k (plans found by the bandit; merged models)")
         out.append(_md(parts["k_sweep"], columns))
     if "candidates" in parts:
@@ -356,7 +357,7 @@ def format_tables(result: dict[str, Any]) -> str:
         out.append(_md(parts["candidates"], [*columns, _TRAINABLE, _MACS]))
     if "ablations" in parts:
         merged = ("merged", lambda r: "yes" if r["merged"] else "no")
-        columns = [("PIA", lambda r: r["name"]), merged, _ACC, _NLL, _TRAINABLE, _MACS, *_TIMES]
+        columns = [("PIA", lambda r: r["name"]), merged, _ACC, _UNMERGED, _NLL, _TRAINABLE, _MACS, *_TIMES]
         out.append("## PIA design ablations (the bandit's plan at the ablation k)")
         out.append(_md(parts["ablations"], columns))
     return "\n\n".join(out) + "\n"
