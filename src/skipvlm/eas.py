@@ -291,8 +291,14 @@ class EASModel(nn.Module):
             return self.base_model(*args, labels=labels, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """The base model's ``generate``; the adapters pool over the prompt at prefill, then stay frozen."""
-        return self.base_model.generate(*args, **kwargs)
+        """The base model's ``generate``; the adapters pool over the prompt at prefill, then stay frozen.
+
+        The prompt is the 2-D ``attention_mask``'s tokens, even where ``generate`` hands the model prepared
+        masks (a static cache: ``cache_implementation="static"``)."""
+        mask = kwargs.get("attention_mask")
+        mask = mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
+        with self.decoder.inputs.pooling(mask):
+            return self.base_model.generate(*args, **kwargs)
 
     # --- adapters -------------------------------------------------------------------------------------
 

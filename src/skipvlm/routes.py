@@ -79,10 +79,12 @@ class Memory:
     Attributes:
         layers: per layer, state a route computed at prefill (e.g. PIA's frozen router weights).
         token_exit: the token-exit state (the packed layouts), or None when no token left.
+        owner: ``id`` of the decoder that ran the prefill (another model's memory is not read).
     """
 
     layers: dict[int, Any] = field(default_factory=dict)
     token_exit: Any = None
+    owner: int = 0
 
 
 @dataclass
