@@ -63,7 +63,8 @@ def test_static_cache_runs_merged_and_unmerged_eas(arch):
     unmerged_static, _ = _generate(eas, inputs, cache_implementation="static")
     assert torch.equal(unmerged_static, unmerged_dynamic)
     merged = copy.deepcopy(eas).merge_and_unload("static")
-    assert torch.equal(_generate(merged, inputs, cache_implementation="static")[0], _generate(merged, inputs)[0])
+    static, _ = _generate(merged, inputs, cache_implementation="static")
+    assert torch.equal(static, _generate(merged, inputs)[0])
 
 
 def _static_bytes(model, inputs, early: bool) -> tuple[int, StaticCache]:
@@ -72,7 +73,8 @@ def _static_bytes(model, inputs, early: bool) -> tuple[int, StaticCache]:
     cache = StaticCache(config=config, max_cache_len=24)
     if early:
         heads, dim = config.num_key_value_heads, config.hidden_size // config.num_attention_heads
-        cache.early_initialization(inputs["input_ids"].shape[0], heads, dim, torch.float32, torch.device("cpu"))
+        batch = inputs["input_ids"].shape[0]
+        cache.early_initialization(batch, heads, dim, torch.float32, torch.device("cpu"))
     with torch.no_grad():
         model(**inputs, use_cache=True, **cache_kwargs(cache))
     return skipvlm.kv_cache_bytes(cache), cache
@@ -84,7 +86,8 @@ def test_static_cache_bytes_shrink_by_exactly_the_skipped_layers_share(early):
     inputs = make_inputs("llama", lengths=(6, 3))
     stock, _ = _static_bytes(model, inputs, early)
     config = model.config
-    per_layer = 2 * 2 * 24 * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads) * 4
+    head_dim = config.hidden_size // config.num_attention_heads
+    per_layer = 2 * 2 * 24 * config.num_key_value_heads * head_dim * 4
     assert stock == config.num_hidden_layers * per_layer  # (K, V) x B x max_len x H_kv x D x fp32
     for skipped in ([1], [0, 2], [0, 1, 3]):
         skipvlm.apply_plan(model, skipvlm.Plan(skip_attention=skipped))
@@ -103,7 +106,8 @@ def test_a_user_built_static_cache_decodes_step_by_step_like_the_dynamic_one():
     with torch.no_grad():
         step_ids = ids
         for _ in range(STEPS):
-            logits = model(input_ids=step_ids, attention_mask=mask, use_cache=True, **cache_kwargs(cache)).logits
+            out = model(input_ids=step_ids, attention_mask=mask, use_cache=True, **cache_kwargs(cache))
+            logits = out.logits
             step_ids = logits[:, -1].argmax(-1, keepdim=True)
             ids, mask = torch.cat([ids, step_ids], 1), torch.cat([mask, torch.ones_like(step_ids)], 1)
     assert torch.equal(ids, expected)

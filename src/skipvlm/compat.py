@@ -14,7 +14,7 @@ change between releases (5.24 renamed the forward keyword and output field ``pas
 * :data:`DEEPSTACK_MASK_KWARG` / :data:`DEEPSTACK_EMBEDS_KWARG`: the keywords under which Qwen3-VL's
   text model receives its DeepStack visual features;
 * :data:`TESTED` / :func:`check_version`: the releases this skipvlm was tested with;
-* :class:`StaticCache` / :class:`StaticLayer`: the preallocated cache kind (``cache_implementation="static"``);
+* :class:`StaticCache` / :class:`StaticLayer`: the preallocated cache (``cache_implementation="static"``);
 * :func:`compiling`: whether the code runs under ``torch.compile``'s tracing.
 """
 
