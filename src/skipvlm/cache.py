@@ -179,7 +179,7 @@ _MEMORY = "_skipvlm_memory"
 
 
 def memory_of(cache: Cache) -> Any:
-    """What the prefill on ``cache`` left for its decoding steps (a :class:`~skipvlm.routes.Memory`) or None."""
+    """What the prefill on ``cache`` left for decoding (a :class:`~skipvlm.routes.Memory`), or None."""
     return getattr(cache, _MEMORY, None)
 
 
