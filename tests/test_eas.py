@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import re
 
@@ -11,12 +12,14 @@ import torch
 from safetensors.torch import load_file
 
 import skipvlm
+import skipvlm.cost
+import skipvlm.pia
 from skipvlm.arch import arch_facts, get_decoder, get_layers
 from skipvlm.data.labels import IGNORE_INDEX
 from skipvlm.eas import ADAPTER_FILE, CONFIG_FILE
 from skipvlm.search import Candidates
 
-from conftest import build_eas, build_model, logits, make_inputs, randomize_adapters, select_rows
+from conftest import build_eas, build_model, greedy, logits, make_inputs, randomize_adapters, select_rows
 
 EAS_ARCHS = ("llama", "llava", "qwen2", "qwen3_vl")
 EAS_ARCHS += ("gemma3_text", "gemma3")  # sandwich norms, gain 1 + weight
@@ -418,3 +421,195 @@ def test_format_1_tensor_names_load_into_a_built_model():
         fresh.adapter_state_dict().items(), model.adapter_state_dict().values(), strict=True
     ):
         assert torch.equal(a, b), name
+
+
+# --- the replace-PIA's input, the PIA design ablations and the FFN-PIA ---------------------------------
+
+
+@pytest.mark.parametrize("arch", EAS_ARCHS)
+def test_rms_input_starts_exactly_at_the_plain_skip_and_normed_input_does_not(arch):
+    """replace_input='rms': a fresh model is the plain skip plan. The default 'normed' input feeds
+    gamma_post * gamma_in * rms(h) to the MLP, which differs wherever gamma_in != 1 (METHODS §2)."""
+    base = build_model(arch)
+    parts = arch_facts(base).parts
+    assert (parts.gain(get_layers(base)[1].get_submodule(parts.input_norm)) - 1).abs().max() > 0.1
+    inputs = make_inputs(arch, lengths=(6, 3))
+    plain = logits(skipvlm.apply_plan(copy.deepcopy(base), skipvlm.Plan(skip_attention=[1, 2])), inputs)
+    rms = skipvlm.get_eas_model(
+        copy.deepcopy(base), skipvlm.EASConfig(skip_attention=[1, 2], replace_input="rms")
+    )
+    torch.testing.assert_close(logits(rms, inputs), plain, rtol=0, atol=1e-5)
+    normed = skipvlm.get_eas_model(base, skipvlm.EASConfig(skip_attention=[1, 2]))
+    assert (logits(normed, inputs) - plain).abs().max() > 1e-2
+
+
+# Each switch, with the plan it needs, for the round trip and the fresh-model checks.
+SWITCHES = {
+    "single_path": dict(single_path=True),
+    "no_info_exchange": dict(info_exchange=False),
+    "not_frozen": dict(freeze_pooled=False),
+    "rms_input": dict(replace_input="rms"),
+    "ffn_pia": dict(mlp_replace="pia", skip_mlp=[0, 2]),
+}
+
+
+@pytest.mark.parametrize("switch", SWITCHES)
+def test_each_switch_saves_and_loads_exactly(switch, tmp_path):
+    model = randomize_adapters(build_eas("llava", **SWITCHES[switch]))
+    inputs = make_inputs("llava", lengths=(6, 3))
+    model.calibrate([inputs], progress=False)
+    expected = logits(model, inputs)
+    model.save_pretrained(tmp_path)
+    loaded = skipvlm.EASModel.from_pretrained(build_model("llava"), tmp_path)
+    assert loaded.eas_config == model.eas_config and loaded.plan == model.plan
+    torch.testing.assert_close(logits(loaded, inputs), expected, rtol=0, atol=0)
+    names = set(load_file(tmp_path / ADAPTER_FILE))
+    if switch == "single_path":
+        assert not any(".router." in k for k in names) and not any(".up.1." in k for k in names)
+    if switch == "no_info_exchange":
+        assert not any(".replace.pool." in k for k in names)
+    if switch == "ffn_pia":
+        assert {k.split(".adapters.")[0] for k in names if ".adapters.ffn." in k} == {"routes.0", "routes.2"}
+
+
+def test_adapters_saved_before_the_switches_existed_still_load(tmp_path):
+    model = randomize_adapters(build_eas("llama"))
+    inputs = make_inputs("llama", lengths=(6, 3))
+    model.save_pretrained(tmp_path)
+    meta = json.loads((tmp_path / CONFIG_FILE).read_text())
+    for name in ("single_path", "info_exchange", "freeze_pooled", "replace_input", "mlp_replace"):
+        del meta["eas_config"][name]
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(meta))
+    loaded = skipvlm.EASModel.from_pretrained(build_model("llama"), tmp_path)
+    assert loaded.eas_config == model.eas_config == skipvlm.EASConfig(skip_attention=[1, 2])
+    torch.testing.assert_close(logits(loaded, inputs), logits(model, inputs), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("switch", ["single_path", "no_info_exchange", "not_frozen"])
+def test_design_switches_keep_a_fresh_model_where_the_default_starts(switch):
+    """The ablations change what trains, not where training starts."""
+    inputs = make_inputs("llama", lengths=(6, 3))
+    reference = logits(build_eas("llama"), inputs)
+    torch.testing.assert_close(
+        logits(build_eas("llama", **SWITCHES[switch]), inputs), reference, rtol=0, atol=0
+    )
+
+
+def test_defaults_draw_the_same_initial_adapters_as_before_the_switches():
+    """The FFN-PIAs are built after every other kind, so a default config's adapters are unchanged."""
+    plain = build_eas("llama", skip_mlp=[3]).adapter_state_dict()
+    with_ffn = build_eas("llama", skip_mlp=[3], mlp_replace="pia").adapter_state_dict()
+    assert set(with_ffn) - set(plain) and all(".ffn." in k for k in set(with_ffn) - set(plain))
+    for k, v in plain.items():
+        assert torch.equal(with_ffn[k], v), k
+
+
+def test_pooled_state_is_recomputed_every_step_only_when_not_frozen(monkeypatch):
+    """freeze_pooled=False: the prefill (and training) is the frozen model's; each decoding step routes
+    again from its own token (one router call per PIA and step); frozen: routed once, at prefill."""
+    prompt = make_inputs("llama", lengths=(6,))
+    frozen = randomize_adapters(build_eas("llama"))
+    moving = randomize_adapters(build_eas("llama", freeze_pooled=False))
+    torch.testing.assert_close(logits(moving, prompt), logits(frozen, prompt), rtol=0, atol=0)
+    calls = []
+    route = skipvlm.pia.PIABase.route
+
+    def spy(self, pooled):
+        calls.append(pooled.shape)
+        return route(self, pooled)
+
+    monkeypatch.setattr(skipvlm.pia.PIABase, "route", spy)
+    counts = {}
+    for name, model in (("frozen", frozen), ("moving", moving)):
+        calls.clear()
+        _, steps = greedy(model, prompt, 4)
+        counts[name], counts[name + "_steps"] = len(calls), steps
+    assert counts["frozen"] == 4  # 4 PIAs (2 replace, 2 adapt), routed at prefill only
+    assert counts["moving"] == 4 * 4  # and again at each of the 3 decoding steps
+    torch.testing.assert_close(counts["moving_steps"][:, 0], counts["frozen_steps"][:, 0], rtol=0, atol=0)
+    assert (counts["moving_steps"][:, 1:] - counts["frozen_steps"][:, 1:]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_fresh_ffn_pia_is_the_plain_mlp_skip_and_runs_no_mlp(arch):
+    base = build_model(arch)
+    inputs = make_inputs(arch, lengths=(6, 3))
+    plain = skipvlm.apply_plan(copy.deepcopy(base), skipvlm.Plan(skip_attention=[1], skip_mlp=[1, 3]))
+    model = skipvlm.get_eas_model(
+        base, skipvlm.EASConfig(skip_attention=[1], skip_mlp=[1, 3], mlp_replace="pia", replace_input="rms")
+    )
+    assert sorted(model.adapters.ffn) == ["1", "3"] and sorted(model.adapters.replace) == []
+    torch.testing.assert_close(logits(model, inputs), logits(plain, inputs), rtol=0, atol=0)
+    randomize_adapters(model)
+    ran = {"mlp": set(), "ffn": set()}
+    for i, layer in enumerate(get_layers(model.base_model)):
+        layer.mlp.down_proj.register_forward_hook(lambda *a, i=i: ran["mlp"].add(i))
+    for i, ffn in model.adapters.ffn.items():
+        ffn.token.register_forward_hook(lambda *a, i=int(i): ran["ffn"].add(i))
+    assert (logits(model, inputs) - logits(plain, inputs)).abs().max() > 1e-3
+    assert ran == {"mlp": {0, 2}, "ffn": {1, 3}}
+
+
+def test_ffn_pia_trainable_parameters_grow_with_the_skipped_mlps():
+    counts = [
+        build_eas("llama", skip=(), skip_mlp=list(range(k)), mlp_replace="pia").trainable_parameters()[0]
+        for k in range(4)
+    ]
+    ffn = sum(
+        p.numel()
+        for p in build_eas("llama", skip=(), skip_mlp=[0], mlp_replace="pia").adapters.ffn["0"].parameters()
+    )
+    assert [b - a for a, b in itertools.pairwise(counts)] == [ffn] * 3
+    plain = [build_eas("llama", skip=(), skip_mlp=list(range(k))).trainable_parameters()[0] for k in range(4)]
+    assert len(set(plain)) == 1
+
+
+def test_a_fixed_ffn_pia_model_refuses_to_move_an_mlp_skip_without_one():
+    model = build_eas("llama", skip=(), skip_mlp=[1], mlp_replace="pia")
+    with pytest.raises(
+        ValueError, match=r"layer\(s\) \[2\] has no FFN-PIA for its skipped MLP.*supernet=True"
+    ):
+        model.set_plan(skipvlm.Plan(skip_mlp=[2]))
+    assert model.plan == skipvlm.Plan(skip_mlp=[1])
+
+
+def test_ffn_pia_supernet_moves_its_mlp_skips():
+    model = randomize_adapters(
+        build_eas("llama", skip=(), supernet=True, candidates="attention_or_mlp", mlp_replace="pia")
+    )
+    adapters = model.adapters
+    assert (len(adapters.replace), len(adapters.adapt), len(adapters.ffn)) == (4, 4, 4)
+    inputs = make_inputs("llama", lengths=(5,))
+    outs = []
+    for plan in (skipvlm.Plan(skip_mlp=[0]), skipvlm.Plan(skip_attention=[2], skip_mlp=[3])):
+        model.set_plan(plan)
+        outs.append(logits(model, inputs))
+    assert (outs[0] - outs[1]).abs().max() > 1e-3
+
+
+def test_ffn_pia_costs_its_low_rank_map_in_place_of_the_mlp():
+    config = skipvlm.EASConfig(skip_mlp=[1], mlp_replace="pia")
+    base = build_model("llama")
+    plan = config.plan()
+    plain = skipvlm.cost.count_macs(base, 10, plan)
+    replaced = skipvlm.cost.count_macs(base, 10, plan, mlp_replacement=config.mlp_replacement_macs(32))
+    assert plain.layers[1]["mlp"] == 0 and replaced.layers[1]["mlp"] == 10 * 2 * 32 * 32
+    assert replaced.layers[0]["mlp"] == 10 * 3 * 32 * 64
+    assert skipvlm.EASConfig().mlp_replacement_macs(32) == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"replace_input": "gamma"}, r"replace_input must be one of \('normed', 'rms'\)"),
+        ({"mlp_replace": "lora"}, r"mlp_replace must be one of \('none', 'pia'\)"),
+        ({"single_path": 1}, "single_path must be true or false"),
+        (
+            {"mlp_replace": "pia", "supernet": True, "candidates": "layer"},
+            "'layer' supernet skips whole layers",
+        ),
+    ],
+)
+def test_switch_validation_names_the_field(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        skipvlm.EASConfig(**kwargs)

@@ -11,9 +11,10 @@ import transformers as tf
 import skipvlm
 from skipvlm.adapters import LayerAdapters
 from skipvlm.arch import get_decoder, get_layers
-from skipvlm.merge import PLAN_KEY, PerExampleRoute
+from skipvlm.merge import PLAN_KEY, AffineMLP, PerExampleRoute
 from skipvlm.pia import PIABase
 from skipvlm.runtime import RemovedAttention
+from skipvlm.search import Candidates
 
 from conftest import build_eas, build_model, greedy, logits, make_inputs, randomize_adapters
 
@@ -285,3 +286,89 @@ def test_a_merged_model_refuses_to_save_or_merge_its_adapters_again(tmp_path):
             model.save_pretrained(tmp_path / mode)
         with pytest.raises(ValueError, match="already merged"):
             model.merge_and_unload("static")
+
+
+# --- the PIA design ablations and the FFN-PIA merge exactly (or refuse to) --------------------------------
+
+# Every switch that keeps PIA affine, with the plan it runs (skip_attention, and skip_mlp for FFN-PIAs).
+AFFINE_SWITCHES = {
+    "single_path": dict(single_path=True),
+    "no_info_exchange": dict(info_exchange=False),
+    "rms_input": dict(replace_input="rms"),
+    "ffn_pia": dict(mlp_replace="pia", skip_mlp=[0, 2]),  # layer 2: attention and MLP both skipped
+    "ffn_pia_no_adapt": dict(mlp_replace="pia", skip_mlp=[3], adapt_layers="none"),
+    "all_at_once": dict(
+        single_path=True, info_exchange=False, replace_input="rms", mlp_replace="pia", skip_mlp=[3]
+    ),
+}
+
+
+@pytest.mark.parametrize("arch", ["llama", "llava", "gemma3_text"])
+@pytest.mark.parametrize("switch", AFFINE_SWITCHES)
+def test_every_affine_design_switch_merges_exactly(arch, switch):
+    """unmerged == per_example merge (prefill and decoding, a second prompt re-merged) and calibration
+    means == static merge, for each ablation switch and the FFN replacement."""
+    cfg = AFFINE_SWITCHES[switch]
+    model, batch = trained(arch, **cfg)
+    plan = model.plan
+    prompt = make_inputs(arch, lengths=(6,), seed=5)
+    sequences, steps = greedy(model, prompt, 4)
+    merged = copy.deepcopy(model).merge_and_unload(mode="per_example")
+    torch.testing.assert_close(logits(merged, prompt), logits(model, prompt), rtol=0, atol=ATOL)
+    merged_sequences, merged_steps = greedy(merged, prompt, 4)
+    assert torch.equal(merged_sequences, sequences)
+    torch.testing.assert_close(merged_steps, steps, rtol=0, atol=ATOL)
+    other = make_inputs(arch, lengths=(4,), seed=9)
+    torch.testing.assert_close(logits(merged, other), logits(model, other), rtol=0, atol=ATOL)
+
+    model.adapters.use_calibration = True
+    forced = logits(model, batch)
+    static = model.merge_and_unload("static")
+    assert_no_adapters_left(static, skipped=plan.skip_attention)
+    torch.testing.assert_close(logits(static, batch), forced, rtol=0, atol=ATOL)
+    if "mlp_replace" in cfg:  # the FFN-PIAs now run as low-rank MLPs
+        assert skipvlm.current_plan(static) == plan.with_skips(skip_mlp=[])
+        for i in plan.skip_mlp:
+            mlp = get_layers(static)[i].mlp
+            assert isinstance(mlp, AffineMLP) and mlp.down.weight.shape == (32, 32)  # rank d_r = 32
+
+
+def test_rms_input_fold_has_no_input_gain_and_exports(tmp_path):
+    """With replace_input='rms' the fold drops diag(gamma_in): a fold that kept it would be off by it."""
+    model, batch = trained("llama", replace_input="rms")
+    model.export_merged(tmp_path / "merged")
+    model.adapters.use_calibration = True
+    stock = tf.LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    torch.testing.assert_close(logits(stock, batch), logits(model, batch), rtol=0, atol=ATOL)
+
+
+def test_ffn_pia_model_refuses_stock_export(tmp_path):
+    model, _ = trained("llama", mlp_replace="pia", skip_mlp=[0])
+    with pytest.raises(ValueError, match=r"skips MLPs.*FFN-PIAs"):
+        model.export_merged(tmp_path / "m")
+
+
+def test_models_that_re_pool_every_step_refuse_every_merge(tmp_path):
+    model, _ = trained("llama", freeze_pooled=False)
+    fix = r"freeze_pooled=False.*not one affine map.*serve it unmerged, or train it with freeze_pooled=True"
+    for mode in ("static", "per_example"):
+        with pytest.raises(ValueError, match=fix):
+            model.merge_and_unload(mode)
+    with pytest.raises(ValueError, match=fix):
+        model.export_merged(tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+    assert len(model.adapters.replace) == 2  # nothing was merged
+
+
+@pytest.mark.parametrize("kind", ["mlp", "attention_or_mlp"])
+def test_ffn_pia_supernets_merge_the_plan_they_run(kind):
+    model, batch = trained("llama", skip=(), supernet=True, candidates=kind, mlp_replace="pia")
+    assert len(model.adapters.ffn) == 4
+    plan = Candidates(kind, 4).plan([1, 3] if kind == "mlp" else [1, 6])  # attention_or_mlp: attn 1, mlp 2
+    model.set_plan(plan)
+    model.calibrate([batch], progress=False)
+    model.adapters.use_calibration = True
+    forced = logits(model, batch)
+    merged = model.merge_and_unload("static")
+    torch.testing.assert_close(logits(merged, batch), forced, rtol=0, atol=ATOL)
+    assert isinstance(get_layers(merged)[plan.skip_mlp[0]].mlp, AffineMLP)

@@ -153,3 +153,52 @@ def test_pooling_ignores_answer_and_padding_tokens():
     torch.testing.assert_close(pooled_prompt(changed, mask), pooled, rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"example\(s\) \[1\] have no prompt token"):
         pooled_prompt(x, torch.tensor([[1, 0, 0, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.bool))
+
+
+# --- the design ablations (the paper's PIA table) and the FFN-PIA ----------------------------------------
+
+
+@pytest.mark.parametrize("kind", [AdaptPIA, ReplacePIA])
+def test_single_path_pia_has_one_up_projection_and_no_router(kind):
+    adapter = randomize(kind(C, D, paths=1))
+    assert adapter.router is None and len(adapter.up) == 1 and adapter.calib_w.shape == (1,)
+    assert not any(name.startswith("router") for name, _ in adapter.named_parameters())
+    x, p = torch.randn(2, 7, C), torch.randn(2, C)
+    torch.testing.assert_close(adapter.route(p), torch.ones(2, 1))
+    # y = x + s (U h + c): the single path taken with weight 1
+    token = adapter.down(x) if kind is AdaptPIA else adapter.token(x)
+    h = token if kind is AdaptPIA else 0.5 * (adapter.pooled_path(p)[:, None] + token)
+    torch.testing.assert_close(adapter(x, p), x + adapter.up[0](h), rtol=0, atol=1e-6)
+    w = adapter.route(p[:1])[0]
+    if kind is AdaptPIA:
+        affine = collapse_adapt(adapter, w)
+    else:
+        affine = collapse_replace(adapter, w, adapter.pooled_path(p[:1])[0])
+    torch.testing.assert_close(adapter(x[:1], p[:1]), affine(x[:1]), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="1 or 2 up-projection paths, got paths=3"):
+        kind(C, D, paths=3)
+
+
+def test_replace_pia_without_information_exchange_has_no_pooled_path():
+    adapter = randomize(ReplacePIA(C, D, info_exchange=False))
+    assert adapter.pool is None and not any(n.startswith("pool") for n, _ in adapter.named_parameters())
+    x, p, q = torch.randn(1, 9, C), torch.randn(1, C), torch.randn(1, C)
+    torch.testing.assert_close(adapter.pooled_path(p), torch.zeros(1, D), rtol=0, atol=0)
+    w = adapter.route(p)
+    # the pooled vector reaches the output only through the router
+    torch.testing.assert_close(adapter(x, p), adapter(x, q, w=w), rtol=0, atol=0)
+    torch.testing.assert_close(
+        adapter(x, p), collapse_replace(adapter, w[0], torch.zeros(D))(x), atol=1e-5, rtol=0
+    )
+
+
+def test_ffn_pia_is_the_replace_pia_branch_and_starts_at_zero():
+    """F(x) = y - x: zero for a fresh adapter (the plain MLP skip), U V x + r once collapsed."""
+    x, p = torch.randn(2, 7, C), torch.randn(2, C)
+    torch.testing.assert_close(ReplacePIA(C, D).eval().residual(x, p), torch.zeros(2, 7, C), rtol=0, atol=0)
+    adapter = randomize(ReplacePIA(C, D, scale=0.8))
+    torch.testing.assert_close(adapter.residual(x, p), adapter(x, p) - x, rtol=0, atol=1e-6)
+    w, g = adapter.route(p[:1])[0], adapter.pooled_path(p[:1])[0]
+    affine = collapse_replace(adapter, w, g)
+    branch = (x[:1] @ affine.V.T) @ affine.U.T + affine.r
+    torch.testing.assert_close(adapter.residual(x[:1], p[:1]), branch, rtol=0, atol=1e-5)

@@ -62,13 +62,41 @@ def test_unknown_preset_lists_the_known_ones():
         presets.get("llava-2")
 
 
-def test_cost_cli_reproduces_the_eas_paper_share(capsys, tmp_path):
+@pytest.mark.parametrize("k, paper_share", [(8, 8.0), (12, 12.0)])
+def test_cost_cli_paper_convention_reproduces_the_eas_paper_shares(capsys, tmp_path, k, paper_share):
     out = tmp_path / "cost.json"
-    args = ["cost", "--preset", "llava-1.5-7b", "--prompt-tokens", "749", "--skip-attention-count", "12"]
+    args = ["cost", "--preset", "llava-1.5-7b", "--prompt-tokens", "749", "--skip-attention-count", str(k)]
+    assert main([*args, "--convention", "paper", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    share = 100 * data["removed_share"]
+    assert abs(share - paper_share) <= 0.1 and f"{share:.1f}%" in text
+    assert data["convention"] == "paper" and data["stock"]["convention"] == "paper"
+    # the paper's fvcore-style count: 4 C^2 N per MHA of LLaMA-7B, about 50 GMACs at 749 tokens
+    removed = data["stock"]["total"] - data["plan"]["total"]
+    assert removed == k * 4 * 4096**2 * 749
+    # the default prints the table in the full convention and the removed share in both
     assert main([*args, "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    share = json.loads(out.read_text())["removed_share"]
-    assert abs(100 * share - 12.0) < 1.0 and f"{100 * share:.1f}%" in text
+    both = json.loads(out.read_text())["removed_share_by_convention"]
+    assert abs(100 * both["paper"] - paper_share) <= 0.1 and 100 * both["full"] > 100 * both["paper"] + 0.3
+    assert "'full' convention" in text and "'paper' convention" in text
+    assert f"{100 * both['full']:.1f}%" in text and f"{100 * both['paper']:.1f}%" in text
+
+
+def test_paper_convention_drops_exactly_the_n_squared_terms():
+    model = presets.build("llava-1.5-7b", device="meta")
+    full, paper = (count_macs(model, 749, convention=c) for c in ("full", "paper"))
+    c, n, layers = 4096, 749, 32
+    assert full.attention - paper.attention == layers * 2 * n * n * c
+    vision = model.config.vision_config  # 577 tokens (576 patches + the class token) in each tower layer
+    assert full.vision - paper.vision == vision.num_hidden_layers * 2 * 577**2 * vision.hidden_size
+    assert (full.mlp, full.projector, full.lm_head) == (paper.mlp, paper.projector, paper.lm_head)
+    with pytest.raises(ValueError, match="convention must be one of"):
+        count_macs(model, 749, convention="fvcore")
+
+
+def test_cost_cli_refuses_more_skips_than_attentions(capsys):
     assert main(["cost", "--preset", "llava-1.5-7b", "--skip-attention-count", "40"]) == 2
     assert "--skip-attention-count 40: the model has only 32 attentions" in capsys.readouterr().err
 

@@ -154,13 +154,33 @@ def test_resuming_with_other_settings_is_refused(tmp_path):
     ("kwargs", "message"),
     [
         ({"k": 5}, r"k=5 is larger than the 4 'attention' candidates"),
-        ({"interval": 9}, r"interval=9 is larger than the search phase \(8 steps"),
+        ({"interval": 9}, r"interval=9 is larger than the search phase \(8 micro-batches"),
     ],
 )
 def test_search_fails_early_on_impossible_settings(kwargs, message):
     model, batches, held = data()
     with pytest.raises(ValueError, match=message):
         skipvlm.search(model, batches, held, quick_search(**kwargs))
+
+
+@pytest.mark.parametrize(
+    ("grad_accum", "interval", "update_steps"),
+    [
+        (1, 4, [12, 16, 20, 24]),  # 8 steps per epoch; the search phase is steps 9..24
+        (4, 4, [3, 4, 5, 6]),  # once per optimiser step (4 micro-batches each)
+        (4, 2, [3, 3, 4, 4, 5, 5, 6, 6]),  # twice per step
+        (4, 8, [4, 6]),  # every other step
+        (3, 4, [5, 6, 8, 9]),  # groups of 3, 3, 2 micro-batches: updates where a multiple of 4 is crossed
+    ],
+)
+def test_bandit_interval_counts_micro_batches(grad_accum, interval, update_steps):
+    """``interval`` counts micro-batches as the official code does, so gradient accumulation does not make
+    the bandit update less often (8 micro-batches per epoch, 1 warm-up and 2 search epochs)."""
+    model, batches, held = data(batch_size=2)
+    config = quick_search(interval=interval, train={"grad_accum": grad_accum})
+    result = skipvlm.search(model, batches, held, config)
+    assert [t["step"] for t in result.trajectory[1:]] == update_steps
+    assert result.bandit.updates == len(update_steps)
 
 
 def test_search_needs_held_out_data():
@@ -424,3 +444,15 @@ def test_activation_checkpointing_reaches_the_layers_inside_any_wrapper(monkeypa
     assert moved > 1e-4  # training moved the weights, so equality below is not vacuous
     for k in results[0]:
         torch.testing.assert_close(results[1][k], results[0][k], rtol=0, atol=1e-6)
+
+
+def test_search_over_mlps_replaced_by_ffn_pias_and_train_the_found_plan():
+    model, batches, held = data()
+    eas = skipvlm.EASConfig(mlp_replace="pia")
+    result = skipvlm.search(model, batches, held, quick_search(candidates="mlp"), eas=eas)
+    assert len(result.model.adapters.ffn) == 4  # the supernet: an FFN-PIA in every layer
+    cfg = result.eas_config(eas)
+    assert cfg.mlp_replace == "pia" and cfg.skip_mlp == result.arms and not cfg.supernet
+    fresh, _, _ = data()
+    trained = skipvlm.train(fresh, batches, skipvlm.TrainConfig(epochs=1, progress=False), eas=cfg)
+    assert sorted(trained.adapters.ffn) == [str(i) for i in result.arms]

@@ -13,9 +13,11 @@ from skipvlm.arch import (
     register_host,
 )
 from skipvlm.eas import EASConfig, EASModel, get_eas_model
+from skipvlm.encoders.eas import EncoderEASConfig, EncoderEASModel
 from skipvlm.lora import lora_target_modules
 from skipvlm.merge import export_merged, load_pretrained, merge_and_unload
 from skipvlm.plan import Plan, PlanField, TokenExitMethod, register_token_exit
+from skipvlm.recipes import Recipe, get_recipe, recipe_names
 from skipvlm.runtime import apply_plan, current_plan, exit_layers, kv_cache_bytes, use_plan
 from skipvlm.search import Bandit
 from skipvlm.tokens import DyVTEConfig, DyVTERouters, VTWCalibration, calibrate_vtw, train_dyvte
@@ -33,9 +35,12 @@ __all__ = [
     "DyVTERouters",
     "EASConfig",
     "EASModel",
+    "EncoderEASConfig",
+    "EncoderEASModel",
     "HostFamily",
     "Plan",
     "PlanField",
+    "Recipe",
     "SearchConfig",
     "SearchResult",
     "TokenExitMethod",
@@ -50,11 +55,13 @@ __all__ = [
     "exit_layers",
     "export_merged",
     "get_eas_model",
+    "get_recipe",
     "kv_cache_bytes",
     "load_pretrained",
     "lora_target_modules",
     "merge_and_unload",
     "presets",
+    "recipe_names",
     "register_host",
     "register_token_exit",
     "search",

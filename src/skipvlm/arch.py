@@ -25,6 +25,7 @@ __all__ = [
     "UnsupportedModelError",
     "arch_facts",
     "decoder_slot",
+    "encoder_host",
     "get_decoder",
     "get_layers",
     "host_family",
@@ -95,8 +96,9 @@ class HostFamily:
         projector_path: dotted path to the multimodal projector, if any.
         visual_tokens: ``visual_tokens(config, images, image_patches)``: visual tokens in a prompt, for
             cost accounting (None: text-only).
-        vision_macs: ``vision_macs(config, images, image_patches)`` -> (vision tower MACs, projector
-            MACs) of a prompt's images, for cost accounting (None: text-only).
+        vision_macs: ``vision_macs(config, images, image_patches, sdp)`` -> (vision tower MACs,
+            projector MACs) of a prompt's images, for cost accounting (None: text-only); ``sdp=False``
+            leaves out the attention's ``N^2`` score / value terms (the ``paper`` convention).
         description: how the supported-models list names it (default: ``model_class``).
         parts: the sub-modules of a decoder layer and its norm layout (:class:`LayerParts`).
         rotary_per_layer_type: the text model keeps one rotary table per layer type (Gemma 3: local
@@ -107,6 +109,11 @@ class HostFamily:
         forward_hook: ``forward_hook(kwargs)`` -> a :class:`LayerHook` or None: takes the family's own
             keywords of the text model's ``forward`` out of ``kwargs`` (e.g. Qwen3-VL's DeepStack
             features) and returns what the layer loop runs after each layer (None: the family has none).
+        encoder: for a host that is not a decoder (a two-stream encoder such as BridgeTower, METHODS
+            §7), the object that runs plans, adapters and MAC counts on it
+            (:class:`skipvlm.encoders.host.EncoderHost`); :func:`skipvlm.apply_plan`,
+            :func:`skipvlm.get_eas_model`, search and training hand such a model to it, and
+            :func:`arch_facts` (the decoder facts) refuses it.
     """
 
     model_type: str
@@ -116,7 +123,7 @@ class HostFamily:
     text_types: tuple[str, ...] = ()
     projector_path: str | None = None
     visual_tokens: Callable[[PretrainedConfig, int, int], int] | None = None
-    vision_macs: Callable[[PretrainedConfig, int, int], tuple[int, int]] | None = None
+    vision_macs: Callable[..., tuple[int, int]] | None = None
     description: str = ""
     parts: LayerParts = LayerParts()
     rotary_per_layer_type: bool = False
@@ -124,6 +131,7 @@ class HostFamily:
     image_token_attrs: tuple[str, ...] = ("image_token_id", "image_token_index")
     video_token_attrs: tuple[str, ...] = ("video_token_id",)
     forward_hook: Callable[[dict[str, Any]], LayerHook | None] | None = None
+    encoder: Any = None
 
 
 class LayerHook(Protocol):
@@ -297,6 +305,13 @@ def arch_facts(model_or_config: nn.Module | PretrainedConfig) -> ArchFacts:
         )
     model_type = getattr(config, "model_type", "")
     family = host_family(model_type)
+    if family.encoder is not None:
+        raise UnsupportedModelError(
+            f"{family.description or family.model_class} (model_type={model_type!r}) is a two-stream encoder "
+            "host (skipvlm.encoders): it runs plans, EAS adapters, search, training and MAC counts through "
+            "its own entry; this decoder-only feature (token exit, merging, generation, LoRA layer lists, "
+            "decoder benchmarks) does not apply to it"
+        )
     text_config = config.get_text_config(decoder=True)
     text_type = getattr(text_config, "model_type", "")
     if family.text_types and text_type not in family.text_types:
@@ -326,6 +341,14 @@ def arch_facts(model_or_config: nn.Module | PretrainedConfig) -> ArchFacts:
         projector_path=family.projector_path,
         family=family,
     )
+
+
+def encoder_host(model_or_config: Any) -> Any:
+    """The :attr:`HostFamily.encoder` of a model (wrappers unwrapped) or config, or None for a decoder host
+    or an unsupported model."""
+    config = getattr(unwrap(model_or_config), "config", model_or_config)
+    family = _builtins().get(getattr(config, "model_type", None))
+    return family.encoder if family is not None else None
 
 
 def _first_attr(config: PretrainedConfig, names: tuple[str, ...]) -> Any:
@@ -390,5 +413,8 @@ def model_class(config: PretrainedConfig) -> type:
     """
     import transformers
 
+    family = host_family(getattr(config, "model_type", ""))
+    if family.encoder is not None:
+        return getattr(transformers, family.model_class)
     facts = arch_facts(config)
     return getattr(transformers, host_family(facts.model_type).model_class)

@@ -9,6 +9,11 @@ Counted from the config alone, so a 7B-shaped model costs nothing to account for
 * the vision tower (CLIP-style: patch embedding, attention, two-layer MLP) and the LLaVA projector by
   the same rules.
 
+Two conventions (METHODS §5): ``full`` (the default) counts everything above; ``paper`` leaves out the
+``N^2`` score / value terms of every attention, the decoder's and the vision tower's, as the EAS paper's
+fvcore-style counts do (4 C^2 N per MHA of LLaMA-7B: 50 GMACs at N = 749), so its shares compare with
+the paper's tables (8.0 % / 12.0 % for 8 / 12 skipped MHAs of LLaVA-1.5-7B at 749 tokens).
+
 A plan removes the attention and / or MLP terms of the layers it skips, and from its visual-token exit
 layer on, the layers run on the tokens that remain (VTW: text only; FastV: text plus the kept visual
 tokens; DyVTE: text only from the ``exit_layer`` given, since its exit is decided per example).
@@ -25,7 +30,9 @@ from transformers import PretrainedConfig
 from skipvlm.arch import arch_facts
 from skipvlm.plan import Plan
 
-__all__ = ["CostReport", "count_macs", "decode_bytes"]
+__all__ = ["CONVENTIONS", "CostReport", "count_macs", "decode_bytes"]
+
+CONVENTIONS = ("full", "paper")
 
 
 @dataclass
@@ -47,6 +54,7 @@ class CostReport:
     extra: int = 0
     plan: Plan = field(default_factory=Plan)
     visual_tokens: int = 0
+    convention: str = "full"
 
     @property
     def attention(self) -> int:
@@ -63,6 +71,7 @@ class CostReport:
     def to_dict(self) -> dict[str, Any]:
         return {
             "prompt_tokens": self.prompt_tokens,
+            "convention": self.convention,
             "visual_tokens": self.visual_tokens,
             "plan": self.plan.to_dict(),
             "total": self.total,
@@ -86,6 +95,8 @@ def count_macs(
     image_patches: int = 1024,
     visual_tokens: int | None = None,
     exit_layer: int | None = None,
+    convention: str = "full",
+    mlp_replacement: int = 0,
 ) -> CostReport:
     """MACs of one prefill forward over ``prompt_tokens`` tokens (visual tokens included).
 
@@ -107,10 +118,18 @@ def count_macs(
             image_patches / 4 for Qwen2-VL and Qwen3-VL).
         exit_layer: DyVTE only: the layer its visual tokens left at (e.g. a measured
             :func:`skipvlm.exit_layers`); without it a DyVTE plan is counted as keeping them.
+        convention: ``"full"`` (with the attention's ``N^2`` terms) or ``"paper"`` (without them, in the
+            decoder and the vision tower: the EAS paper's counts).
+        mlp_replacement: MACs per token of what runs in each skipped MLP's place (counted as that
+            layer's ``mlp``): 0 for the plain skip; a merged FFN-PIA's ``2 * C * d_r``
+            (:meth:`skipvlm.EASConfig.mlp_replacement_macs`).
 
     Raises:
-        ValueError: more visual tokens than prompt tokens.
+        ValueError: more visual tokens than prompt tokens, or an unknown convention.
     """
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+    sdp = convention == "full"
     facts = arch_facts(model_or_config)
     plan = plan or Plan()
     plan.validate_for(facts.num_layers)
@@ -143,16 +162,16 @@ def count_macs(
             {
                 "tokens": m,
                 "attention_proj": m * (2 * c * c_q + 2 * c * c_kv) if attn else 0,
-                "attention_sdp": 2 * m * keys * c_q if attn else 0,
-                "mlp": m * 3 * c * f if mlp else 0,
+                "attention_sdp": 2 * m * keys * c_q if attn and sdp else 0,
+                "mlp": m * 3 * c * f if mlp else m * mlp_replacement,
             }
         )
     report = CostReport(
         n, layers, lm_head=scored_tokens * c * facts.vocab_size, plan=plan, extra=n * extra_per_token
     )
-    report.visual_tokens = visual_tokens
+    report.visual_tokens, report.convention = visual_tokens, convention
     if facts.family.vision_macs is not None and images:
-        report.vision, report.projector = facts.family.vision_macs(config, images, image_patches)
+        report.vision, report.projector = facts.family.vision_macs(config, images, image_patches, sdp)
     return report
 
 

@@ -3,11 +3,17 @@
 :func:`get_eas_model` freezes a supported transformers model, puts skipvlm's layer loop in place of its
 text model (:class:`~skipvlm.runtime.SkipDecoder`) and gives each layer's route its adapters
 (:class:`~skipvlm.adapters.LayerAdapters`): a replace-PIA in every layer whose attention is skipped
-and, with ``adapt_layers="kept"``, an adapt-PIA in every layer whose attention runs. Only the adapters
+and, with ``adapt_layers="kept"``, an adapt-PIA in every layer whose attention runs; with
+``mlp_replace="pia"``, an FFN-PIA in every layer whose MLP is skipped. Only the adapters
 (parameters named ``...routes.<layer>.adapters...``) and, if asked, the multimodal projector train.
 The wrapped model keeps the Hugging Face interface (``forward`` with ``labels`` -> loss, ``generate``);
 in training the adapters pool over the prompt tokens found from the labels, so answers never leak
 into the pooled vector.
+
+:class:`EASConfig` (in :mod:`skipvlm.eas_config`, re-exported here) says what to build. The switches of
+the paper's PIA design table (``single_path``, ``info_exchange``, ``freeze_pooled``), the replace-PIA's
+input (``replace_input``) and the FFN replacement (``mlp_replace``) are its fields; their formulas are in
+:mod:`skipvlm.pia` and :mod:`skipvlm.adapters`.
 
 Adapters are saved as ``eas_config.json`` + ``adapter_model.safetensors`` (adapters only) and merged
 into the weights by :mod:`skipvlm.merge`. File format 2 names tensors
@@ -19,11 +25,10 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +38,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from skipvlm.adapters import DASRoute, LayerAdapters
-from skipvlm.arch import ArchFacts, arch_facts, decoder_slot
+from skipvlm.arch import ArchFacts, arch_facts, decoder_slot, encoder_host
+from skipvlm.eas_config import EASConfig
 from skipvlm.io import atomic_path, atomic_write_text
 from skipvlm.pia import AdaptPIA, BottleneckAdapter, ReplacePIA, prompt_mask_from_labels
-from skipvlm.plan import CANDIDATE_KINDS, Plan
+from skipvlm.plan import Plan
 from skipvlm.runtime import SkipDecoder, apply_plan
 
 __all__ = ["ADAPTER_FILE", "CONFIG_FILE", "EASConfig", "EASModel", "get_eas_model"]
@@ -49,122 +55,6 @@ _FORMAT_VERSION = 2
 _PROJECTOR_PREFIX = "projector."
 _ROUTES_PREFIX = "routes."  # every adapter tensor of a decoder: routes.<layer>.adapters.<kind>....
 _V1_KEY = re.compile(r"^pia_adapters\.(replace|adapt|bottleneck)\.(\d+)\.(.+)$")  # format 1
-
-
-@dataclass
-class EASConfig:
-    """How to build an EAS model. Serialised as JSON beside the adapter weights.
-
-    Args:
-        skip_attention: layers whose self-attention is skipped and replaced by a replace-PIA.
-        skip_mlp: layers whose MLP is skipped (plainly: the MLP ablation of the search).
-        skip_layers: layers skipped whole and replaced by a DAS bottleneck adapter (the DAS baseline).
-        replace_dim: bottleneck width d_r of the replace-PIA (the spec's default is 4 * adapt_dim), also
-            the width of DAS bottleneck adapters.
-        adapt_dim: bottleneck width d_a of the adapt-PIA on kept attentions.
-        adapt_layers: ``"kept"`` puts an adapt-PIA on every layer whose attention runs; ``"none"`` none.
-        supernet: build the adapters of ``candidates`` in every layer, so :meth:`EASModel.set_plan` can
-            move the skips anywhere (what the redundancy search trains).
-        candidates: what a supernet may skip: ``attention``, ``mlp``, ``attention_or_mlp`` or ``layer``.
-        groups: block-diagonal groups G of the up-projections.
-        scale: adapter scale s.
-        temperature: router temperature tau.
-        dropout: dropout on the adapters' bottleneck.
-        train_projector: also train the multimodal projector (saved with the adapters).
-        init_seed: seed of the adapters' random initialisation.
-
-    Raises:
-        ValueError: a field is out of range; the message names it and the fix.
-    """
-
-    skip_attention: list[int] = field(
-        default_factory=list, metadata={"help": "layers whose attention is skipped (0-based)"}
-    )
-    skip_mlp: list[int] = field(default_factory=list, metadata={"help": "layers whose MLP is skipped"})
-    skip_layers: list[int] = field(
-        default_factory=list, metadata={"help": "layers skipped whole, with a DAS bottleneck adapter"}
-    )
-    replace_dim: int = field(default=32, metadata={"help": "replace-PIA bottleneck width d_r"})
-    adapt_dim: int = field(default=8, metadata={"help": "adapt-PIA bottleneck width d_a"})
-    adapt_layers: str = field(
-        default="kept", metadata={"help": "'kept': adapt-PIA on kept attentions; 'none'"}
-    )
-    supernet: bool = field(default=False, metadata={"help": "adapters in every layer, so skips can move"})
-    candidates: str = field(default="attention", metadata={"help": "what a supernet may skip"})
-    groups: int = field(default=2, metadata={"help": "block-diagonal groups G of the up-projections"})
-    scale: float = field(default=1.0, metadata={"help": "adapter output scale s"})
-    temperature: float = field(default=10.0, metadata={"help": "router softmax temperature tau"})
-    dropout: float = field(default=0.0, metadata={"help": "dropout rate on the adapter bottleneck"})
-    train_projector: bool = field(default=False, metadata={"help": "also train the multimodal projector"})
-    init_seed: int = field(default=0, metadata={"help": "seed of the adapters' initialisation"})
-
-    def __post_init__(self) -> None:
-        plan = Plan(skip_attention=self.skip_attention, skip_mlp=self.skip_mlp)
-        self.skip_attention, self.skip_mlp = list(plan.skip_attention), list(plan.skip_mlp)
-        self.skip_layers = list(Plan(skip_attention=self.skip_layers).skip_attention)
-        clash = sorted(set(self.skip_layers) & (set(self.skip_attention) | set(self.skip_mlp)))
-        if clash:
-            raise ValueError(
-                f"EASConfig.skip_layers {clash} also appear in skip_attention / skip_mlp; a layer skipped "
-                "whole is listed in skip_layers only"
-            )
-        if self.candidates not in CANDIDATE_KINDS:
-            raise ValueError(
-                f"EASConfig.candidates must be one of {CANDIDATE_KINDS}, got {self.candidates!r}"
-            )
-        if self.adapt_layers not in ("kept", "none"):
-            raise ValueError(f"EASConfig.adapt_layers must be 'kept' or 'none', got {self.adapt_layers!r}")
-        for name in ("replace_dim", "adapt_dim", "groups"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"EASConfig.{name} must be a positive integer, got {value!r}")
-        for name in ("replace_dim", "adapt_dim"):
-            if getattr(self, name) % self.groups:
-                raise ValueError(
-                    f"EASConfig.{name}={getattr(self, name)} must be a multiple of groups={self.groups}"
-                )
-        for name in ("temperature", "scale"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-                raise ValueError(f"EASConfig.{name} must be a finite number, got {value!r}")
-        if not self.temperature > 0:
-            raise ValueError(f"EASConfig.temperature must be > 0, got {self.temperature}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"EASConfig.dropout must be in [0, 1), got {self.dropout}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def plan(self) -> Plan:
-        """The skip plan this config asks for."""
-        return Plan(
-            skip_attention=sorted({*self.skip_attention, *self.skip_layers}),
-            skip_mlp=sorted({*self.skip_mlp, *self.skip_layers}),
-        )
-
-    def adapter_layout(self, num_layers: int) -> tuple[list[int], list[int], list[int]]:
-        """(replace-PIA layers, adapt-PIA layers, DAS bottleneck layers) this config builds."""
-        everything = list(range(num_layers))
-        if self.supernet:
-            kind = self.candidates
-            replace = everything if kind in ("attention", "attention_or_mlp") else []
-            bottleneck = everything if kind == "layer" else []
-            adapt = everything
-        else:
-            replace = [i for i in self.skip_attention if i not in self.skip_mlp]
-            bottleneck = list(self.skip_layers)
-            plan = self.plan()
-            adapt = [i for i in everything if i not in plan.skip_attention]
-        return replace, adapt if self.adapt_layers == "kept" else [], bottleneck
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> EASConfig:
-        """Build from :meth:`to_dict` output; unknown fields are an error (a newer or foreign file)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown EASConfig field(s) {unknown}; known fields are {sorted(known)}")
-        return cls(**data)
 
 
 def _base_signature(facts: ArchFacts) -> dict[str, Any]:
@@ -383,7 +273,7 @@ class EASModel(nn.Module):
     def optimizer_parameters(self) -> list[nn.Parameter]:
         """The trainable parameters in the order the training loops hand them to the optimiser: those
         of the base model (a trained projector) first, then the adapters by kind (replace-PIA, adapt-PIA,
-        DAS bottleneck) and layer.
+        DAS bottleneck, FFN-PIA) and layer.
 
         The order does not change the maths, but it is the order in which gradient clipping sums
         floats; it is the order format-1 models registered their adapters in, so a run gives the same
@@ -392,7 +282,7 @@ class EASModel(nn.Module):
         adapters = AdapterSet(self.decoder)
         own = {id(p) for p in adapters.parameters()}
         params = [p for p in self.parameters() if p.requires_grad and id(p) not in own]
-        for kind in (adapters.replace, adapters.adapt, adapters.bottleneck):
+        for kind in (adapters.replace, adapters.adapt, adapters.bottleneck, adapters.ffn):
             params += [p for module in kind.values() for p in module.parameters() if p.requires_grad]
         return params
 
@@ -528,20 +418,36 @@ def _check_state(state: dict[str, torch.Tensor], shapes: dict[str, torch.Size], 
 def _build_adapters(facts: ArchFacts, config: EASConfig) -> dict[int, LayerAdapters]:
     """The adapters of ``config`` for a model with ``facts``, by layer (on the current default device).
 
-    Built kind by kind in layer order (replace-PIAs, adapt-PIAs, DAS bottlenecks), so that one
-    ``init_seed`` always gives the same initial weights.
+    Built kind by kind in layer order (replace-PIAs, adapt-PIAs, DAS bottlenecks, FFN-PIAs), so that one
+    ``init_seed`` always gives the same initial weights (and the kinds a config did not ask for before
+    the FFN-PIA existed draw the same random numbers as then).
     """
     replace_at, adapt_at, bottleneck_at = config.adapter_layout(facts.num_layers)
     c = facts.hidden_size
     pia = dict(
         groups=config.groups, scale=config.scale, temperature=config.temperature, dropout=config.dropout
     )
-    replace = {i: ReplacePIA(c, config.replace_dim, **pia) for i in replace_at}
+    if config.single_path:
+        pia["paths"] = 1
+    exchange = {} if config.info_exchange else {"info_exchange": False}
+    replace = {i: ReplacePIA(c, config.replace_dim, **pia, **exchange) for i in replace_at}
     adapt = {i: AdaptPIA(c, config.adapt_dim, **pia) for i in adapt_at}
     bottleneck = {i: BottleneckAdapter(c, config.replace_dim, config.dropout) for i in bottleneck_at}
+    ffn = {
+        i: ReplacePIA(c, config.replace_dim, **pia, **exchange) for i in config.ffn_layout(facts.num_layers)
+    }
     kept = config.adapt_layers == "kept"
     return {
-        i: LayerAdapters(replace.get(i), adapt.get(i), bottleneck.get(i), kept)
+        i: LayerAdapters(
+            replace.get(i),
+            adapt.get(i),
+            bottleneck.get(i),
+            kept,
+            ffn=ffn.get(i),
+            require_ffn=config.mlp_replace == "pia",
+            freeze_pooled=config.freeze_pooled,
+            replace_input=config.replace_input,
+        )
         for i in range(facts.num_layers)
     }
 
@@ -576,7 +482,7 @@ def _from_format_1(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 class AdapterSet:
     """A view of an EAS model's adapters by kind and layer; the modules live in the layers' routes.
 
-    ``replace`` / ``adapt`` / ``bottleneck`` map a layer (as a string) to that kind's module;
+    ``replace`` / ``adapt`` / ``bottleneck`` / ``ffn`` map a layer (as a string) to that kind's module;
     ``use_calibration`` and ``collecting`` switch every layer at once.
     """
 
@@ -601,6 +507,10 @@ class AdapterSet:
     @property
     def bottleneck(self) -> dict[str, nn.Module]:
         return self._kind("bottleneck")
+
+    @property
+    def ffn(self) -> dict[str, nn.Module]:
+        return self._kind("ffn")
 
     def named_modules(self) -> Iterator[tuple[str, nn.Module]]:
         """(``"<layer>.<name>"``, module) for every module of every layer's adapters."""
@@ -672,8 +582,12 @@ def _read_meta(path: Path) -> dict[str, Any]:
 def get_eas_model(base_model: nn.Module, config: EASConfig) -> EASModel:
     """Freeze ``base_model``, skip ``config.skip_attention`` and inject PIA adapters.
 
-    A fresh model computes exactly what the plain skip plan computes (the adapters start as the
-    identity), and with no skips exactly what the base model computes.
+    The adapters start as the identity, so a fresh model with no skips computes exactly what the base
+    model computes. With skips it is the plain skip plan only where the replace-PIA's input is
+    ``rms(h)`` (``replace_input="rms"``): with the default ``"normed"`` input, an identity replace-PIA
+    feeds ``gamma_post * gamma_in * rms(h)`` to the skipped layer's MLP, where the plain skip feeds
+    ``gamma_post * rms(h)``; real checkpoints have ``gamma_in`` far from 1. Skipped MLPs start as the
+    plain MLP skip (with or without an FFN-PIA).
 
     Args:
         base_model: a supported transformers model (modified in place).
@@ -686,6 +600,9 @@ def get_eas_model(base_model: nn.Module, config: EASConfig) -> EASModel:
         ValueError: the config names layers the model does not have.
         UnsupportedModelError: the architecture is not supported.
     """
+    encoder = encoder_host(base_model)
+    if encoder is not None:  # a two-stream encoder host (METHODS §7) builds its own EAS model
+        return encoder.eas_model(base_model, config)
     if not isinstance(config, EASConfig):
         raise TypeError(f"get_eas_model needs an skipvlm.EASConfig, got {type(config).__name__}")
     return EASModel(base_model, config)

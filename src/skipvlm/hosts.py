@@ -18,13 +18,18 @@ from skipvlm.deepstack import take_deepstack
 __all__: list[str] = []
 
 
-def _vit_macs(vision: PretrainedConfig, patches: int, tokens: int) -> int:
+def _block_macs(e: int, f: int, tokens: int, sdp: bool) -> int:
+    """One pre-norm transformer block of width ``e`` and FFN ``f`` over ``tokens`` tokens: the projections
+    and the two-layer MLP, plus (``sdp``) the ``2 N^2 e`` of the scores and values."""
+    return tokens * (4 * e * e + 2 * e * f) + (2 * tokens * tokens * e if sdp else 0)
+
+
+def _vit_macs(vision: PretrainedConfig, patches: int, tokens: int, sdp: bool = True) -> int:
     """One ViT pass over ``patches`` patches (``tokens`` sequence length with any class token)."""
     e, f = vision.hidden_size, vision.intermediate_size
     channels = getattr(vision, "num_channels", 3)
     patch = vision.patch_size[0] if isinstance(vision.patch_size, (list, tuple)) else vision.patch_size
-    per_layer = tokens * (4 * e * e + 2 * e * f) + 2 * tokens * tokens * e
-    return patches * e * channels * patch**2 + vision.num_hidden_layers * per_layer
+    return patches * e * channels * patch**2 + vision.num_hidden_layers * _block_macs(e, f, tokens, sdp)
 
 
 def _clip_tokens(config: PretrainedConfig, images: int, image_patches: int) -> int:
@@ -32,13 +37,15 @@ def _clip_tokens(config: PretrainedConfig, images: int, image_patches: int) -> i
     return images * (vision.image_size // vision.patch_size) ** 2
 
 
-def _clip_macs(config: PretrainedConfig, images: int, image_patches: int) -> tuple[int, int]:
+def _clip_macs(
+    config: PretrainedConfig, images: int, image_patches: int, sdp: bool = True
+) -> tuple[int, int]:
     """A CLIP-style tower over each image (patch embedding, attention + MLP per layer), then LLaVA's
     two-layer projector per visual token."""
     vision, c = config.vision_config, config.get_text_config(decoder=True).hidden_size
     e = vision.hidden_size
     patches = (vision.image_size // vision.patch_size) ** 2
-    tower = _vit_macs(vision, patches, patches + 1)  # the class token joins the sequence
+    tower = _vit_macs(vision, patches, patches + 1, sdp)  # the class token joins the sequence
     return images * tower, images * patches * (e * c + c * c)
 
 
@@ -46,7 +53,9 @@ def _qwen_tokens(config: PretrainedConfig, images: int, image_patches: int) -> i
     return images * image_patches // config.vision_config.spatial_merge_size**2
 
 
-def _qwen_macs(config: PretrainedConfig, images: int, image_patches: int) -> tuple[int, int]:
+def _qwen_macs(
+    config: PretrainedConfig, images: int, image_patches: int, sdp: bool = True
+) -> tuple[int, int]:
     """Qwen2-VL's tower over each image of ``image_patches`` 14x14 patches: 3-D patch embedding,
     full-attention blocks, then the 2x2 patch merger into the text hidden size (counted in the tower)."""
     vision, patches = config.vision_config, image_patches
@@ -54,7 +63,7 @@ def _qwen_macs(config: PretrainedConfig, images: int, image_patches: int) -> tup
     f = int(e * vision.mlp_ratio)
     patch_in = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
     merge = vision.spatial_merge_size**2
-    per_block = patches * (4 * e * e + 2 * e * f) + 2 * patches * patches * e
+    per_block = _block_macs(e, f, patches, sdp)
     merger = patches // merge * (merge * e * merge * e + merge * e * vision.hidden_size)
     return images * (patches * e * patch_in + vision.depth * per_block + merger), 0
 
@@ -129,12 +138,14 @@ def _anyres_tokens(config: PretrainedConfig, images: int, image_patches: int) ->
     return images * (tiles * side * side + rows)
 
 
-def _anyres_macs(config: PretrainedConfig, images: int, image_patches: int) -> tuple[int, int]:
+def _anyres_macs(
+    config: PretrainedConfig, images: int, image_patches: int, sdp: bool = True
+) -> tuple[int, int]:
     """The CLIP / SigLIP tower once per tile, then the two-layer projector per visual token."""
     vision, c = config.vision_config, config.get_text_config(decoder=True).hidden_size
     side, (tiles, _) = _tile_side(vision), _tiles(vision, image_patches)
     tokens = side * side + (1 if vision.model_type == "clip_vision_model" else 0)
-    tower = tiles * _vit_macs(vision, side * side, tokens)
+    tower = tiles * _vit_macs(vision, side * side, tokens, sdp)
     per_token = vision.hidden_size * c + c * c
     return images * tower, images * tiles * side * side * per_token
 
@@ -143,11 +154,13 @@ def _internvl_tokens(config: PretrainedConfig, images: int, image_patches: int) 
     return images * _tiles(config.vision_config, image_patches)[0] * int(config.image_seq_length)
 
 
-def _internvl_macs(config: PretrainedConfig, images: int, image_patches: int) -> tuple[int, int]:
+def _internvl_macs(
+    config: PretrainedConfig, images: int, image_patches: int, sdp: bool = True
+) -> tuple[int, int]:
     """InternViT once per tile (class token included), then the pixel-shuffle MLP projector."""
     vision, c = config.vision_config, config.get_text_config(decoder=True).hidden_size
     side, (tiles, _) = _tile_side(vision), _tiles(vision, image_patches)
-    tower = tiles * _vit_macs(vision, side * side, side * side + 1)
+    tower = tiles * _vit_macs(vision, side * side, side * side + 1, sdp)
     shuffled = int(vision.hidden_size / config.downsample_ratio**2)
     per_token = shuffled * c + c * c
     return images * tower, images * tiles * int(config.image_seq_length) * per_token
@@ -158,11 +171,13 @@ def _idefics3_tokens(config: PretrainedConfig, images: int, image_patches: int) 
     return images * _tiles(config.vision_config, image_patches)[0] * side * side // config.scale_factor**2
 
 
-def _idefics3_macs(config: PretrainedConfig, images: int, image_patches: int) -> tuple[int, int]:
+def _idefics3_macs(
+    config: PretrainedConfig, images: int, image_patches: int, sdp: bool = True
+) -> tuple[int, int]:
     """The SigLIP tower once per tile, then the pixel-shuffle connector (one linear layer)."""
     vision, c = config.vision_config, config.get_text_config(decoder=True).hidden_size
     side, (tiles, _) = _tile_side(vision), _tiles(vision, image_patches)
-    tower = tiles * _vit_macs(vision, side * side, side * side)
+    tower = tiles * _vit_macs(vision, side * side, side * side, sdp)
     per_token = vision.hidden_size * config.scale_factor**2 * c
     return images * tower, _idefics3_tokens(config, images, image_patches) * per_token
 
@@ -172,14 +187,16 @@ def _pixtral_tokens(config: PretrainedConfig, images: int, image_patches: int) -
     return images * int(image_patches) // config.spatial_merge_size**2
 
 
-def _pixtral_macs(config: PretrainedConfig, images: int, image_patches: int) -> tuple[int, int]:
+def _pixtral_macs(
+    config: PretrainedConfig, images: int, image_patches: int, sdp: bool = True
+) -> tuple[int, int]:
     """Pixtral's tower over the image's patches, then the patch merger and the two-layer projector."""
     vision, c = config.vision_config, config.get_text_config(decoder=True).hidden_size
     patches, merge = int(image_patches), config.spatial_merge_size**2
     e = vision.hidden_size
     tokens = patches // merge
     projector = patches // merge * (merge * e * e) + tokens * (e * c + c * c)
-    return images * _vit_macs(vision, patches, patches), images * projector
+    return images * _vit_macs(vision, patches, patches, sdp), images * projector
 
 
 register_host(HostFamily("qwen3", "Qwen3ForCausalLM"))
@@ -244,7 +261,9 @@ for _model_type, _class in (
 # --- Qwen3-VL: interleaved M-RoPE, q/k norms inside the attention, DeepStack -----------------------------
 
 
-def _qwen3_vl_macs(config: PretrainedConfig, images: int, image_patches: int) -> tuple[int, int]:
+def _qwen3_vl_macs(
+    config: PretrainedConfig, images: int, image_patches: int, sdp: bool = True
+) -> tuple[int, int]:
     """Qwen3-VL's tower over each image of ``image_patches`` patches: 3-D patch embedding, full-attention
     blocks with a two-layer GELU MLP, then the 2x2 patch merger and one DeepStack merger per
     ``deepstack_visual_indexes`` entry (each ``merge*e -> merge*e -> C``), all counted in the tower."""
@@ -252,7 +271,7 @@ def _qwen3_vl_macs(config: PretrainedConfig, images: int, image_patches: int) ->
     e, f = vision.hidden_size, vision.intermediate_size
     patch_in = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
     merge = vision.spatial_merge_size**2
-    per_block = patches * (4 * e * e + 2 * e * f) + 2 * patches * patches * e
+    per_block = _block_macs(e, f, patches, sdp)
     mergers = 1 + len(vision.deepstack_visual_indexes)
     merger = patches // merge * (merge * e * merge * e + merge * e * vision.out_hidden_size)
     return images * (patches * e * patch_in + vision.depth * per_block + mergers * merger), 0
@@ -290,12 +309,14 @@ def _gemma3_tokens(config: PretrainedConfig, images: int, image_patches: int) ->
     return images * config.mm_tokens_per_image
 
 
-def _gemma3_macs(config: PretrainedConfig, images: int, image_patches: int) -> tuple[int, int]:
+def _gemma3_macs(
+    config: PretrainedConfig, images: int, image_patches: int, sdp: bool = True
+) -> tuple[int, int]:
     """A SigLIP tower over each image (patch embedding, attention + MLP per layer, no class token), then
     Gemma 3's projector: average pooling to ``mm_tokens_per_image`` tokens and one linear map each."""
     vision, c = config.vision_config, config.get_text_config(decoder=True).hidden_size
     n = (vision.image_size // vision.patch_size) ** 2
-    tower = _vit_macs(vision, n, n)
+    tower = _vit_macs(vision, n, n, sdp)
     return images * tower, images * config.mm_tokens_per_image * vision.hidden_size * c
 
 
@@ -321,3 +342,8 @@ register_host(
         image_blocks=True,
     )
 )
+
+
+# --- two-stream encoders (issue 16): BridgeTower, the METER family, registers itself -------------------
+
+from skipvlm.encoders import host as _bridgetower  # noqa: E402, F401

@@ -6,6 +6,15 @@ With its router weights ``w`` and pooled path ``g`` frozen, a PIA is the affine 
   diag(gamma_in)`` and ``b' = W (gamma_post * r)``; the layer then runs as a plain skip whose pre-MLP
   norm has gain 1, i.e. ``out = h + N_mo(MLP'(rms(h)))``.
 * An adapt-PIA folds into W_q, W_k, W_v: ``W' = W R``, ``b' = W r (+ b)``.
+* With ``replace_input="rms"`` the replace-PIA reads ``rms(h)``, and its fold has no ``diag(gamma_in)``:
+  ``W' = W diag(gamma_post) R``.
+* An FFN-PIA (``mlp_replace="pia"``) is the branch ``F(x) = U V x + r`` on the MLP's input ``x = N_post(a)``:
+  it takes the MLP's place as :class:`AffineMLP` (``V`` = W_C: C -> d, ``U = (s/2) M``: d -> C, bias ``r``),
+  and the merged model's plan runs that "MLP" (the layer leaves ``skip_mlp``); 2*C*d MACs per token
+  instead of 3*C*F.
+
+A model built with ``freeze_pooled=False`` re-pools at every forward, so it is no affine map: every merge
+(and export) refuses it.
 
 ``gamma_in`` and ``gamma_post`` are the *gains* of the pre-attention and pre-MLP norms
 (:class:`~skipvlm.arch.LayerParts`): their weights for Llama / Qwen2 (``input_layernorm``,
@@ -41,7 +50,7 @@ import torch
 import transformers
 from torch import nn
 
-from skipvlm.adapters import AdaptPIARoute, DASRoute, ReplacePIARoute
+from skipvlm.adapters import AdaptPIARoute, DASRoute, FFNPIARoute, ReplacePIARoute, rms
 from skipvlm.arch import ArchFacts, LayerParts, arch_facts, decoder_slot, get_layers, model_class
 from skipvlm.eas import EASModel
 from skipvlm.io import atomic_files
@@ -56,10 +65,17 @@ from skipvlm.pia import (
     pooled_prompt,
 )
 from skipvlm.plan import CONFIG_KEY, Plan
-from skipvlm.routes import Route, Step, normed_input, plain_route
+from skipvlm.routes import Route, Step, attend, mlp_out, normed_input, plain_route
 from skipvlm.runtime import RemovedAttention, SkipDecoder, apply_plan
 
-__all__ = ["PerExampleRoute", "export_merged", "load_pretrained", "merge_and_unload", "remove_attention"]
+__all__ = [
+    "AffineMLP",
+    "PerExampleRoute",
+    "export_merged",
+    "load_pretrained",
+    "merge_and_unload",
+    "remove_attention",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +90,19 @@ def _targets(parts: LayerParts, replace: bool) -> tuple[str, ...]:
     return tuple(f"{parts.attention}.{p}_proj" for p in "qkv")
 
 
-def _active_adapters(decoder: SkipDecoder) -> dict[int, PIABase]:
-    """The PIA each layer's route runs now (a supernet's idle adapters are left out).
+def _check_mergeable(eas_model: EASModel) -> None:
+    """Refuse a model whose adapters are not one affine map (``freeze_pooled=False``)."""
+    if not eas_model.eas_config.freeze_pooled:
+        raise ValueError(
+            "this EAS model was built with EASConfig(freeze_pooled=False): its adapters recompute p, w and g "
+            "at every forward (every decoding step), so they are not one affine map and cannot be folded "
+            "into the weights; serve it unmerged, or train it with freeze_pooled=True (the default) to merge"
+        )
+
+
+def _active_adapters(decoder: SkipDecoder) -> dict[int, tuple[PIABase | None, ReplacePIA | None]]:
+    """Per layer, the PIAs its route runs now: (on the attention side: a replace- or adapt-PIA, or None;
+    in the MLP's place: an FFN-PIA, or None). A supernet's idle adapters are left out.
 
     Raises:
         ValueError: a layer runs a DAS bottleneck adapter, which has a ReLU and cannot be merged.
@@ -87,13 +114,59 @@ def _active_adapters(decoder: SkipDecoder) -> dict[int, PIABase]:
             f"layer(s) {das} are skipped whole with DAS bottleneck adapters, which have a ReLU and so are "
             "not affine: they cannot be folded into the weights; serve the model unmerged"
         )
-    active: dict[int, PIABase] = {}
+    active: dict[int, tuple[PIABase | None, ReplacePIA | None]] = {}
     for i, route in enumerate(routes):
         if isinstance(route, ReplacePIARoute):
-            active[i] = route.adapters.replace
+            active[i] = (route.adapters.replace, None)
         elif isinstance(route, AdaptPIARoute):
-            active[i] = route.adapters.adapt
+            active[i] = (route.adapters.adapt, None)
+        elif isinstance(route, FFNPIARoute):
+            active[i] = (route.adapters.adapt if route.attention == "adapt" else None, route.adapters.ffn)
     return active
+
+
+def _merged_plan(plan: Plan, active: dict[int, tuple[PIABase | None, ReplacePIA | None]]) -> Plan:
+    """``plan`` with the MLPs that FFN-PIAs replace running again (as :class:`AffineMLP`)."""
+    replaced = {i for i, (_, ffn) in active.items() if ffn is not None}
+    return plan.with_skips(skip_mlp=[i for i in plan.skip_mlp if i not in replaced])
+
+
+class AffineMLP(nn.Module):
+    """A merged FFN-PIA in a skipped MLP's place: ``x -> U (V x) + r``, rank d (2*C*d MACs per token).
+
+    Args:
+        affine: the FFN-PIA's collapsed map (its ``U`` (C, d), ``V`` (d, C), ``r`` (C,); the identity of
+            :class:`~skipvlm.pia.AffineMap` is not part of the branch).
+        like: a tensor whose dtype and device the weights take.
+    """
+
+    def __init__(self, affine: AffineMap, like: torch.Tensor):
+        super().__init__()
+        c, d = affine.U.shape
+        kw = {"device": like.device, "dtype": like.dtype}
+        self.down = nn.Linear(c, d, bias=False, **kw)
+        self.up = nn.Linear(d, c, bias=True, **kw)
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.load(affine)
+
+    @torch.no_grad()
+    def load(self, affine: AffineMap) -> None:
+        """Hold ``affine``'s branch (cast to this module's dtype).
+
+        Raises:
+            ValueError: the map is not finite.
+        """
+        tensors = (affine.V, affine.U, affine.r)
+        if not all(bool(torch.isfinite(t).all()) for t in tensors):
+            raise ValueError(
+                "merging the adapter produced non-finite weights; check the adapter for inf / NaN"
+            )
+        for target, value in zip((self.down.weight, self.up.weight, self.up.bias), tensors, strict=True):
+            target.copy_(value.to(target.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x))
 
 
 def _calibrated_affine(layer: int, adapter: PIABase) -> AffineMap:
@@ -108,10 +181,10 @@ def _calibrated_affine(layer: int, adapter: PIABase) -> AffineMap:
 
 
 def _fold_layer(
-    layer: nn.Module, affine: AffineMap, replace: bool, parts: LayerParts
+    layer: nn.Module, affine: AffineMap, replace: bool, parts: LayerParts, input_gain: bool = True
 ) -> dict[str, tuple[torch.Tensor, ...]]:
     """{target name: (W', b')} for one layer's adapter map."""
-    pre, post = _fold_scales(layer, replace, parts)
+    pre, post = _fold_scales(layer, replace, parts, input_gain)
     out = {}
     for name in _targets(parts, replace):
         linear = layer.get_submodule(name)
@@ -120,14 +193,14 @@ def _fold_layer(
 
 
 def _fold_scales(
-    layer: nn.Module, replace: bool, parts: LayerParts
+    layer: nn.Module, replace: bool, parts: LayerParts, input_gain: bool = True
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(gamma_post, gamma_in), the gains a replace-PIA folds around its map; (None, None) for adapt-PIA."""
+    """(gamma_post, gamma_in), the gains a replace-PIA folds around its map (gamma_in only when it reads
+    ``N_in(h)``, ``input_gain``; None when it reads ``rms(h)``); (None, None) for adapt-PIA."""
     if not replace:
         return None, None
-    return parts.gain(layer.get_submodule(parts.pre_mlp_norm)), parts.gain(
-        layer.get_submodule(parts.input_norm)
-    )
+    pre = parts.gain(layer.get_submodule(parts.pre_mlp_norm))
+    return pre, parts.gain(layer.get_submodule(parts.input_norm)) if input_gain else None
 
 
 def _set_linear(layer: nn.Module, name: str, weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
@@ -168,40 +241,71 @@ def merge_and_unload(eas_model: EASModel, mode: str = "static") -> nn.Module:
     Raises:
         ValueError: an unknown mode; ``static`` without calibration means; non-finite merged weights.
     """
+    if getattr(type(eas_model), "mergeable", True) is False:  # a host that refuses merges says why
+        return eas_model.merge_and_unload(mode)
     if mode not in MODES:
         raise ValueError(f"unknown merge mode {mode!r}; use one of {MODES}")
     eas_model.adapters  # noqa: B018  (raises if they were merged already)
+    _check_mergeable(eas_model)
     base, decoder, facts = eas_model.base_model, eas_model.decoder, eas_model.facts
+    input_gain = eas_model.eas_config.replace_input == "normed"
     plan = decoder.plan
     layers = get_layers(base, facts)
     parts = facts.parts
     active = _active_adapters(decoder)
+    merged_plan = _merged_plan(plan, active)
     if mode == "static":
+        # every map first (a missing calibration or a non-finite map leaves the model untouched)
         folded = {
-            i: _fold_layer(layers[i], _calibrated_affine(i, a), isinstance(a, ReplacePIA), parts)
-            for i, a in active.items()
+            i: _fold_layer(layers[i], _calibrated_affine(i, a), isinstance(a, ReplacePIA), parts, input_gain)
+            for i, (a, _) in active.items()
+            if a is not None
         }
+        ffns = {i: _calibrated_affine(i, ffn) for i, (_, ffn) in active.items() if ffn is not None}
+        mlps = {i: AffineMLP(m, _mlp_weight(layers[i], parts)) for i, m in ffns.items()}
         for i, targets in folded.items():
             for name, (w, b) in targets.items():
                 _set_linear(layers[i], name, w, b)
-            if isinstance(active[i], ReplacePIA):
+            if isinstance(active[i][0], ReplacePIA):
                 parts.unit_gain_(layers[i].get_submodule(parts.pre_mlp_norm))
-        decoder.attach({})
+        for i, mlp in mlps.items():
+            setattr(layers[i], parts.mlp, mlp)
+        decoder.attach({}, merged_plan)
     else:
-        decoder.attach({i: _LayerRecipe(layers[i], a, parts) for i, a in active.items()})
+        recipes = {i: _LayerRecipe(layers[i], a, ffn, parts, input_gain) for i, (a, ffn) in active.items()}
+        decoder.attach(recipes, merged_plan)
     remove_attention(base, list(plan.skip_attention))
-    logger.info("merged %d adapters (%s) into %s", len(active), mode, type(base).__name__)
+    if merged_plan != plan:  # FFN-PIAs became MLPs: the config's plan too
+        apply_plan(base, merged_plan)
+    logger.info("merged %d layers' adapters (%s) into %s", len(active), mode, type(base).__name__)
     return base
 
 
 class _LayerRecipe(nn.Module):
-    """One layer's per-example merge: the frozen adapter and the original input projections (all
+    """One layer's per-example merge: the frozen adapters and the original input projections (all
     non-persistent buffers). Prepares the layer on construction: biased linears to merge into, holding
-    the original weights for now, and ``gamma_post = 1`` for a replace-PIA."""
+    the original weights for now, and ``gamma_post = 1`` for a replace-PIA; an :class:`AffineMLP` in the
+    MLP's place for an FFN-PIA."""
 
-    def __init__(self, layer: nn.Module, adapter: PIABase, parts: LayerParts):
+    def __init__(
+        self,
+        layer: nn.Module,
+        adapter: PIABase | None,
+        ffn: ReplacePIA | None,
+        parts: LayerParts,
+        input_gain: bool = True,
+    ):
         super().__init__()
-        self.pia = FrozenPIA(adapter)
+        self.ffn = FrozenPIA(ffn) if ffn is not None else None
+        if ffn is not None:
+            zero = AffineMap(*(torch.zeros_like(t) for t in _branch_shapes(ffn)))
+            setattr(layer, parts.mlp, AffineMLP(zero, _mlp_weight(layer, parts)))
+        self.pia = FrozenPIA(adapter) if adapter is not None else None
+        # the replace-PIA reads rms(h) rather than N_in(h)
+        self.rms_input = adapter is not None and self.pia.is_replace and not input_gain
+        if adapter is None:
+            self.targets = ()
+            return
         self.targets = _targets(parts, self.pia.is_replace)
         for k, name in enumerate(self.targets):
             linear = layer.get_submodule(name)
@@ -209,7 +313,9 @@ class _LayerRecipe(nn.Module):
             bias = linear.bias.detach().clone() if linear.bias is not None else None
             self.register_buffer(f"bias_{k}", bias, persistent=False)
         for name, scale in zip(
-            ("pre_scale", "post_scale"), _fold_scales(layer, self.pia.is_replace, parts), strict=True
+            ("pre_scale", "post_scale"),
+            _fold_scales(layer, self.pia.is_replace, parts, input_gain),
+            strict=True,
         ):
             self.register_buffer(name, None if scale is None else scale.detach().clone(), persistent=False)
         for name in self.targets:
@@ -222,19 +328,30 @@ class _LayerRecipe(nn.Module):
     def route(self, plan: Plan, i: int) -> Route:
         return PerExampleRoute(i, self, plain_route(plan, i))
 
+    def input_of(self, layer: nn.Module, h: torch.Tensor, step: Step) -> torch.Tensor:
+        """What the attention-side adapter reads: ``N_in(h)``, or ``rms(h)`` for an rms-input replace-PIA."""
+        if self.rms_input:
+            return rms(getattr(layer, step.parts.input_norm), h)
+        return normed_input(layer, h, step)
+
+    @torch.no_grad()
+    def merge_ffn(self, layer: nn.Module, pooled: torch.Tensor, parts: LayerParts) -> None:
+        """Put the FFN-PIA's map for one prompt's pooled MLP input (1, C) into the layer's
+        :class:`AffineMLP`."""
+        _one_prompt(pooled)
+        w = self.ffn.route(pooled)[0]
+        g = self.ffn.pooled_path(pooled)[0]
+        affine = self.ffn.collapse(w, g)
+        layer.get_submodule(parts.mlp).load(affine)
+
     @torch.no_grad()
     def merge(self, layer: nn.Module, pooled: torch.Tensor) -> None:
-        """Fold this adapter, for one prompt's pooled vector (1, C), into the layer's weights.
+        """Fold the attention-side adapter, for one prompt's pooled vector (1, C), into the layer's weights.
 
         Raises:
             ValueError: the batch holds more than one example.
         """
-        if pooled.shape[0] != 1:
-            raise ValueError(
-                f"a per_example merge folds one prompt's adapters into the weights, so it runs batch size "
-                f"1, got {pooled.shape[0]}; for batches use merge_and_unload(mode='static') or keep the "
-                "adapters unmerged"
-            )
+        _one_prompt(pooled)
         w = self.pia.route(pooled)[0]
         g = self.pia.pooled_path(pooled)[0] if self.pia.is_replace else None
         affine = self.pia.collapse(w, g)
@@ -251,10 +368,31 @@ class _LayerRecipe(nn.Module):
             linear.bias.copy_(bias)
 
 
+def _mlp_weight(layer: nn.Module, parts: LayerParts) -> torch.Tensor:
+    """A weight of the layer's MLP (its dtype and device are the merged map's)."""
+    return next(layer.get_submodule(parts.mlp).parameters())
+
+
+def _one_prompt(pooled: torch.Tensor) -> None:
+    if pooled.shape[0] != 1:
+        raise ValueError(
+            f"a per_example merge folds one prompt's adapters into the weights, so it runs batch size "
+            f"1, got {pooled.shape[0]}; for batches use merge_and_unload(mode='static') or keep the "
+            "adapters unmerged"
+        )
+
+
+def _branch_shapes(ffn: ReplacePIA) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tensors shaped like an FFN-PIA's collapsed U (C, d), V (d, C) and r (C,)."""
+    v = ffn.token.weight
+    return v.new_empty(v.shape[1], v.shape[0]), v.new_empty(v.shape), v.new_empty(v.shape[1])
+
+
 class PerExampleRoute(Route):
     """A layer merged per example (``merge_and_unload("per_example")``): at prefill, fold this prompt's
-    adapter into the layer's weights (batch size 1); then, and while decoding, run the plain route of
-    the plan with those weights (a replace-PIA layer: ``out = h + N_mo(MLP'(rms(h)))``)."""
+    adapters into the layer's weights (batch size 1); then, and while decoding, run the plain route of
+    the plan with those weights (a replace-PIA layer: ``out = h + N_mo(MLP'(rms(h)))``; an FFN-PIA layer,
+    whose merged map is pooled over its MLP input: ``out = a + N_mo(AffineMLP(N_post(a)))``)."""
 
     def __init__(self, index: int, recipe: _LayerRecipe, inner: Route):
         super().__init__(index, recipe)
@@ -262,9 +400,16 @@ class PerExampleRoute(Route):
         self.runs_attention = inner.runs_attention
 
     def forward(self, layer: nn.Module, h: torch.Tensor, step: Step) -> torch.Tensor:
+        recipe = self.adapters
+        if step.prefill and recipe.pia is not None:
+            recipe.merge(layer, pooled_prompt(recipe.input_of(layer, h, step), step.pool_mask()))
+        if recipe.ffn is None:
+            return self.inner(layer, h, step)
+        a = attend(layer, self.index, h, normed_input(layer, h, step), step) if self.runs_attention else h
+        x = getattr(layer, step.parts.pre_mlp_norm)(a)
         if step.prefill:
-            self.adapters.merge(layer, pooled_prompt(normed_input(layer, h, step), step.pool_mask()))
-        return self.inner(layer, h, step)
+            recipe.merge_ffn(layer, pooled_prompt(x, step.pool_mask()), step.parts)
+        return mlp_out(layer, a, x, step)
 
 
 # --- export ----------------------------------------------------------------------------------------------
@@ -319,14 +464,22 @@ def export_merged(eas_model: EASModel, path: str | os.PathLike, processor: Any =
         ValueError: the architecture's stock config cannot express the merged biases (e.g. Qwen2 MLPs),
             or calibration means are missing.
     """
+    if getattr(type(eas_model), "mergeable", True) is False:  # a host that refuses merges says why
+        return eas_model.export_merged(path, processor)
     facts = eas_model.facts
     base = eas_model.base_model
     plan = eas_model.decoder.plan
+    _check_mergeable(eas_model)
     if plan.skip_mlp:
-        raise ValueError("export_merged supports attention skips only; this plan also skips MLPs")
+        raise ValueError(
+            "export_merged supports attention skips only; this plan also skips MLPs (plainly or with "
+            "FFN-PIAs, which a stock checkpoint cannot hold); use merge_and_unload in skipvlm, or save the "
+            "adapters"
+        )
     layers = get_layers(base, facts)
     eas_model.adapters  # noqa: B018  (raises if they were merged already)
-    active = _active_adapters(eas_model.decoder)
+    input_gain = eas_model.eas_config.replace_input == "normed"
+    active = {i: a for i, (a, _) in _active_adapters(eas_model.decoder).items() if a is not None}
     replace = any(isinstance(a, ReplacePIA) for a in active.values())
     adapt = any(not isinstance(a, ReplacePIA) for a in active.values())
     need = _export_biases(facts, replace, adapt)
@@ -338,7 +491,7 @@ def export_merged(eas_model: EASModel, path: str | os.PathLike, processor: Any =
     for i, adapter in active.items():
         is_replace = isinstance(adapter, ReplacePIA)
         affine = _calibrated_affine(i, adapter)
-        for name, (w, b) in _fold_layer(layers[i], affine, is_replace, parts).items():
+        for name, (w, b) in _fold_layer(layers[i], affine, is_replace, parts, input_gain).items():
             state[f"{prefix}.{i}.{name}.weight"], state[f"{prefix}.{i}.{name}.bias"] = w, b
         if is_replace:
             norm = f"{prefix}.{i}.{parts.pre_mlp_norm}.weight"

@@ -9,8 +9,15 @@ pooled prompt vector ``p = sum_n q_n x_n`` (``q``: normalised mask over prompt t
   ``y_n = x_n + s * sum_k w_k (U_k Dropout(W_A x_n + b_A) + c_k)``
 * replace-PIA (layers whose attention is skipped; its output feeds the MLP through gamma_post):
   ``g = W_A p + b_A``, ``y_n = x_n + s * sum_k w_k (U_k 0.5 Dropout(g + W_C x_n + b_C) + c_k)``
+* FFN-PIA (a skipped MLP replaced, the paper's FFN rows): the replace-PIA's residual branch alone,
+  ``F(x_n) = y_n - x_n = s * sum_k w_k (U_k 0.5 Dropout(g + W_C x_n + b_C) + c_k)``
+  (:meth:`ReplacePIA.residual`; the route adds it to the residual stream, see :mod:`skipvlm.adapters`).
 
-With ``w`` and ``g`` frozen both are affine, ``y = (I + U V) x + r``; :func:`collapse_adapt` and
+The design ablations of the paper's PIA table are constructor switches: ``paths=1`` keeps one
+up-projection and no router (``w = (1,)``, the "Base" row), and ``info_exchange=False`` drops the
+replace-PIA's pooled path (``g = 0``, no ``W_A``). Both keep PIA affine.
+
+With ``w`` and ``g`` frozen every kind is affine, ``y = (I + U V) x + r``; :func:`collapse_adapt` and
 :func:`collapse_replace` return that map in low-rank form and :func:`fold_into_linear` merges it into
 a following linear layer without ever forming a dense C x C matrix. Module code here is pure: no
 file I/O, no model surgery (that is :mod:`skipvlm.merge` and the EAS model's job).
@@ -86,7 +93,15 @@ def _down_projection(hidden_size: int, rank: int) -> nn.Linear:
 
 
 class PIABase(nn.Module):
-    """Router and the two routed up-projections shared by both PIA kinds."""
+    """Router and the routed up-projections shared by every PIA kind.
+
+    Args:
+        hidden_size: C.
+        rank: bottleneck d.
+        groups, scale, temperature, dropout: G, s, tau and the dropout rate of the spec.
+        paths: up-projections K: 2 (the spec: routed by ``w = softmax(W_r p / tau)``) or 1 (no router,
+            ``w = (1,)``: the "Base" row of the paper's PIA design table).
+    """
 
     def __init__(
         self,
@@ -96,41 +111,50 @@ class PIABase(nn.Module):
         scale: float = 1.0,
         temperature: float = 10.0,
         dropout: float = 0.0,
+        paths: int = 2,
     ):
         super().__init__()
         if rank < groups or rank % groups:
             raise ValueError(f"adapter rank {rank} must be a positive multiple of groups={groups}")
         if temperature <= 0:
             raise ValueError(f"router temperature must be > 0, got {temperature}")
+        if paths not in (1, 2):
+            raise ValueError(f"a PIA has 1 or 2 up-projection paths, got paths={paths}")
         self.hidden_size, self.rank, self.scale, self.temperature = hidden_size, rank, scale, temperature
-        self.up = nn.ModuleList([BlockDiagonalLinear(rank, hidden_size, groups) for _ in range(2)])
-        self.router = nn.Linear(hidden_size, 2)
+        self.up = nn.ModuleList([BlockDiagonalLinear(rank, hidden_size, groups) for _ in range(paths)])
+        self.router = nn.Linear(hidden_size, paths) if paths > 1 else None
         self.dropout = nn.Dropout(dropout)
         # Calibration means of the router weights over training prompts (the `static` merge uses
         # them). Running means, so a low-precision dtype never accumulates a large sum; the count is
         # an integer buffer, which dtype casts leave alone.
-        self.register_buffer("calib_w", torch.zeros(2))
+        self.register_buffer("calib_w", torch.zeros(paths))
         self.register_buffer("calib_n", torch.zeros((), dtype=torch.long))
 
+    @property
+    def paths(self) -> int:
+        return len(self.up)
+
     def route(self, pooled: torch.Tensor) -> torch.Tensor:
-        """Router weights ``w = softmax(W_r p / tau)``: (B, C) -> (B, 2)."""
+        """Router weights ``w = softmax(W_r p / tau)``: (B, C) -> (B, K); ``w = 1`` with one path."""
+        if self.router is None:
+            return pooled.new_ones(pooled.shape[0], 1)
         return _route(self.router.weight, self.router.bias, pooled, self.temperature)
 
     def _mix(self, w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """``sum_k w_k (U_k h + c_k)`` for h (B, T, d) and w (B, 2) -> (B, T, C)."""
+        """``sum_k w_k (U_k h + c_k)`` for h (B, T, d) and w (B, K) -> (B, T, C)."""
         return sum(w[:, k, None, None] * up(h) for k, up in enumerate(self.up))
 
     def mixed_up(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """For one example's router weights w (2,): ``M = sum_k w_k U_k`` (C, d) and ``c = sum_k w_k c_k``."""
+        """For one example's router weights w (K,): ``M = sum_k w_k U_k`` (C, d) and ``c = sum_k w_k c_k``."""
         return _mix_up(self.up_weight(), torch.stack([up.bias for up in self.up]), w)
 
     def up_weight(self) -> torch.Tensor:
-        """The two block-diagonal up-projections' blocks stacked: (2, G, C/G, d/G)."""
+        """The block-diagonal up-projections' blocks stacked: (K, G, C/G, d/G)."""
         return torch.stack([up.weight for up in self.up])
 
     @torch.no_grad()
     def record(self, w: torch.Tensor, g: torch.Tensor | None = None) -> None:
-        """Fold a batch of router weights w (B, 2) (and pooled paths g (B, d)) into the calibration means."""
+        """Fold a batch of router weights w (B, K) (and pooled paths g (B, d)) into the calibration means."""
         n, b = int(self.calib_n), w.shape[0]
         self.calib_w += (w.mean(0).to(self.calib_w.dtype) - self.calib_w) * (b / (n + b))
         if g is not None:
@@ -167,35 +191,52 @@ class ReplacePIA(PIABase):
     """Replace-PIA in a layer whose attention is skipped; ``out = h + MLP(gamma_post * y)``.
 
     ``g = W_A p + b_A`` (pooled path), ``y = x + s sum_k w_k (U_k 0.5 D(g + W_C x + b_C) + c_k)``.
+    The same module, its residual branch ``F(x) = y - x`` alone, is the FFN-PIA that replaces a
+    skipped MLP (:meth:`residual`).
 
     Args:
         hidden_size: C.
         rank: bottleneck d_r.
-        groups, scale, temperature, dropout: G, s, tau and the dropout rate of the spec.
+        info_exchange: keep the pooled path (the spec); False: ``g = 0`` and no ``W_A`` (the "Info.
+            Exc." ablation).
+        groups, scale, temperature, dropout, paths: as :class:`PIABase`.
     """
 
-    def __init__(self, hidden_size: int, rank: int, **kwargs):
+    def __init__(self, hidden_size: int, rank: int, info_exchange: bool = True, **kwargs):
         super().__init__(hidden_size, rank, **kwargs)
-        self.pool = _down_projection(hidden_size, rank)  # W_A, b_A
+        self.pool = _down_projection(hidden_size, rank) if info_exchange else None  # W_A, b_A
         self.token = _down_projection(hidden_size, rank)  # W_C, b_C
         self.register_buffer("calib_g", torch.zeros(rank))  # calibration mean of g = W_A p + b_A
 
     def pooled_path(self, pooled: torch.Tensor) -> torch.Tensor:
-        """``g = W_A p + b_A``: (B, C) -> (B, d)."""
+        """``g = W_A p + b_A``: (B, C) -> (B, d); zeros without information exchange."""
+        if self.pool is None:
+            return pooled.new_zeros(pooled.shape[0], self.rank)
         return self.pool(pooled)
+
+    def residual(
+        self,
+        x: torch.Tensor,
+        pooled: torch.Tensor | None,
+        w: torch.Tensor | None = None,
+        g: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``F(x) = s sum_k w_k (U_k 0.5 D(g + W_C x + b_C) + c_k)``: x (B, T, C) -> (B, T, C). Pass ``w`` /
+        ``g`` to use frozen values (then ``pooled`` may be None)."""
+        w = self.route(pooled) if w is None else w
+        g = self.pooled_path(pooled) if g is None else g
+        h = 0.5 * self.dropout(g[:, None, :] + self.token(x))  # (B, T, d)
+        return self.scale * self._mix(w, h)
 
     def forward(
         self,
         x: torch.Tensor,
-        pooled: torch.Tensor,
+        pooled: torch.Tensor | None,
         w: torch.Tensor | None = None,
         g: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x (B, T, C), pooled (B, C) -> y (B, T, C). Pass ``w`` / ``g`` to use frozen values."""
-        w = self.route(pooled) if w is None else w
-        g = self.pooled_path(pooled) if g is None else g
-        h = 0.5 * self.dropout(g[:, None, :] + self.token(x))  # (B, T, d)
-        return x + self.scale * self._mix(w, h)
+        """x (B, T, C), pooled (B, C) -> y = x + F(x) (B, T, C). Pass ``w`` / ``g`` to use frozen values."""
+        return x + self.residual(x, pooled, w, g)
 
 
 class BottleneckAdapter(nn.Module):
@@ -229,29 +270,35 @@ class FrozenPIA(nn.Module):
         self.is_replace = isinstance(adapter, ReplacePIA)
         self.scale, self.temperature = adapter.scale, adapter.temperature
         down = adapter.token if self.is_replace else adapter.down
+        self.routed = adapter.router is not None
+        self.pooling = self.is_replace and adapter.pool is not None
         tensors = {
-            "router_weight": adapter.router.weight,
-            "router_bias": adapter.router.bias,
             "up_weight": adapter.up_weight(),
             "up_bias": torch.stack([up.bias for up in adapter.up]),
             "down_weight": down.weight,
             "down_bias": down.bias,
         }
-        if self.is_replace:
+        if self.routed:
+            tensors |= {"router_weight": adapter.router.weight, "router_bias": adapter.router.bias}
+        if self.pooling:
             tensors |= {"pool_weight": adapter.pool.weight, "pool_bias": adapter.pool.bias}
         for name, t in tensors.items():
             self.register_buffer(name, t.detach().clone(), persistent=False)
 
     def route(self, pooled: torch.Tensor) -> torch.Tensor:
-        """``w = softmax(W_r p / tau)``: (B, C) -> (B, 2)."""
+        """``w = softmax(W_r p / tau)``: (B, C) -> (B, K); ``w = 1`` with one path."""
+        if not self.routed:
+            return pooled.new_ones(pooled.shape[0], 1)
         return _route(self.router_weight, self.router_bias, pooled, self.temperature)
 
     def pooled_path(self, pooled: torch.Tensor) -> torch.Tensor:
-        """``g = W_A p + b_A``: (B, C) -> (B, d) (replace-PIA only)."""
+        """``g = W_A p + b_A``: (B, C) -> (B, d) (replace-PIA only; zeros without information exchange)."""
+        if not self.pooling:
+            return pooled.new_zeros(pooled.shape[0], self.down_weight.shape[0])
         return nn.functional.linear(pooled, self.pool_weight, self.pool_bias)
 
     def collapse(self, w: torch.Tensor, g: torch.Tensor | None = None) -> AffineMap:
-        """The affine map of this adapter for one example's w (2,) and, for replace-PIA, g (d,)."""
+        """The affine map of this adapter for one example's w (K,) and, for replace-PIA, g (d,)."""
         shift = g + self.down_bias if self.is_replace else self.down_bias
         return _affine(
             self.up_weight, self.up_bias, w, self.down_weight, shift, self.scale, half=self.is_replace
@@ -318,7 +365,7 @@ def _mix_up(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``M = sum_k w_k blockdiag(U_k)`` (C, d) and ``c = sum_k w_k c_k`` (C,) from stacked blocks.
 
-    up_weight (K, G, C/G, d/G), up_bias (K, C), w (K,).
+    up_weight (K, G, C/G, d/G), up_bias (K, C), w (K,) (K = 2 routed paths, or 1).
     """
     blocks = torch.einsum("k,kgoi->goi", w.to(up_weight.dtype), up_weight)  # (G, C/G, d/G)
     return torch.block_diag(*blocks), w.to(up_bias.dtype) @ up_bias
@@ -340,14 +387,16 @@ def _affine(
 
 
 def collapse_adapt(adapter: AdaptPIA, w: torch.Tensor) -> AffineMap:
-    """Adapt-PIA with router weights w (2,) frozen: ``R = I + s M W_A``, ``r = s (M b_A + c)``."""
+    """Adapt-PIA with router weights w (K,) frozen: ``R = I + s M W_A``, ``r = s (M b_A + c)``."""
     up_bias = torch.stack([up.bias for up in adapter.up])
     down = adapter.down
     return _affine(adapter.up_weight(), up_bias, w, down.weight, down.bias, adapter.scale, half=False)
 
 
 def collapse_replace(adapter: ReplacePIA, w: torch.Tensor, g: torch.Tensor) -> AffineMap:
-    """Replace-PIA with w (2,) and g (d,) frozen: ``R = I + (s/2) M W_C``, ``r = (s/2) M (g + b_C) + s c``."""
+    """Replace-PIA with w (K,) and g (d,) frozen: ``R = I + (s/2) M W_C``, ``r = (s/2) M (g + b_C) + s c``.
+
+    As an FFN-PIA the same map minus the identity is the branch: ``F(x) = U V x + r``."""
     up_bias = torch.stack([up.bias for up in adapter.up])
     token = adapter.token
     return _affine(adapter.up_weight(), up_bias, w, token.weight, g + token.bias, adapter.scale, half=True)

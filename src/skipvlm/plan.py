@@ -1,7 +1,10 @@
 """The plan: which decoder modules a model runs and which visual tokens it keeps, as a serialisable value.
 
 A :class:`Plan` names, per decoder layer, whether its self-attention and / or its MLP is skipped
-(``shared/METHODS.md`` §1), and at most one visual-token exit method (§4). It is pure data:
+(``shared/METHODS.md`` §1), and at most one visual-token exit method (§4). On a two-stream encoder host
+(§7, :mod:`skipvlm.encoders`) the skip lists hold sublayer *names* instead of layer indices,
+``"<stream>.<layer>.<sublayer>"`` (e.g. ``"text.1.cross"``); the host checks the streams and sublayers,
+and a decoder host refuses names (an encoder host refuses indices). It is pure data:
 :mod:`skipvlm.runtime` executes it on a model. Plans travel beside adapters, checkpoints and results
 as JSON.
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,11 +45,51 @@ CANDIDATE_KINDS = ("attention", "mlp", "attention_or_mlp", "layer")
 CONFIG_KEY = "skipvlm_plan"
 
 
-def _layer_list(name: str, values: Any) -> tuple[int, ...]:
+# A sublayer of an encoder host: "<stream>.<layer>.<sublayer>", e.g. "text.1.cross" (METHODS §7).
+_NAME = re.compile(r"^([a-z_]+)\.(0|[1-9][0-9]*)\.([a-z_]+)$")
+
+
+def name_key(name: str) -> tuple[str, int, str]:
+    """(stream, layer, sublayer) of a sublayer name, the order plans keep names in.
+
+    Raises:
+        ValueError: ``name`` is not ``"<stream>.<layer>.<sublayer>"``.
+    """
+    match = _NAME.match(name) if isinstance(name, str) else None
+    if match is None:
+        raise ValueError(
+            f"{name!r} is not a sublayer name; write '<stream>.<layer>.<sublayer>', e.g. 'text.1.cross'"
+        )
+    return match[1], int(match[2]), match[3]
+
+
+def uses_names(plan: Plan) -> bool:
+    """True when the plan's skip lists name encoder sublayers (strings) rather than decoder layers."""
+    return any(isinstance(v, str) for v in (*plan.skip_attention, *plan.skip_mlp))
+
+
+def _name_list(name: str, values: list[Any]) -> tuple[str, ...]:
+    if not all(isinstance(v, str) for v in values):
+        raise ValueError(
+            f"Plan.{name} mixes sublayer names and layer indices ({values!r}); a plan uses one form: "
+            "integer layer indices on a decoder host, '<stream>.<layer>.<sublayer>' names on an encoder host"
+        )
+    for v in values:
+        name_key(v)
+    dupes = sorted({v for v in values if values.count(v) > 1})
+    if dupes:
+        raise ValueError(f"Plan.{name} lists {dupes} more than once; list each sublayer once")
+    return tuple(sorted(values, key=name_key))
+
+
+def _layer_list(name: str, values: Any) -> tuple[int, ...] | tuple[str, ...]:
     if values is None:
         return ()
     if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
         raise ValueError(f"Plan.{name} must be a list of layer indices, got {values!r}")
+    values = list(values)
+    if any(isinstance(v, str) for v in values):
+        return _name_list(name, values)
     out = []
     for v in values:
         # bool is an int subclass; `True` as a layer index is always a mistake.
@@ -189,8 +233,9 @@ class Plan:
     the exit layer on, the layers run on the remaining tokens only and their KV cache holds those only.
 
     Args:
-        skip_attention: layers whose self-attention runs nothing (no q/k/v/o, no kernel, no KV cache).
-        skip_mlp: layers whose MLP runs nothing.
+        skip_attention: layers whose self-attention runs nothing (no q/k/v/o, no kernel, no KV cache);
+            on an encoder host, attention sublayers by name (``["text.1.cross", "image.0.self"]``).
+        skip_mlp: layers whose MLP runs nothing (encoder host: ``"<stream>.<layer>.ffn"`` names).
         candidates: what the plan was searched over (``attention``, ``mlp``, ``attention_or_mlp`` or
             ``layer``), recorded by :func:`skipvlm.search` so that training a saved plan gives the
             right adapters (``layer``: DAS bottlenecks for whole skipped layers; otherwise PIA). None
@@ -333,8 +378,16 @@ class Plan:
         """Check the plan against a model with ``num_layers`` decoder layers.
 
         Raises:
-            ValueError: an index is out of range; the message gives the allowed range.
+            ValueError: an index is out of range (the message gives the allowed range), or the plan
+                names encoder sublayers (``"text.1.cross"``), which a decoder host does not have.
         """
+        if uses_names(self):
+            named = [*self.skip_attention, *self.skip_mlp]
+            raise ValueError(
+                f"the plan names encoder sublayers {named}, but this is a decoder host, whose plans take "
+                "integer layer indices (e.g. Plan(skip_attention=[3, 5])); sublayer names are for the "
+                "two-stream encoder hosts (BridgeTower)"
+            )
         for name in _LAYER_LISTS:
             bad = [i for i in getattr(self, name) if i >= num_layers]
             if bad:

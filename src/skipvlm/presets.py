@@ -332,6 +332,10 @@ PRESETS: dict[str, Callable[[], tf.PretrainedConfig]] = {
     "qwen3-vl-8b": lambda: _qwen3_vl(4096, 12288, 36, 32, 8, tie=False),
     "gemma-3-4b": lambda: _gemma3(2560, 10240, 34, 8, 4),
     "gemma-3-12b": lambda: _gemma3(3840, 15360, 48, 16, 8),
+    # the METER family (two-stream encoder): BridgeTower/bridgetower-base (RoBERTa-base text encoder, CLIP
+    # ViT-B/16 at 288 px, 6 co-attention layers of width 768), the transformers defaults, VQA head of 3129
+    # answers as METER's VQAv2 vocabulary
+    "bridgetower-base": lambda: tf.BridgeTowerConfig(id2label={i: str(i) for i in range(3129)}),
     # CPU-sized shapes of the benchmarks
     "llama-cpu": lambda: tf.LlamaConfig(**_llama(384, 1024, 12, 6, vocab=8000)),
     "llama-cpu-wide": lambda: tf.LlamaConfig(**_llama(1024, 2816, 8, 8, vocab=8000)),

@@ -36,7 +36,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from skipvlm import compat
-from skipvlm.arch import ArchFacts, arch_facts, decoder_slot, unwrap
+from skipvlm.arch import ArchFacts, arch_facts, decoder_slot, encoder_host, unwrap
 from skipvlm.cache import (
     cache_lengths,
     check_cache_grew,
@@ -563,6 +563,9 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
             f"apply_plan needs a skipvlm.Plan, got {type(plan).__name__}; "
             "build one with skipvlm.Plan(skip_attention=[...], skip_mlp=[...])"
         )
+    encoder = encoder_host(model)
+    if encoder is not None:  # a two-stream encoder host (METHODS §7) runs plans of its own
+        return encoder.apply_plan(model, plan)
     target = unwrap(model)  # hooks and the config belong to the transformers model, not its wrapper
     facts = arch_facts(target)
     plan.validate_for(facts.num_layers)
@@ -589,6 +592,9 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
 def current_plan(model: nn.Module) -> Plan:
     """The plan ``model`` executes now (an empty plan for a stock model); ``model`` may be wrapped, e.g.
     a PEFT ``PeftModel``."""
+    encoder = encoder_host(model)
+    if encoder is not None:
+        return encoder.current_plan(model)
     decoder = decoder_slot(model, arch_facts(model))[2]
     return decoder.plan if isinstance(decoder, SkipDecoder) else Plan()
 

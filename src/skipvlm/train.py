@@ -2,7 +2,8 @@
 
 :func:`search` trains a weight-sharing supernet (adapters for every candidate module) while a
 :class:`~skipvlm.search.Bandit` learns which k modules are safe to skip: warm-up epochs skip k arms
-drawn uniformly; search epochs skip k arms drawn from the policy and, every ``interval`` steps, score
+drawn uniformly; search epochs skip k arms drawn from the policy and, every ``interval`` micro-batches
+(as the official code counts; with ``grad_accum=1`` a micro-batch is an optimiser step), score
 ``n_candidates`` subsets on a held-out batch (eval mode, no grad) and update the bandit.
 :func:`train` fine-tunes the adapters of one fixed plan; :func:`fit` trains whatever requires grad.
 
@@ -19,6 +20,7 @@ the same subsets from the same seed), and only rank 0 writes files. Nothing assu
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import os
@@ -30,9 +32,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from skipvlm.arch import encoder_host
 from skipvlm.eas import EASConfig, EASModel, get_eas_model
 from skipvlm.io import atomic_write_text
-from skipvlm.plan import Plan
+from skipvlm.plan import Plan, uses_names
 from skipvlm.plots import plot_preferences
 from skipvlm.runinfo import run_info
 from skipvlm.search import Bandit, Candidates
@@ -69,7 +72,11 @@ class SearchConfig:
         candidates: ``attention`` (EAS), ``mlp``, ``attention_or_mlp`` or ``layer`` (DAS).
         warmup_epochs: epochs of uniformly random skips training the supernet.
         search_epochs: epochs of policy-driven skips with bandit updates.
-        interval: optimiser steps between bandit updates.
+        interval: micro-batches between bandit updates, counted as the official EAS code counts them
+            (its data-loader iterations): with ``grad_accum=1`` every ``interval`` optimiser steps; with
+            ``grad_accum=a`` every ``interval / a`` optimiser steps (the updates due within one step run
+            after it, so ``interval < a`` gives several updates per step). Skips are drawn once per
+            optimiser step.
         n_candidates: subsets scored per bandit update.
         beta / alpha / noise: the bandit's inverse temperature, step size and exploration noise.
         train: optimisation settings of the supernet (its ``epochs`` is not used).
@@ -79,7 +86,10 @@ class SearchConfig:
     candidates: str = field(default="attention", metadata={"help": "attention, mlp, attention_or_mlp, layer"})
     warmup_epochs: int = field(default=5, metadata={"help": "epochs of uniform random skips"})
     search_epochs: int = field(default=5, metadata={"help": "epochs of bandit-driven skips"})
-    interval: int = field(default=10, metadata={"help": "steps between bandit updates"})
+    interval: int = field(
+        default=10,
+        metadata={"help": "micro-batches between bandit updates (= optimiser steps when grad_accum is 1)"},
+    )
     n_candidates: int = field(default=3, metadata={"help": "subsets scored per bandit update"})
     beta: float = field(default=10.0, metadata={"help": "policy inverse temperature"})
     alpha: float = field(default=2.0, metadata={"help": "preference step size"})
@@ -94,9 +104,10 @@ class SearchConfig:
         if self.warmup_epochs < 0:
             raise ValueError(f"SearchConfig.warmup_epochs must be >= 0, got {self.warmup_epochs}")
 
-    def check_against(self, num_layers: int, steps_per_epoch: int) -> None:
-        """Raise early if ``k`` exceeds the candidates or ``interval`` the search phase."""
-        arms = Candidates(self.candidates, num_layers).num_arms
+    def check_against(self, num_layers: int, micro_batches_per_epoch: int, arms: int | None = None) -> None:
+        """Raise early if ``k`` exceeds the candidates (``arms``; default: a decoder's) or ``interval`` the
+        search phase (counted in micro-batches, this process's share)."""
+        arms = Candidates(self.candidates, num_layers).num_arms if arms is None else arms
         if self.k > arms:
             raise ValueError(
                 f"k={self.k} is larger than the {arms} {self.candidates!r} candidates of a "
@@ -109,16 +120,22 @@ class SearchConfig:
                 f"{subsets} subset(s) of k={self.k} out of {arms} candidates exist; lower --n-candidates "
                 "or --k"
             )
-        search_steps = self.search_epochs * steps_per_epoch
-        if self.interval > search_steps:
+        search_batches = self.search_epochs * micro_batches_per_epoch
+        if self.interval > search_batches:
             raise ValueError(
-                f"interval={self.interval} is larger than the search phase ({search_steps} steps = "
-                f"{self.search_epochs} epochs x {steps_per_epoch} steps); lower it or search longer"
+                f"interval={self.interval} is larger than the search phase ({search_batches} micro-batches = "
+                f"{self.search_epochs} epochs x {micro_batches_per_epoch} micro-batches); lower it or search "
+                "longer"
             )
 
 
-def eas_config_for_plan(plan: Plan, candidates: str, template: EASConfig | None = None) -> EASConfig:
-    """An :class:`EASConfig` (fixed plan, not a supernet) that skips what a searched ``plan`` skips."""
+def eas_config_for_plan(plan: Plan, candidates: str, template: Any = None) -> Any:
+    """An :class:`EASConfig` (fixed plan, not a supernet) that skips what a searched ``plan`` skips (an
+    encoder host's plan, naming sublayers, gives its :class:`~skipvlm.encoders.eas.EncoderEASConfig`)."""
+    if uses_names(plan):
+        from skipvlm.encoders.eas import encoder_config_for_plan
+
+        return encoder_config_for_plan(plan, candidates, template)
     cfg = copy.deepcopy(template) if template is not None else EASConfig()
     cfg.supernet, cfg.candidates = False, "attention"
     whole = sorted(set(plan.skip_attention) & set(plan.skip_mlp))
@@ -129,13 +146,31 @@ def eas_config_for_plan(plan: Plan, candidates: str, template: EASConfig | None 
     return EASConfig.from_dict(cfg.to_dict())
 
 
-def _eas_model(model: nn.Module, config: Callable[[], EASConfig]) -> EASModel:
+def _eas_model(model: nn.Module, config: Callable[[], Any]) -> EASModel:
     """``model`` itself when it already runs plans with adapters (an EAS model), else ``model`` with fresh
-    adapters from ``config()``."""
+    adapters from ``config()`` (None: the host's default adapters)."""
     # On the class: a wrapper that forwards unknown attributes to an EAS model inside is not one.
     if callable(getattr(type(model), "set_plan", None)):
         return model
-    return get_eas_model(model, config())
+    cfg = config()
+    if cfg is None:
+        cfg = _config_class(model)()
+    return get_eas_model(model, cfg)
+
+
+def _config_class(model: nn.Module) -> type:
+    """The adapter configuration class of ``model``'s host (an encoder host has its own)."""
+    encoder = encoder_host(model)
+    return encoder.config_class if encoder is not None else EASConfig
+
+
+def _candidates(model: nn.Module, kind: str) -> Any:
+    """The candidate space of ``kind`` on ``model`` (an EAS model): a decoder's layers, or an encoder
+    host's sublayers."""
+    encoder = encoder_host(model)
+    if encoder is not None:
+        return encoder.candidates(kind, encoder.num_layers(model))
+    return Candidates(kind, model.facts.num_layers)
 
 
 # --- search -------------------------------------------------------------------------------------------
@@ -175,7 +210,8 @@ def search(
         batches: model-ready training batches with ``labels`` (a list, or a DataLoader).
         heldout: model-ready held-out batches for scoring candidate subsets (never trained on).
         config: the :class:`SearchConfig`.
-        eas: adapter settings (dims, dropout ...); the supernet flags are set here.
+        eas: adapter settings (dims, dropout ...); the supernet flags are set here. A BridgeTower model
+            takes an :class:`~skipvlm.encoders.eas.EncoderEASConfig` (default: the host's).
         out: folder for ``plan.json``, ``search_log.json``, ``preferences.png`` and checkpoints.
         resume: continue from the checkpoint in ``out`` (a killed run ends as an uninterrupted one).
         callback: called after every optimiser step with ``{"step", "loss", "phase"}``.
@@ -190,12 +226,11 @@ def search(
     """
     config = config or SearchConfig()
     tc = config.train
-    eas_model = _eas_model(model, lambda: _supernet_config(config, eas))
-    num_layers = eas_model.facts.num_layers
-    cands = Candidates(config.candidates, num_layers)
+    eas_model = _eas_model(model, lambda: _supernet_config(config, eas, model))
+    cands = _candidates(eas_model, config.candidates)
     ranks = Ranks(next(eas_model.parameters()).device)
     train_batches = Batches(batches, ranks, tc.shuffle, tc.seed)
-    config.check_against(num_layers, train_batches.steps_per_epoch(tc.grad_accum))
+    config.check_against(cands.num_layers, train_batches.count, cands.num_arms)
     held = list(heldout)
     held_local = [held[i] for i in ranks.shard(len(held))]
     if not held_local:
@@ -204,7 +239,9 @@ def search(
     out_dir = Path(out) if out is not None else None
     epochs = config.warmup_epochs + config.search_epochs
     loop = Loop(eas_model, train_batches, tc, epochs, out_dir, "search")
-    steps = _BanditSteps(eas_model, cands, config, held_local, config.warmup_epochs * loop.steps_per_epoch)
+    micro_batches = functools.partial(_micro_batches, train_batches.count, tc.grad_accum)
+    warmup = config.warmup_epochs * loop.steps_per_epoch
+    steps = _BanditSteps(eas_model, cands, config, held_local, warmup, micro_batches)
     loop.run({"search": asdict(config), "arms": cands.num_arms}, data, resume, steps, callback)
 
     arms = steps.bandit.top_k()
@@ -217,18 +254,26 @@ def search(
     return result
 
 
-def _supernet_config(config: SearchConfig, eas: EASConfig | None) -> EASConfig:
-    """``eas`` (or the default adapters) as a supernet over ``config.candidates``, nothing skipped yet."""
-    cfg = copy.deepcopy(eas) if eas is not None else EASConfig()
+def _supernet_config(config: SearchConfig, eas: Any, model: nn.Module) -> Any:
+    """``eas`` (or the host's default adapters) as a supernet over ``config.candidates``, nothing skipped."""
+    cfg = copy.deepcopy(eas) if eas is not None else _config_class(model)()
     cfg.skip_attention, cfg.skip_mlp, cfg.skip_layers = [], [], []
     cfg.supernet, cfg.candidates = True, config.candidates
-    return EASConfig.from_dict(cfg.to_dict())
+    return type(cfg).from_dict(cfg.to_dict())
+
+
+def _micro_batches(per_epoch: int, grad_accum: int, steps: int) -> int:
+    """Micro-batches consumed by the first ``steps`` optimiser steps (an epoch's last group may be short)."""
+    steps_per_epoch = math.ceil(per_epoch / grad_accum)
+    epochs, rest = divmod(steps, steps_per_epoch)
+    return epochs * per_epoch + min(rest * grad_accum, per_epoch)
 
 
 class _BanditSteps(StepHooks):
     """The search's part of each supernet step (METHODS §3): before it, the k arms the step skips (uniform
-    in warm-up, from the policy after); every ``interval`` search steps after it, a bandit update from the
-    held-out losses of ``n_candidates`` sampled subsets. Its checkpoint share: bandit, trajectory, evals."""
+    in warm-up, from the policy after); after it, one bandit update from the held-out losses of
+    ``n_candidates`` sampled subsets for every ``interval`` search-phase micro-batches completed in the
+    step. Its checkpoint share: bandit, trajectory, evals."""
 
     def __init__(
         self,
@@ -237,9 +282,11 @@ class _BanditSteps(StepHooks):
         config: SearchConfig,
         heldout: list[dict[str, Any]],
         warmup_steps: int,
+        micro_batches: Callable[[int], int],
     ):
         self.model, self.cands, self.config, self.heldout = model, cands, config, heldout
         self.warmup_steps = warmup_steps
+        self.micro_batches = micro_batches  # micro-batches consumed by the first n optimiser steps
         self.bandit = Bandit(
             cands.num_arms, config.k, config.beta, config.alpha, seed=config.train.seed, noise=config.noise
         )
@@ -255,8 +302,16 @@ class _BanditSteps(StepHooks):
         self.model.set_plan(self.cands.plan(subset))
         return self.phase
 
+    def updates_due(self, step: int) -> int:
+        """Bandit updates due after optimiser step ``step`` (1-based): search-phase micro-batches crossing
+        multiples of ``interval`` in it (with ``grad_accum=1``: 1 when ``interval`` divides the search
+        step)."""
+        start = self.micro_batches(self.warmup_steps)
+        done, before = self.micro_batches(step) - start, self.micro_batches(step - 1) - start
+        return done // self.config.interval - max(before, 0) // self.config.interval
+
     def after_step(self, loop: Loop, loss: float) -> dict[str, str]:
-        if self.phase == "search" and (loop.step - self.warmup_steps) % self.config.interval == 0:
+        for _ in range(self.updates_due(loop.step) if self.phase == "search" else 0):
             subsets = self.bandit.sample(self.config.n_candidates)
             losses = self._score(loop, subsets)
             rewards = self.bandit.update(subsets, losses)
@@ -395,7 +450,8 @@ def train(
             :class:`EASModel` to continue training (e.g. a search's supernet with its found plan).
         batches: model-ready training batches with ``labels`` (a list, or a DataLoader).
         config: the :class:`TrainConfig`.
-        eas: the adapters and plan for a plain ``model`` (default: ``EASConfig()``, no skips).
+        eas: the adapters and plan for a plain ``model`` (default: ``EASConfig()``, no skips; a BridgeTower
+            model: ``EncoderEASConfig()``).
         out: folder for ``adapters/``, ``train_log.json`` and checkpoints.
         resume: continue from the checkpoint in ``out``.
         callback: called after every optimiser step with ``{"step", "loss", "phase"}``.
@@ -405,14 +461,14 @@ def train(
         The trained :class:`EASModel` (in eval mode).
     """
     config = config or TrainConfig()
-    eas_model = _eas_model(model, lambda: eas or EASConfig())
+    eas_model = _eas_model(model, lambda: eas)
     identity = {"eas": eas_model.eas_config.to_dict()}
     history = fit(
         eas_model, batches, config, out, resume, callback, name="train", identity=identity, data=data
     )
     device = next(eas_model.parameters()).device
     ranks = Ranks(device)
-    if config.calibrate:
+    if config.calibrate and getattr(type(eas_model), "mergeable", True):  # the means serve merges only
         local = Batches(batches, ranks, shuffle=False, seed=config.seed).epoch(0)
         eas_model.calibrate((to_device(b, device) for b in local), progress=config.progress and ranks.is_main)
         _sync_calibration(eas_model, ranks)

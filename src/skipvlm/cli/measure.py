@@ -62,37 +62,63 @@ def _preset_or_model(args: argparse.Namespace, device: str = "meta") -> tuple[st
 
 
 def _cmd_cost(args: argparse.Namespace) -> int:
-    from skipvlm.arch import arch_facts
-    from skipvlm.cost import count_macs
+    from skipvlm.arch import arch_facts, encoder_host
+    from skipvlm.cost import CONVENTIONS, count_macs
     from skipvlm.io import atomic_write_text
 
     name, model = _preset_or_model(args)
+    if encoder_host(model) is not None:
+        from skipvlm.encoders.cli import encoder_cost
+
+        return encoder_cost(args, name, model)
+    if args.skip_sublayers:
+        raise ValueError(
+            "--skip-sublayers names sublayers of a two-stream encoder (BridgeTower); a decoder takes "
+            "--skip-attention / --skip-mlp layer indices"
+        )
     facts = arch_facts(model)
     plan = _skip_plan(args, facts.num_layers)
-    base = count_macs(model, args.prompt_tokens, images=args.images)
-    cost = count_macs(model, args.prompt_tokens, plan, images=args.images)
-    removed = base.total - cost.total
+    shown = args.convention or "full"
+    reports = {
+        convention: (
+            count_macs(model, args.prompt_tokens, images=args.images, convention=convention),
+            count_macs(model, args.prompt_tokens, plan, images=args.images, convention=convention),
+        )
+        for convention in ([args.convention] if args.convention else CONVENTIONS)
+    }
+    base, cost = reports[shown]
     print(
         f"{name}: {facts.num_layers} layers, C={facts.hidden_size}, prompt {args.prompt_tokens} tokens; "
-        f"{plan}"
+        f"{plan}; MACs in the {shown!r} convention"
     )
     print(f"{'module':<14}{'stock GMACs':>14}{'plan GMACs':>14}")
     for label in ("attention", "mlp", "vision", "projector", "lm_head"):
         print(f"{label:<14}{getattr(base, label) / 1e9:>14.1f}{getattr(cost, label) / 1e9:>14.1f}")
     print(f"{'total':<14}{base.total / 1e9:>14.1f}{cost.total / 1e9:>14.1f}")
-    print(f"the plan removes {removed / 1e9:.1f} GMACs = {100 * removed / base.total:.1f}% of the total")
+    for convention, (stock, planned) in reports.items():
+        removed = stock.total - planned.total
+        print(
+            f"the plan removes {removed / 1e9:.1f} of {stock.total / 1e9:.1f} GMACs = "
+            f"{100 * removed / stock.total:.1f}% ({convention!r} convention: {_CONVENTION_HELP[convention]})"
+        )
     if args.out:
         data = {
             "model": name,
+            "convention": shown,
             "stock": base.to_dict(),
             "plan": cost.to_dict(),
-            "removed_share": removed / base.total,
+            "removed_share": (base.total - cost.total) / base.total,
+            "removed_share_by_convention": {
+                convention: (stock.total - planned.total) / stock.total
+                for convention, (stock, planned) in reports.items()
+            },
         }
         path = atomic_write_text(args.out, json.dumps(data, indent=1) + "\n")
         print(f"wrote {path}")
     return 0
 
 
+<<<<<<< HEAD
 def _bench_inputs(model: Any, facts: Any, prompt_tokens: int, device: Any, batch: int = 1) -> dict:
     """A random, left-padded batch of ``batch`` prompts of at most ``prompt_tokens`` tokens; for LLaVA one
     image (random pixels) per prompt, at a different position in each.
@@ -101,6 +127,17 @@ def _bench_inputs(model: Any, facts: Any, prompt_tokens: int, device: Any, batch
     length and the room the image leaves, and its image after ``1 + r`` text tokens; a batch of one is
     one unpadded prompt with the image after the first text token.
     """
+=======
+_CONVENTION_HELP = {
+    "full": "with the attention's N^2 score / value terms",
+    "paper": "without them, as the EAS paper counts",
+}
+
+
+def _bench_inputs(model: Any, facts: Any, prompt_tokens: int, device: Any) -> dict:
+    """A random prompt of ``prompt_tokens`` tokens; for LLaVA one image (random pixels) after the first
+    text token."""
+>>>>>>> main
     import torch
 
     gen = torch.Generator().manual_seed(0)
@@ -266,6 +303,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_skip_options(cost, ("skip_mlp",))
     cost.add_argument("--images", type=int, default=None, help="images in the prompt (default 1 for VLMs)")
+    cost.add_argument(
+        "--skip-sublayers",
+        default=None,
+        help="BridgeTower only: skipped sublayers by name, comma-separated (text.1.cross,image.0.ffn)",
+    )
+    cost.add_argument(
+        "--text-tokens",
+        type=int,
+        default=40,
+        help="BridgeTower only: text tokens (default 40; --prompt-tokens is the decoders')",
+    )
+    cost.add_argument(
+        "--convention",
+        choices=("full", "paper"),
+        default=None,
+        help="MACs convention: 'full' counts the attention's N^2 score / value terms, 'paper' leaves them "
+        "out as the EAS paper does (default: the table in 'full', the removed share in both)",
+    )
     add_token_exit_options(cost, per_example=False)  # DyVTE's exit depends on the data
     cost.set_defaults(func=_cmd_cost)
 

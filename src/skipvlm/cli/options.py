@@ -273,11 +273,34 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str,
         group.add_argument(flag(f.name), **kw)
 
 
-def config_from_args(cls: type, args: argparse.Namespace, **overrides: Any) -> Any:
-    """Build ``cls`` from the options the user gave (the rest keep their defaults)."""
+def config_from_args(cls: type, args: argparse.Namespace, base: Any = None, **overrides: Any) -> Any:
+    """Build ``cls`` from the options the user gave; the rest come from ``base`` (e.g. a recipe's config)
+    if given, else keep their defaults."""
     given = {
         f.name: getattr(args, f.name)
         for f in dataclasses.fields(cls)
         if getattr(args, f.name, None) is not None
     }
+    if base is not None:
+        return dataclasses.replace(base, **{**given, **overrides})
     return cls(**{**given, **overrides})
+
+
+def add_recipe_option(parser: argparse.ArgumentParser) -> None:
+    """``--recipe NAME``: start from a recipe's settings (:mod:`skipvlm.recipes`); options given win."""
+    from skipvlm.recipes import recipe_names
+
+    parser.add_argument(
+        "--recipe",
+        choices=recipe_names(),
+        help="start from the EAS paper's settings for a setup (see the README's recipe table); options "
+        "given explicitly override it",
+    )
+
+
+def recipe_from_args(args: argparse.Namespace) -> Any:
+    """The :class:`~skipvlm.recipes.Recipe` of ``--recipe``, or None."""
+    from skipvlm.recipes import get_recipe
+
+    name = getattr(args, "recipe", None)
+    return get_recipe(name) if name else None

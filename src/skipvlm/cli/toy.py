@@ -38,6 +38,10 @@ def _cmd_showcase(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.host == "bridgetower":
+        from skipvlm.encoders.cli import demo_main
+
+        return demo_main(args)
     from skipvlm.demo import DemoConfig, format_table, run_demo
     from skipvlm.toy import DOWNSTREAM_FAMILIES
 
@@ -70,9 +74,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_toy_pretrain(args: argparse.Namespace) -> int:
-    from skipvlm.toy import pretrain
+    if args.host == "bridgetower":
+        from skipvlm.encoders.toy import pretrain_bridgetower as pretrain
+    else:
+        from skipvlm.toy import pretrain
 
-    info = pretrain(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    steps, lr = args.steps or _PRETRAIN[args.host][0], args.lr or _PRETRAIN[args.host][1]
+    info = pretrain(args.out, steps=steps, batch_size=args.batch_size, lr=lr, seed=args.seed)
     accuracy = ", ".join(f"{k} {100 * v:.0f}%" for k, v in info["val_accuracy"].items())
     print(f"pretrained the toy model in {info['seconds'] / 60:.1f} min -> {args.out}")
     print(f"validation accuracy: {accuracy}")
@@ -95,6 +103,11 @@ def _cmd_toy_path(args: argparse.Namespace) -> int:
     return 0
 
 
+# Pretraining defaults per toy host: (steps, learning rate).
+_PRETRAIN = {"llava": (6000, 2e-3), "bridgetower": (1200, 1e-3)}
+HOSTS = tuple(_PRETRAIN)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``demo``, ``showcase`` and ``toy`` to the ``skipvlm`` parser."""
     demo = add_command(sub, "demo", "compare adaptation methods end to end on the bundled toy world")
@@ -106,6 +119,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         demo, required=False, help="toy checkpoint folder (default: the one shipped with skipvlm)"
     )
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--host",
+        choices=HOSTS,
+        default="llava",
+        help="llava: the decoder toy (default); bridgetower: the two-stream encoder toy (METER family)",
+    )
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     demo.set_defaults(func=_cmd_demo)
 
@@ -118,11 +137,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     toy = add_command(sub, "toy", "the bundled toy model")
     toy_sub = toy.add_subparsers(dest="toy_command", required=True)
-    pre = add_command(toy_sub, "pretrain", "build and pretrain the toy LLaVA from scratch on CPU")
+    pre = add_command(toy_sub, "pretrain", "build and pretrain a toy model (LLaVA or BridgeTower) on CPU")
     add_out_option(pre, "folder for the checkpoint", required=True)
-    pre.add_argument("--steps", type=int, default=6000)
+    pre.add_argument("--host", choices=HOSTS, default="llava", help="llava (default) or bridgetower")
+    pre.add_argument("--steps", type=int, default=None, help="default 6000 (llava), 1200 (bridgetower)")
     pre.add_argument("--batch-size", type=int, default=32)
-    pre.add_argument("--lr", type=float, default=2e-3)
+    pre.add_argument("--lr", type=float, default=None, help="default 2e-3 (llava), 1e-3 (bridgetower)")
     pre.add_argument("--seed", type=int, default=0)
     pre.set_defaults(func=_cmd_toy_pretrain)
 

@@ -19,11 +19,13 @@ from skipvlm.cli.options import (
     add_dtype_option,
     add_model_option,
     add_out_option,
+    add_recipe_option,
     add_run_options,
     add_skip_options,
     check_skip_layers,
     config_from_args,
     flag,
+    recipe_from_args,
 )
 from skipvlm.runinfo import run_info
 
@@ -43,11 +45,16 @@ def _cmd_search(args: argparse.Namespace) -> int:
     folder = loading.check_model_dir(args.model)
     _check_training_dtype(args)
     loading.device(args)
-    config = config_from_args(SearchConfig, args, train=config_from_args(TrainConfig, args))
-    eas = config_from_args(EASConfig, args)  # bad adapter settings fail before any data or weights load
+    recipe = recipe_from_args(args)
+    search_base, train_base = (recipe.search, recipe.search.train) if recipe else (None, None)
+    config = config_from_args(
+        SearchConfig, args, base=search_base, train=config_from_args(TrainConfig, args, base=train_base)
+    )
+    # bad adapter settings fail before any data or weights load
+    eas = config_from_args(EASConfig, args, base=recipe.eas if recipe else None)
     train_ex, held_ex = loading.data(args, "train"), loading.data(args, "heldout")
-    steps = math.ceil(math.ceil(len(train_ex) / args.batch_size) // loading.world() / config.train.grad_accum)
-    config.check_against(loading.model_facts(folder).num_layers, max(steps, 1))
+    micro_batches = math.ceil(len(train_ex) / args.batch_size) // loading.world()  # per process and epoch
+    config.check_against(loading.model_facts(folder).num_layers, max(micro_batches, 1))
     collator = loading.collator(folder, args)
     loading.record_prompt(args.out, collator)
     train_b = loading.Batches(train_ex, collator, args.batch_size)
@@ -68,7 +75,8 @@ def _train_eas_config(args: argparse.Namespace, folder: Path) -> Any:
     from skipvlm.plan import Plan
     from skipvlm.train import eas_config_for_plan
 
-    eas = config_from_args(EASConfig, args)
+    recipe = recipe_from_args(args)
+    eas = config_from_args(EASConfig, args, base=recipe.eas if recipe else None)
     if args.plan:
         given = [flag(n) for n in SKIP_FIELDS if getattr(args, n)]
         if given:
@@ -98,7 +106,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     _check_training_dtype(args)
     loading.device(args)
     eas = _train_eas_config(args, folder)
-    config = config_from_args(TrainConfig, args)
+    recipe = recipe_from_args(args)
+    config = config_from_args(TrainConfig, args, base=recipe.train if recipe else None)
     train_ex = loading.data(args, "train")
     collator = loading.collator(folder, args)
     loading.record_prompt(args.out, collator)
@@ -185,6 +194,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_run_options(srch, ("train", "heldout"))
     add_out_option(srch, "folder for plan.json, search_log.json, preferences.png", required=True)
     _add_resume(srch)
+    add_recipe_option(srch)
     add_config_args(srch, SearchConfig, skip=("train",))
     add_config_args(srch, TrainConfig, skip=("epochs", "calibrate"))
     add_config_args(srch, EASConfig, skip=(*SKIP_FIELDS, "supernet", "candidates"))
@@ -201,6 +211,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "search record it)",
     )
     _add_resume(trn)
+    add_recipe_option(trn)
     add_config_args(trn, TrainConfig)
     add_skip_options(trn.add_argument_group("what to skip, without --plan"))
     add_config_args(trn, EASConfig, skip=(*SKIP_FIELDS, "supernet", "candidates"))
