@@ -118,7 +118,12 @@ def _cmd_cost(args: argparse.Namespace) -> int:
     return 0
 
 
-<<<<<<< HEAD
+_CONVENTION_HELP = {
+    "full": "with the attention's N^2 score / value terms",
+    "paper": "without them, as the EAS paper counts",
+}
+
+
 def _bench_inputs(model: Any, facts: Any, prompt_tokens: int, device: Any, batch: int = 1) -> dict:
     """A random, left-padded batch of ``batch`` prompts of at most ``prompt_tokens`` tokens; for LLaVA one
     image (random pixels) per prompt, at a different position in each.
@@ -127,17 +132,6 @@ def _bench_inputs(model: Any, facts: Any, prompt_tokens: int, device: Any, batch
     length and the room the image leaves, and its image after ``1 + r`` text tokens; a batch of one is
     one unpadded prompt with the image after the first text token.
     """
-=======
-_CONVENTION_HELP = {
-    "full": "with the attention's N^2 score / value terms",
-    "paper": "without them, as the EAS paper counts",
-}
-
-
-def _bench_inputs(model: Any, facts: Any, prompt_tokens: int, device: Any) -> dict:
-    """A random prompt of ``prompt_tokens`` tokens; for LLaVA one image (random pixels) after the first
-    text token."""
->>>>>>> main
     import torch
 
     gen = torch.Generator().manual_seed(0)
