@@ -180,7 +180,7 @@ def test_token_exit_commands_end_to_end(toy_dir, tmp_path, capsys):
     # the curve is the library's on the same six examples
     from skipvlm.data import ChatCollator, load_processor
     from skipvlm.data.formats import load_chat_jsonl
-    from skipvlm.merge import load_pretrained
+    from skipvlm.export import load_pretrained
 
     examples = load_chat_jsonl(toy_dir / "heldout.jsonl").examples[:6]
     collator = ChatCollator(load_processor(toy_dir / "model"))
@@ -358,3 +358,15 @@ def test_token_exit_options_are_the_plan_fields_and_read_back_into_a_plan():
     )
     with pytest.raises(ValueError, match="--fastv-ratio has no effect without --fastv-layer"):
         plan_from_args(argparse.Namespace(fastv_ratio=0.25), skipvlm.Plan())
+
+
+def test_ffn_replacement_that_would_replace_nothing_is_refused_before_data_loads(toy_dir, tmp_path, capsys):
+    missing = str(tmp_path / "no_such.jsonl")  # the refusal comes before any data is read
+    common = ["--model", str(toy_dir / "model"), "--train", missing, "--mlp-replace", "pia"]
+    train = ["train", *common, "--out", str(tmp_path / "t"), "--skip-attention", "1"]
+    assert main(train) == 2
+    assert "--mlp-replace pia replaces skipped MLPs, but this plan skips none" in capsys.readouterr().err
+    search = ["search", *common, "--heldout", missing, "--out", str(tmp_path / "s"), "--k", "1"]
+    assert main(search) == 2
+    err = capsys.readouterr().err
+    assert "an 'attention' supernet never skips one" in err and "candidates='mlp'" in err

@@ -608,8 +608,54 @@ def test_ffn_pia_costs_its_low_rank_map_in_place_of_the_mlp():
             {"mlp_replace": "pia", "supernet": True, "candidates": "layer"},
             "'layer' supernet skips whole layers",
         ),
+        (
+            {"mlp_replace": "pia", "supernet": True, "candidates": "attention"},
+            r"'attention' supernet never skips one.*candidates='mlp' or 'attention_or_mlp'",
+        ),
     ],
 )
 def test_switch_validation_names_the_field(kwargs, message):
     with pytest.raises(ValueError, match=message):
         skipvlm.EASConfig(**kwargs)
+
+
+def test_ffn_replacement_with_no_mlp_skipped_warns_that_it_builds_nothing(caplog):
+    with caplog.at_level("WARNING", logger="skipvlm.eas"):
+        model = build_eas("llama", mlp_replace="pia")
+    assert not model.adapters.ffn and "builds no FFN-PIA: its plan skips no MLP" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="skipvlm.eas"):
+        build_eas("llama", skip_mlp=[3], mlp_replace="pia")
+    assert "FFN-PIA" not in caplog.text
+
+
+@pytest.mark.parametrize("replace_input", ["normed", "rms"])
+def test_not_frozen_pias_route_each_decoding_step_from_their_own_input_token(replace_input, monkeypatch):
+    """freeze_pooled=False: at a decoding step, the replace-PIA's pooled vector is its input for the new token
+    (N_in(h) or rms(h)), and the adapt-PIA's is N_in(h): not the prompt's, not the hidden state."""
+    model = randomize_adapters(build_eas("llama", freeze_pooled=False, replace_input=replace_input))
+    layers = get_layers(model.base_model)
+    hidden: dict[int, list] = {1: [], 3: []}  # layer 1: replace-PIA; layer 3: adapt-PIA
+    for i, seen in hidden.items():  # a route's forward is (layer, h, step)
+        model.decoder.routes[i].register_forward_pre_hook(lambda m, args, seen=seen: seen.append(args[1]))
+    pooled: dict[int, list] = {1: [], 3: []}
+    pias = {model.adapters.replace["1"]: 1, model.adapters.adapt["3"]: 3}
+    route = skipvlm.pia.PIABase.route
+
+    def spy(self, p):
+        if self in pias:
+            pooled[pias[self]].append(p)
+        return route(self, p)
+
+    monkeypatch.setattr(skipvlm.pia.PIABase, "route", spy)
+    greedy(model, make_inputs("llama", lengths=(6,)), 3)
+    norm = layers[1].input_layernorm
+    replace_in = (lambda h: skipvlm.adapters.rms(norm, h)) if replace_input == "rms" else norm
+    expected = {
+        1: [replace_in(h)[:, -1] for h in hidden[1]],
+        3: [layers[3].input_layernorm(h)[:, -1] for h in hidden[3]],
+    }
+    for i in (1, 3):
+        assert len(pooled[i]) == len(hidden[i]) == 3  # the prefill, then 2 decoding steps
+        for got, want in zip(pooled[i][1:], expected[i][1:], strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6)

@@ -22,6 +22,7 @@ from skipvlm.encoders.heads import (
 from skipvlm.encoders.host import co_layers
 from skipvlm.encoders.layers import CoLayer
 from skipvlm.encoders.names import EncoderCandidates
+from skipvlm.train import eas_config_for_plan
 
 LAYERS = 2
 ANSWERS = ["yes", "no", "red", "blue"]
@@ -129,6 +130,23 @@ def test_plan_on_a_head_model_and_back_to_stock():
     assert not any(isinstance(m, CoLayer) for m in model.modules())
     assert not hasattr(model.config, "skipvlm_plan")
     torch.testing.assert_close(features(model, batch), stock, atol=0, rtol=0)
+
+
+HEADS = [tf.BridgeTowerModel, BridgeTowerForVQA, BridgeTowerForNLVR2, tf.BridgeTowerForImageAndTextRetrieval]
+
+
+@pytest.mark.parametrize("cls", HEADS)
+def test_wrapped_layers_with_nothing_skipped_compute_the_stock_model(cls):
+    batch = inputs()
+    if cls is BridgeTowerForNLVR2:
+        batch["pixel_values"] = torch.randn(3, 2, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    stock = features(build(cls), batch)
+    wrapped = build(cls)
+    assert len(skipvlm.encoders.HOST.wrap_all(wrapped)) == 2 * LAYERS  # every layer a CoLayer, no skips
+    torch.testing.assert_close(features(wrapped, batch), stock, atol=0, rtol=0)
+    eas = skipvlm.get_eas_model(build(cls), EncoderEASConfig(replace_dim=8))  # fresh adapt-PIA everywhere
+    assert all(a.adapt for a in eas.adapters().values()) and eas.plan.is_empty
+    torch.testing.assert_close(features(eas, batch), stock, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize(
@@ -269,14 +287,44 @@ def test_save_load_round_trip(tmp_path):
     torch.testing.assert_close(loaded(**batch).logits, expected, atol=0, rtol=0)
     with pytest.raises(ValueError, match="saved for a different base model"):
         EncoderEASModel.from_pretrained(build(tf.BridgeTowerModel), tmp_path / "adapters")
+    via_decoder_entry = skipvlm.EASModel.from_pretrained(build(BridgeTowerForVQA), tmp_path / "adapters")
+    assert isinstance(via_decoder_entry, EncoderEASModel)  # the one entry dispatches on the host
+    torch.testing.assert_close(via_decoder_entry(**batch).logits, expected, atol=0, rtol=0)
 
 
-def test_merge_is_refused_clearly():
+def test_adapters_of_another_host_are_refused_clearly(tmp_path):
+    text = tf.LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2
+    )
+    decoder = skipvlm.get_eas_model(tf.LlamaForCausalLM(text), skipvlm.EASConfig(skip_attention=[1]))
+    decoder.save_pretrained(tmp_path / "decoder")
+    encoder = skipvlm.get_eas_model(build(), EncoderEASConfig(skip_attention=["text.0.self"], replace_dim=8))
+    encoder.save_pretrained(tmp_path / "encoder")
+    base = build()
+    with pytest.raises(ValueError, match="model_type: saved for 'llama', this model has 'bridgetower'"):
+        EncoderEASModel.from_pretrained(base, tmp_path / "decoder")
+    assert not any(isinstance(m, CoLayer) for m in base.modules())  # left unchanged
+    with pytest.raises(ValueError, match="model_type: saved for 'bridgetower', this model has 'llama'"):
+        skipvlm.EASModel.from_pretrained(tf.LlamaForCausalLM(text), tmp_path / "encoder")
+
+
+def test_merge_is_refused_clearly(tmp_path):
     model = skipvlm.get_eas_model(build(), EncoderEASConfig(skip_attention=["text.0.self"], replace_dim=8))
     with pytest.raises(ValueError, match="post-norm"):
         model.merge_and_unload()
     with pytest.raises(ValueError, match="post-norm"):
         skipvlm.merge_and_unload(model)
+    with pytest.raises(ValueError, match="post-norm"):
+        skipvlm.export_merged(model, tmp_path / "merged")
+    with pytest.raises(ValueError, match="post-norm"):
+        model.calibrate([])
+    plain = build()  # a planned model without adapters: refused alike, not an AttributeError
+    skipvlm.apply_plan(plain, skipvlm.Plan(skip_attention=["text.0.self"]))
+    with pytest.raises(ValueError, match="post-norm"):
+        skipvlm.merge_and_unload(plain)
+    with pytest.raises(ValueError, match="post-norm"):
+        skipvlm.export_merged(plain, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
 
 
 def test_a_fixed_plan_cannot_move_a_skip_without_its_adapter():
@@ -294,6 +342,11 @@ def test_encoder_config_refuses_indices():
 
 
 # --- candidates, heads, search and training ----------------------------------------------------------------
+
+
+def test_an_empty_plan_with_an_encoder_template_gives_an_encoder_config():
+    fixed = eas_config_for_plan(skipvlm.Plan(), "attention", EncoderEASConfig(replace_dim=8))
+    assert isinstance(fixed, EncoderEASConfig) and fixed.replace_dim == 8 and fixed.plan().is_empty
 
 
 def test_candidates_map_arms_to_named_plans():
@@ -322,6 +375,11 @@ def test_heads_losses_and_metrics():
     batch["pixel_values"] = torch.randn(2, 2, 3, 16, 16)
     out = nlvr(**batch, labels=torch.tensor([0, 1]))
     assert out.logits.shape == (2, 2) and out.loss.item() > 0
+    widths = [tuple(m.weight.shape) for m in nlvr.classifier if isinstance(m, torch.nn.Linear)]
+    assert widths == [(64, 128), (2, 64)]  # METER's NLVR2 head: 4C -> 2C -> 2
+    vqa = build(BridgeTowerForVQA)
+    widths = [tuple(m.weight.shape) for m in vqa.classifier if isinstance(m, torch.nn.Linear)]
+    assert widths == [(64, 64), (len(ANSWERS), 64)]  # METER's VQA head: 2C -> 2C -> answers
     itm = build(tf.BridgeTowerForImageAndTextRetrieval)
     b = inputs(batch=3)
     assert retrieval_scores(itm, b["input_ids"], b["attention_mask"], b["pixel_values"], 4).shape == (3, 3)

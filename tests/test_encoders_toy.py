@@ -101,6 +101,32 @@ def test_cost_command_prints_the_module_table(capsys, tmp_path):
     assert "decoder takes" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--skip-sublayers", "text.9.cross"], "names co-attention layer 9, but the model has 6"),
+        (["--skip-sublayers", "txt.1.self"], "streams are"),
+        (["--skip-sublayers", "text.1"], "is not a sublayer name"),
+        (["--visual-exit-layer", "2"], "token exit is not available on BridgeTower"),
+        (["--fastv-layer", "2"], "token exit is not available on BridgeTower"),
+        (["--images", "2"], "drop --images"),
+    ],
+)
+def test_cost_command_refuses_what_bridgetower_cannot_count(capsys, options, message):
+    assert main(["cost", "--preset", "bridgetower-base", *options]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cost_command_refuses_text_tokens_on_a_decoder(capsys):
+    assert main(["cost", "--preset", "llama-cpu", "--text-tokens", "30"]) == 2
+    assert "a decoder takes --prompt-tokens" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["cost", "--preset", "bridgetower-base", "--text-tokens", "0"])
+    assert "expected a positive integer" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="text_tokens must be a positive integer"):
+        count_encoder_macs(presets.get("bridgetower-base"), 0)
+
+
 @pytest.mark.slow
 def test_demo_quick_runs_every_method(tmp_path, capsys):
     if not (SHIPPED / "config.json").is_file():

@@ -11,7 +11,8 @@ import transformers as tf
 import skipvlm
 from skipvlm.adapters import LayerAdapters
 from skipvlm.arch import get_decoder, get_layers
-from skipvlm.merge import PLAN_KEY, AffineMLP, PerExampleRoute
+from skipvlm.export import PLAN_KEY
+from skipvlm.merge import AffineMLP, PerExampleRoute
 from skipvlm.pia import PIABase
 from skipvlm.runtime import RemovedAttention
 from skipvlm.search import Candidates
@@ -369,6 +370,17 @@ def test_ffn_pia_supernets_merge_the_plan_they_run(kind):
     model.calibrate([batch], progress=False)
     model.adapters.use_calibration = True
     forced = logits(model, batch)
+    config = model.eas_config
+    unmerged = skipvlm.cost.count_macs(
+        model.base_model, 10, plan, mlp_replacement=config.mlp_replacement_macs(model.config.hidden_size)
+    )
     merged = model.merge_and_unload("static")
     torch.testing.assert_close(logits(merged, batch), forced, rtol=0, atol=ATOL)
     assert isinstance(get_layers(merged)[plan.skip_mlp[0]].mlp, AffineMLP)
+    # the merged model's MACs count each low-rank MLP, 2*C*d_r per token, not the 3*C*F it replaced
+    c, f = merged.config.hidden_size, merged.config.intermediate_size
+    report = skipvlm.cost.count_macs(merged, 10, skipvlm.current_plan(merged))
+    for i, layer in enumerate(report.layers):
+        expected = 10 * 2 * c * config.replace_dim if i in plan.skip_mlp else 10 * 3 * c * f
+        assert layer["mlp"] == expected
+    assert report.mlp == unmerged.mlp

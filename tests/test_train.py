@@ -183,6 +183,29 @@ def test_bandit_interval_counts_micro_batches(grad_accum, interval, update_steps
     assert result.bandit.updates == len(update_steps)
 
 
+def test_search_killed_between_bandit_updates_resumes_with_accumulation(tmp_path):
+    """With grad_accum=3 (steps of 3, 3, 2 micro-batches) the update cadence is a function of the step, so a
+    search resumed from a mid-search checkpoint updates the bandit at the same steps as an unbroken one."""
+    config = quick_search(interval=2, train={"grad_accum": 3, "checkpoint_every": 2})
+    model, batches, held = data(batch_size=2)
+    full = skipvlm.search(model, batches, held, config)
+    assert [t["step"] for t in full.trajectory[1:]] == [4, 5, 5, 6, 7, 8, 8, 9]
+
+    def kill_at_7(event):
+        if event["step"] == 7:
+            raise Killed
+
+    model, batches, held = data(batch_size=2)
+    with pytest.raises(Killed):
+        skipvlm.search(model, batches, held, config, out=tmp_path, callback=kill_at_7)
+    assert json.loads((tmp_path / "search_checkpoint" / "state.json").read_text())["step"] == 6
+    model, batches, held = data(batch_size=2)
+    resumed = skipvlm.search(model, batches, held, config, out=tmp_path, resume=True)
+    assert [t["step"] for t in resumed.trajectory[1:]] == [t["step"] for t in full.trajectory[1:]]
+    assert resumed.bandit.state_dict() == full.bandit.state_dict()
+    assert_same_adapters(adapters_of(resumed.model), adapters_of(full.model))
+
+
 def test_search_needs_held_out_data():
     model, batches, _ = data()
     with pytest.raises(ValueError, match="held-out"):
@@ -456,3 +479,32 @@ def test_search_over_mlps_replaced_by_ffn_pias_and_train_the_found_plan():
     fresh, _, _ = data()
     trained = skipvlm.train(fresh, batches, skipvlm.TrainConfig(epochs=1, progress=False), eas=cfg)
     assert sorted(trained.adapters.ffn) == [str(i) for i in result.arms]
+
+
+def test_param_groups_train_at_their_lr_scale():
+    """A model's ``optimizer_parameters()`` may give param groups with an ``lr_scale``: AdamW's first
+    step moves every weight by about its group's learning rate."""
+
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = torch.nn.Linear(4, 4), torch.nn.Linear(4, 1)
+
+        def forward(self, x, labels):
+            return type("Out", (), {"loss": ((self.head(self.body(x)) - labels) ** 2).mean()})()
+
+        def optimizer_parameters(self):
+            return [{"params": self.body.parameters(), "lr_scale": 0.1}, {"params": self.head.parameters()}]
+
+    torch.manual_seed(0)
+    model = Two()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    batch = {"x": torch.randn(8, 4), "labels": torch.randn(8, 1)}
+    fit(model, [batch], skipvlm.TrainConfig(epochs=1, lr=1e-2, max_grad_norm=0, progress=False))
+    moved = {n: (p.detach() - before[n]).abs() for n, p in model.named_parameters()}
+    torch.testing.assert_close(
+        moved["head.weight"], torch.full_like(moved["head.weight"], 1e-2), rtol=1e-3, atol=0
+    )
+    torch.testing.assert_close(
+        moved["body.weight"], torch.full_like(moved["body.weight"], 1e-3), rtol=1e-3, atol=0
+    )

@@ -14,8 +14,9 @@ from skipvlm.arch import (
 )
 from skipvlm.eas import EASConfig, EASModel, get_eas_model
 from skipvlm.encoders.eas import EncoderEASConfig, EncoderEASModel
+from skipvlm.export import export_merged, load_pretrained
 from skipvlm.lora import lora_target_modules
-from skipvlm.merge import export_merged, load_pretrained, merge_and_unload
+from skipvlm.merge import merge_and_unload
 from skipvlm.plan import Plan, PlanField, TokenExitMethod, register_token_exit
 from skipvlm.recipes import Recipe, get_recipe, recipe_names
 from skipvlm.runtime import apply_plan, current_plan, exit_layers, kv_cache_bytes, use_plan

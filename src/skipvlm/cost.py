@@ -151,6 +151,8 @@ def count_macs(
         start, dropped = plan.token_exit.macs(plan, visual_tokens, exit_layer)
         start = facts.num_layers if start is None else start
     window = getattr(facts.text_config, "sliding_window", None)
+    # a merged model may run a smaller module in an MLP's place (a merged FFN-PIA): count what runs
+    own_mlp = _mlp_macs_per_token(model_or_config, facts)
     layers = []
     for i in range(facts.num_layers):
         attn = i not in plan.skip_attention
@@ -163,7 +165,7 @@ def count_macs(
                 "tokens": m,
                 "attention_proj": m * (2 * c * c_q + 2 * c * c_kv) if attn else 0,
                 "attention_sdp": 2 * m * keys * c_q if attn and sdp else 0,
-                "mlp": m * 3 * c * f if mlp else m * mlp_replacement,
+                "mlp": m * own_mlp.get(i, 3 * c * f) if mlp else m * mlp_replacement,
             }
         )
     report = CostReport(
@@ -173,6 +175,21 @@ def count_macs(
     if facts.family.vision_macs is not None and images:
         report.vision, report.projector = facts.family.vision_macs(config, images, image_patches, sdp)
     return report
+
+
+def _mlp_macs_per_token(model_or_config: nn.Module | PretrainedConfig, facts: Any) -> dict[int, int]:
+    """Per layer whose MLP slot holds a module that states its own cost (``macs_per_token()``, e.g. a
+    merged FFN-PIA's :class:`~skipvlm.merge.AffineMLP`), that cost; a config has none."""
+    if not isinstance(model_or_config, nn.Module):
+        return {}
+    from skipvlm.arch import get_layers
+
+    own = {}
+    for i, layer in enumerate(get_layers(model_or_config, facts)):
+        rule = getattr(getattr(layer, facts.mlp_name, None), "macs_per_token", None)
+        if rule is not None:
+            own[i] = int(rule())
+    return own
 
 
 def decode_bytes(model: nn.Module, plan: Plan | None = None, context_tokens: int = 0) -> int:

@@ -315,27 +315,22 @@ class EASModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, path: str | os.PathLike) -> EASModel:
-        """Rebuild an EAS model on ``base_model`` from a folder written by :meth:`save_pretrained`.
+        """Rebuild an EAS model on ``base_model`` from a folder written by :meth:`save_pretrained` (a
+        BridgeTower model gets its :class:`~skipvlm.encoders.eas.EncoderEASModel`).
 
         Raises:
             FileNotFoundError: the folder or one of its files is missing.
             ValueError: the adapters were saved for another architecture, hidden size or layer count,
                 or the file's tensors do not match the config.
         """
+        encoder = encoder_host(base_model)
+        if encoder is not None:  # a two-stream encoder host (METHODS §7) loads its own EAS model
+            return encoder.load_eas_model(base_model, path)
         path = Path(path)
         meta = _read_meta(path)
         facts = arch_facts(base_model)
         saved, here = meta.get("base_model", {}), _base_signature(facts)
-        wrong = [
-            f"{k}: saved for {saved.get(k)!r}, this model has {v!r}"
-            for k, v in here.items()
-            if saved.get(k) != v
-        ]
-        if wrong:
-            raise ValueError(
-                f"the adapters in {path} were saved for a different base model ({'; '.join(wrong)}); "
-                "load them onto the model they were trained on"
-            )
+        _check_signature(path, saved, here)
         try:
             config = EASConfig.from_dict(meta["eas_config"])
         except (KeyError, TypeError) as err:
@@ -389,8 +384,8 @@ class EASModel(nn.Module):
 
     def export_merged(self, path: str | os.PathLike, processor: Any = None) -> Path:
         """Write the ``static`` merge as a checkpoint stock transformers loads, with the processor beside
-        it (``processor``, else the base checkpoint's; see :func:`skipvlm.merge.export_merged`)."""
-        from skipvlm.merge import export_merged
+        it (``processor``, else the base checkpoint's; see :func:`skipvlm.export.export_merged`)."""
+        from skipvlm.export import export_merged
 
         return export_merged(self, path, processor)
 
@@ -424,18 +419,16 @@ def _build_adapters(facts: ArchFacts, config: EASConfig) -> dict[int, LayerAdapt
     """
     replace_at, adapt_at, bottleneck_at = config.adapter_layout(facts.num_layers)
     c = facts.hidden_size
-    pia = dict(
-        groups=config.groups, scale=config.scale, temperature=config.temperature, dropout=config.dropout
-    )
-    if config.single_path:
-        pia["paths"] = 1
-    exchange = {} if config.info_exchange else {"info_exchange": False}
+    pia = dict(groups=config.groups, scale=config.scale, temperature=config.temperature)
+    pia |= dict(dropout=config.dropout, paths=1 if config.single_path else 2)
+    exchange = dict(info_exchange=config.info_exchange)
     replace = {i: ReplacePIA(c, config.replace_dim, **pia, **exchange) for i in replace_at}
     adapt = {i: AdaptPIA(c, config.adapt_dim, **pia) for i in adapt_at}
     bottleneck = {i: BottleneckAdapter(c, config.replace_dim, config.dropout) for i in bottleneck_at}
-    ffn = {
-        i: ReplacePIA(c, config.replace_dim, **pia, **exchange) for i in config.ffn_layout(facts.num_layers)
-    }
+    ffn_at = config.ffn_layout(facts.num_layers)
+    if config.mlp_replace == "pia" and not ffn_at:
+        logger.warning("EASConfig(mlp_replace='pia') builds no FFN-PIA: its plan skips no MLP")
+    ffn = {i: ReplacePIA(c, config.replace_dim, **pia, **exchange) for i in ffn_at}
     kept = config.adapt_layers == "kept"
     return {
         i: LayerAdapters(
@@ -554,6 +547,18 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(
             f"{path} is not a readable safetensors file ({err}); it is damaged or truncated"
         ) from None
+
+
+def _check_signature(path: Path, saved: dict[str, Any], here: dict[str, Any]) -> None:
+    """Raise ValueError naming each base-model fact in ``here`` the adapters in ``path`` differ on."""
+    wrong = [
+        f"{k}: saved for {saved.get(k)!r}, this model has {v!r}" for k, v in here.items() if saved.get(k) != v
+    ]
+    if wrong:
+        raise ValueError(
+            f"the adapters in {path} were saved for a different base model ({'; '.join(wrong)}); "
+            "load them onto the model they were trained on"
+        )
 
 
 def _read_meta(path: Path) -> dict[str, Any]:

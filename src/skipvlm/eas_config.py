@@ -144,6 +144,12 @@ class EASConfig:
                 "layers with DAS bottleneck adapters; use candidates='mlp' or 'attention_or_mlp', or "
                 "mlp_replace='none'"
             )
+        if self.mlp_replace == "pia" and self.supernet and self.candidates == "attention":
+            raise ValueError(
+                "EASConfig.mlp_replace='pia' replaces skipped MLPs, but an 'attention' supernet never skips "
+                "one, so no FFN-PIA would be built; use candidates='mlp' or 'attention_or_mlp', or "
+                "mlp_replace='none'"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -41,8 +41,9 @@ from accelerate import Accelerator
 
 from skipvlm.data.chat import LEGACY_FORMAT, load_processor, template_owner
 from skipvlm.eas import EASModel
+from skipvlm.export import load_pretrained
 from skipvlm.lmms_eval_plugin import CLASS_PATH, MODEL_NAME, manifest
-from skipvlm.merge import MODES, load_pretrained
+from skipvlm.merge import MODES
 from skipvlm.runtime import apply_plan, current_plan
 
 __all__ = ["SkipVLM", "parse_layers"]

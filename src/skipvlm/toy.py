@@ -198,7 +198,7 @@ def load_toy(path: str | os.PathLike = SHIPPED) -> tuple[tf.LlavaForConditionalG
         FileNotFoundError: there is no checkpoint at ``path`` (make one with ``skipvlm toy pretrain``).
     """
     from skipvlm.data.chat import load_processor
-    from skipvlm.merge import load_pretrained
+    from skipvlm.export import load_pretrained
 
     path = Path(path)
     if not (path / "config.json").is_file():

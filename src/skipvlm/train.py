@@ -132,9 +132,9 @@ class SearchConfig:
 def eas_config_for_plan(plan: Plan, candidates: str, template: Any = None) -> Any:
     """An :class:`EASConfig` (fixed plan, not a supernet) that skips what a searched ``plan`` skips (an
     encoder host's plan, naming sublayers, gives its :class:`~skipvlm.encoders.eas.EncoderEASConfig`)."""
-    if uses_names(plan):
-        from skipvlm.encoders.eas import encoder_config_for_plan
+    from skipvlm.encoders.eas import EncoderEASConfig, encoder_config_for_plan
 
+    if uses_names(plan) or isinstance(template, EncoderEASConfig):  # an empty plan names nothing
         return encoder_config_for_plan(plan, candidates, template)
     cfg = copy.deepcopy(template) if template is not None else EASConfig()
     cfg.supernet, cfg.candidates = False, "attention"

@@ -276,7 +276,9 @@ class Loop:
     """Optimiser, schedule, autocast, gradient sync and resumable checkpoints of one run; :meth:`run` runs it.
 
     Args:
-        model: any model whose forward returns ``.loss``; what requires grad is trained.
+        model: any model whose forward returns ``.loss``; what requires grad is trained, or what its
+            ``optimizer_parameters()`` returns: parameters, or param groups ``{"params": [...],
+            "lr_scale": r}`` whose learning rate is ``r * lr_at(step)``.
         batches: this rank's training batches.
         cfg: the :class:`TrainConfig` (its ``epochs`` is the caller's business: see ``epochs``).
         epochs: passes over ``batches``.
@@ -294,12 +296,16 @@ class Loop:
         self.device = next(model.parameters()).device
         self.ranks = batches.ranks
         if _own_method(model, "optimizer_parameters"):
-            self.params = list(model.optimizer_parameters())
+            found = list(model.optimizer_parameters())
         else:
-            self.params = [p for p in model.parameters() if p.requires_grad]
+            found = [p for p in model.parameters() if p.requires_grad]
+        # parameters, or groups {"params": [...], "lr_scale": r} that train at r times the schedule's lr
+        groups = found if found and isinstance(found[0], dict) else [{"params": found}]
+        groups = [{"params": list(g["params"]), "lr_scale": float(g.get("lr_scale", 1.0))} for g in groups]
+        self.params = [p for g in groups for p in g["params"]]
         if not self.params:
             raise ValueError("the model has no trainable parameters")
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.steps_per_epoch, self.epochs = batches.steps_per_epoch(cfg.grad_accum), epochs
         self.total_steps = self.steps_per_epoch * epochs
         self.warmup_steps = int(cfg.warmup_ratio * self.total_steps)
@@ -420,7 +426,7 @@ class Loop:
         if self.cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_at(self.step)
+            group["lr"] = self.lr_at(self.step) * group.get("lr_scale", 1.0)  # older checkpoints lack it
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()

@@ -77,7 +77,7 @@ def load_model(folder: Path, args: argparse.Namespace) -> Any:
     """The checkpoint in ``folder`` in ``--dtype`` on the device, in eval mode."""
     import torch
 
-    from skipvlm.merge import load_pretrained
+    from skipvlm.export import load_pretrained
 
     dtype = getattr(torch, args.dtype)  # the --dtype choices are torch dtype names
     allow = getattr(args, "allow_missing_weights", False)

@@ -23,6 +23,7 @@ from skipvlm.cli.options import (
     count,
     parse_counts,
     plan_from_args,
+    positive_int,
     refuse_option,
 )
 
@@ -75,6 +76,10 @@ def _cmd_cost(args: argparse.Namespace) -> int:
         raise ValueError(
             "--skip-sublayers names sublayers of a two-stream encoder (BridgeTower); a decoder takes "
             "--skip-attention / --skip-mlp layer indices"
+        )
+    if args.text_tokens is not None:
+        raise ValueError(
+            "--text-tokens is the text length of a BridgeTower model; a decoder takes --prompt-tokens"
         )
     facts = arch_facts(model)
     plan = _skip_plan(args, facts.num_layers)
@@ -304,8 +309,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     cost.add_argument(
         "--text-tokens",
-        type=int,
-        default=40,
+        type=positive_int,
+        default=None,
         help="BridgeTower only: text tokens (default 40; --prompt-tokens is the decoders')",
     )
     cost.add_argument(

@@ -4,6 +4,7 @@ the result and fold the adapters into a stock checkpoint (``shared/METHODS.md`` 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -50,8 +51,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
     config = config_from_args(
         SearchConfig, args, base=search_base, train=config_from_args(TrainConfig, args, base=train_base)
     )
-    # bad adapter settings fail before any data or weights load
+    # bad adapter settings fail before any data or weights load (as the supernet they build)
     eas = config_from_args(EASConfig, args, base=recipe.eas if recipe else None)
+    dataclasses.replace(eas, supernet=True, candidates=config.candidates)
     train_ex, held_ex = loading.data(args, "train"), loading.data(args, "heldout")
     micro_batches = math.ceil(len(train_ex) / args.batch_size) // loading.world()  # per process and epoch
     config.check_against(loading.model_facts(folder).num_layers, max(micro_batches, 1))
@@ -93,6 +95,11 @@ def _train_eas_config(args: argparse.Namespace, folder: Path) -> Any:
         eas = eas_config_for_plan(plan, args.candidates or plan.candidates or "attention", eas)
     elif args.candidates:
         raise ValueError("--candidates describes a --plan file; without --plan, list the skips directly")
+    if eas.mlp_replace == "pia" and not eas.skip_mlp:
+        raise ValueError(
+            "--mlp-replace pia replaces skipped MLPs, but this plan skips none; add --skip-mlp (or use a "
+            "--plan that skips MLPs), or drop --mlp-replace"
+        )
     num_layers = loading.model_facts(folder).num_layers
     check_skip_layers(args, num_layers)
     eas.plan().validate_for(num_layers)

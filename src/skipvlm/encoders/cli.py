@@ -16,19 +16,27 @@ __all__ = ["demo_main", "encoder_cost"]
 # The EAS paper's METER row, as the issue quotes it: EAS skipping 8 / 12 attention modules removes 8.0 % /
 # 12.0 % more of the FLOPs than DAS.
 PAPER_METER = {8: 0.080, 12: 0.120}
+DEFAULT_TEXT_TOKENS = 40  # a VQAv2 question with BridgeTower's tokenizer and special tokens fits
 
 
 def _plan(args: argparse.Namespace) -> Plan:
+    """The plan of ``--skip-sublayers``; the decoders' options are refused, not ignored (token-exit options
+    reach the plan, which the host refuses with its reason)."""
+    from skipvlm.cli.options import plan_from_args
+
     if args.skip_attention or args.skip_mlp or args.skip_attention_count is not None:
         raise ValueError(
             "a BridgeTower plan names sublayers: pass --skip-sublayers text.1.cross,image.0.self,text.2.ffn "
             "instead of --skip-attention / --skip-mlp / --skip-attention-count layer indices"
         )
+    if args.images is not None:
+        raise ValueError("a BridgeTower forward takes one image (its image stream); drop --images")
     names = [n.strip() for n in (args.skip_sublayers or "").split(",") if n.strip()]
-    return Plan(
+    skips = Plan(
         skip_attention=[n for n in names if not n.endswith(".ffn")],
         skip_mlp=[n for n in names if n.endswith(".ffn")],
     )
+    return plan_from_args(args, skips)
 
 
 def encoder_cost(args: argparse.Namespace, name: str, model: Any) -> int:
@@ -38,7 +46,7 @@ def encoder_cost(args: argparse.Namespace, name: str, model: Any) -> int:
 
     config = model.config
     plan = _plan(args)
-    t = args.text_tokens
+    t = DEFAULT_TEXT_TOKENS if args.text_tokens is None else args.text_tokens
     paper = getattr(args, "convention", None) == "paper"  # the table's convention; shares print in both
     base = count_encoder_macs(config, t, paper=paper)
     cost = count_encoder_macs(config, t, plan, paper=paper)

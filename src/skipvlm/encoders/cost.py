@@ -103,9 +103,14 @@ def count_encoder_macs(
         plan: skipped sublayers (default: none).
         paper: leave out the ``T^2`` / ``T_s T_o`` score and value terms.
         extra: MACs of modules outside the stock model (e.g. adapters), counted as ``adapters``.
+
+    Raises:
+        ValueError: ``text_tokens`` is not a positive integer, or ``plan`` does not fit the model.
     """
     from skipvlm.encoders.host import HOST
 
+    if isinstance(text_tokens, bool) or not isinstance(text_tokens, int) or text_tokens < 1:
+        raise ValueError(f"text_tokens must be a positive integer, got {text_tokens!r}")
     config = _config(model_or_config)
     plan = plan or Plan()
     HOST.validate(plan, int(config.num_hidden_layers))

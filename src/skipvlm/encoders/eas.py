@@ -28,7 +28,14 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from skipvlm.eas import ADAPTER_FILE, CONFIG_FILE, _check_state, _read_meta, read_safetensors
+from skipvlm.eas import (
+    ADAPTER_FILE,
+    CONFIG_FILE,
+    _check_signature,
+    _check_state,
+    _read_meta,
+    read_safetensors,
+)
 from skipvlm.encoders.adapters import StreamAdapters
 from skipvlm.encoders.host import HOST, backbone
 from skipvlm.encoders.layers import CoLayer
@@ -367,16 +374,7 @@ class EncoderEASModel(nn.Module):
         path = Path(path)
         meta = _read_meta(path)
         saved, here = meta.get("base_model", {}), _signature(base_model)
-        wrong = [
-            f"{k}: saved for {saved.get(k)!r}, this model has {v!r}"
-            for k, v in here.items()
-            if saved.get(k) != v
-        ]
-        if wrong:
-            raise ValueError(
-                f"the adapters in {path} were saved for a different base model ({'; '.join(wrong)}); load "
-                "them onto the model they were trained on"
-            )
+        _check_signature(path, saved, here)
         try:
             config = EncoderEASConfig.from_dict(meta["eas_config"])
         except (KeyError, TypeError) as err:

@@ -4,11 +4,12 @@ The heads are new modules on top of the stock model (held as ``bridgetower``, as
 heads hold it), never a fork of it. ``z = [pooled text ; pooled image]`` is the stock model's
 ``pooler_output`` (each pooler: ``tanh(W h_cls + b)`` on the stream's first token), (B, 2C).
 
-* VQA (:class:`BridgeTowerForVQA`): ``logits = W_2 GELU(LN(W_1 z + b_1)) + b_2`` over the answer
-  vocabulary (``config.id2label``); loss ``A * BCE(sigmoid(logits), t)`` on soft scores ``t`` (B, A)
-  (METER scales the mean BCE by the A answers); metric: the VQA score ``mean_b t_b[argmax logits_b]``.
+* VQA (:class:`BridgeTowerForVQA`): ``logits = W_2 GELU(LN(W_1 z + b_1)) + b_2`` (W_1: 2C -> 2C) over
+  the answer vocabulary (``config.id2label``); loss ``A * BCE(sigmoid(logits), t)`` on soft scores
+  ``t`` (B, A) (METER scales the mean BCE by the A answers); metric: the VQA score
+  ``mean_b t_b[argmax logits_b]``.
 * NLVR2 (:class:`BridgeTowerForNLVR2`): one text with two images; each (text, image_j) pair runs the
-  model, ``logits = W_2 GELU(LN(W_1 [z_1 ; z_2] + b_1)) + b_2`` over 2 classes (B, 4C -> 2); cross
+  model, ``logits = W_2 GELU(LN(W_1 [z_1 ; z_2] + b_1)) + b_2`` over 2 classes (W_1: 4C -> 2C); cross
   entropy; metric: accuracy. Both images take image token type 1 (the stock embedding has two types).
 * Image-text matching / retrieval: the stock ``BridgeTowerForImageAndTextRetrieval`` (its ITM head,
   ``logits = W z + b`` over {no match, match}, cross entropy); :func:`retrieval_scores` scores every
@@ -36,9 +37,11 @@ __all__ = [
 ]
 
 
-def _mlp(width: int, classes: int) -> nn.Sequential:
-    """METER's classifier: ``W_2 GELU(LN(W_1 z + b_1)) + b_2``."""
-    return nn.Sequential(nn.Linear(width, width), nn.LayerNorm(width), nn.GELU(), nn.Linear(width, classes))
+def _mlp(width: int, hidden: int, classes: int) -> nn.Sequential:
+    """METER's classifier: ``W_2 GELU(LN(W_1 z + b_1)) + b_2``, W_1 (hidden, width), W_2 (classes, hidden)."""
+    return nn.Sequential(
+        nn.Linear(width, hidden), nn.LayerNorm(hidden), nn.GELU(), nn.Linear(hidden, classes)
+    )
 
 
 def _soft_targets(labels: torch.Tensor, classes: int, dtype: torch.dtype) -> torch.Tensor:
@@ -81,7 +84,7 @@ class BridgeTowerForVQA(BridgeTowerPreTrainedModel):
     def __init__(self, config: BridgeTowerConfig):
         super().__init__(config)
         self.bridgetower = BridgeTowerModel(config)
-        self.classifier = _mlp(2 * config.hidden_size, config.num_labels)
+        self.classifier = _mlp(2 * config.hidden_size, 2 * config.hidden_size, config.num_labels)
         self.post_init()
 
     def forward(
@@ -111,7 +114,7 @@ class BridgeTowerForNLVR2(BridgeTowerPreTrainedModel):
     def __init__(self, config: BridgeTowerConfig):
         super().__init__(config)
         self.bridgetower = BridgeTowerModel(config)
-        self.classifier = _mlp(4 * config.hidden_size, 2)
+        self.classifier = _mlp(4 * config.hidden_size, 2 * config.hidden_size, 2)  # as METER: 4C -> 2C -> 2
         self.post_init()
 
     def forward(

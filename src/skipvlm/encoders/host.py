@@ -170,6 +170,13 @@ class BridgeTowerHost:
 
         return get_encoder_eas_model(model, config)
 
+    def load_eas_model(self, model: nn.Module, path: Any) -> nn.Module:
+        """``model`` with the EAS adapters saved in ``path``
+        (:meth:`skipvlm.encoders.eas.EncoderEASModel.from_pretrained`)."""
+        from skipvlm.encoders.eas import EncoderEASModel
+
+        return EncoderEASModel.from_pretrained(model, path)
+
 
 HOST = BridgeTowerHost()
 register_host(

@@ -187,8 +187,9 @@ def load_toy_bridgetower(path: str | os.PathLike = SHIPPED) -> tuple[BridgeTower
             f"no toy BridgeTower at {path}; build one with "
             f"`skipvlm toy pretrain --host bridgetower --out {path}`"
         )
-    model = BridgeTowerForVQA.from_pretrained(path).eval()
-    tokenizer = tf.PreTrainedTokenizerFast.from_pretrained(path)
+    # a local folder: weights from safetensors only, never code from it
+    model = BridgeTowerForVQA.from_pretrained(path, use_safetensors=True, trust_remote_code=False).eval()
+    tokenizer = tf.PreTrainedTokenizerFast.from_pretrained(path, trust_remote_code=False)
     answers = [model.config.id2label[i] for i in range(model.config.num_labels)]
     return model, EncoderCollator(tokenizer, model.config.vision_config.image_size, answers)
 
