@@ -190,3 +190,35 @@ def test_compiled_decoding_under_a_plan_and_unmerged_adapters_gives_the_eager_to
     with torch.no_grad():
         eas.calibrate([dict(inputs)], progress=False)
     assert torch.equal(_compiled(eas, inputs)[0], _generate(eas, inputs)[0])
+
+
+# --- generate's batch expansion and chunked prefill --------------------------------------------------------
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_unmerged_eas_pools_each_prompt_for_every_returned_sequence(cache):
+    # generate repeats each prompt (repeat_interleave) for num_return_sequences / beams; every copy must
+    # pool over its own prompt: sampling with top_k=1 is greedy, so each copy gives its prompt's tokens
+    eas = randomize_adapters(build_eas("llava", skip=(1, 2)))
+    inputs = make_inputs("llava", lengths=(9, 6))
+    with torch.no_grad():
+        eas.calibrate([dict(inputs)], progress=False)
+    kw = {} if cache == "dynamic" else {"cache_implementation": "static"}
+    greedy, _ = _generate(eas, inputs, **kw)
+    with torch.no_grad():
+        copies = eas.generate(
+            **inputs, max_new_tokens=STEPS, do_sample=True, top_k=1, num_return_sequences=2, **kw
+        )
+    assert torch.equal(copies[0::2], greedy) and torch.equal(copies[1::2], greedy)
+    beams, _ = _generate(eas, inputs, num_beams=2, **kw)  # runs: the beams' rows pool too
+    assert beams.shape[0] == 2
+
+
+def test_chunked_prefill_is_refused_where_the_prefill_must_see_the_whole_prompt():
+    inputs = make_inputs("llava", lengths=(9, 6))
+    eas = build_eas("llava", skip=(1, 2))
+    with pytest.raises(ValueError, match=r"first chunk only; drop prefill_chunk_size"):
+        _generate(eas, inputs, prefill_chunk_size=4)
+    vtw = skipvlm.apply_plan(build_model("llava"), skipvlm.Plan(visual_exit_layer=2))
+    with pytest.raises(ValueError, match=r"visual tokens arrived after the prefill.*drop prefill_chunk_size"):
+        _generate(vtw, inputs, prefill_chunk_size=4)

@@ -107,6 +107,7 @@ class TopInputs:
         self.calling = False  # within a call of the top model
         self.prepared = False  # the top model was handed prepared (per layer type) masks
         self.pool_mask: torch.Tensor | None = None
+        self.pool_repeats = False  # pool_mask holds one row per prompt of a generate call
         self.hooks: tuple = ()
 
     def watch(self, model: nn.Module, path: str) -> None:
@@ -127,17 +128,20 @@ class TopInputs:
         self.hooks = ()
 
     @contextlib.contextmanager
-    def pooling(self, mask: torch.Tensor | None) -> Iterator[None]:
+    def pooling(self, mask: torch.Tensor | None, repeats: bool = False) -> Iterator[None]:
         """Within the block, adapters pool over ``mask`` (B, T) instead of the attention mask at prefill.
 
         Training passes the prompt mask derived from the labels here, so answers never leak into the
-        pooled vector.
+        pooled vector. ``repeats``: ``mask`` has one row per prompt of a ``generate`` call, which may
+        repeat every prompt ``r`` times in a row (beams, ``num_return_sequences``): batch row ``b`` is
+        prompt ``b // r``.
         """
-        previous, self.pool_mask = self.pool_mask, mask
+        previous = self.pool_mask, self.pool_repeats
+        self.pool_mask, self.pool_repeats = mask, repeats
         try:
             yield
         finally:
-            self.pool_mask = previous
+            self.pool_mask, self.pool_repeats = previous
 
     def top_mask(self, attention_mask: Any, embeds: torch.Tensor, image_blocks: bool) -> Any:
         """The 2-D mask the top model was called with, where it handed the text model prepared masks
@@ -411,7 +415,9 @@ class SkipDecoder(StockWrapper):
             layer_types=self.facts.layer_types,
             attention_kwargs=kwargs,
             memory=memory,
-            prompt_mask=functools.partial(_prompt_mask, self.inputs.pool_mask, attention_mask, embeds),
+            prompt_mask=functools.partial(
+                _prompt_mask, self.inputs.pool_mask, attention_mask, embeds, self.inputs.pool_repeats
+            ),
             attends=tuple(attends),
             build_masks=lambda mask, hidden, view: _masks(
                 config, types, mask, hidden, view, None, _in_layout(image_types, step.frame)
@@ -465,12 +471,18 @@ def _in_layout(values: torch.Tensor | None, frame: Frame) -> torch.Tensor | None
 
 
 def _prompt_mask(
-    pool_mask: torch.Tensor | None, attention_mask: torch.Tensor | dict | None, embeds: torch.Tensor
+    pool_mask: torch.Tensor | None,
+    attention_mask: torch.Tensor | dict | None,
+    embeds: torch.Tensor,
+    repeats: bool = False,
 ) -> torch.Tensor:
-    """(B, T) bool: what adapters pool over at prefill: ``pool_mask`` (see :meth:`TopInputs.pooling`),
-    else the non-padding tokens of the 2-D attention mask."""
+    """(B, T) bool: what adapters pool over at prefill: ``pool_mask`` (see :meth:`TopInputs.pooling`;
+    with ``repeats``, each of its rows stands for ``B / rows`` consecutive rows), else the non-padding
+    tokens of the 2-D attention mask."""
     batch, length = embeds.shape[:2]
     mask = pool_mask
+    if repeats and mask is not None and mask.shape[0] != batch and batch % mask.shape[0] == 0:
+        mask = mask.repeat_interleave(batch // mask.shape[0], dim=0)  # as generate expands its inputs
     if mask is None:
         if attention_mask is None:
             return torch.ones(batch, length, dtype=torch.bool, device=embeds.device)
