@@ -350,3 +350,34 @@ def test_bench_cli_json_holds_batch_8_rows(tmp_path, capsys):
     ]
     assert "eas k=6 (merged) B=8 eager: speedup kept vs batch 1" in data["summary"]
     assert "keeps" in capsys.readouterr().out
+
+
+def _exit_code(argv: list[str]) -> int:
+    """``main``'s return code, or the code argparse exits with."""
+    try:
+        return main(argv)
+    except SystemExit as done:
+        return int(done.code)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--batch-size", "1,0"], "batch sizes must be 1 or more"),
+        (["--repeats", "0"], "--repeats: expected a positive integer"),
+        (["--threads", "-1"], "--threads: expected a count"),
+        (["--prompt-tokens", "0"], "--prompt-tokens: expected a positive integer"),
+        (["--compile", "--compile-backend", "nope"], "'nope' is not a torch.compile backend; choose from"),
+    ],
+)
+def test_bench_cli_refuses_bad_numbers_and_backends_before_timing(capsys, extra, message):
+    # each was a torch error deep in the run (or, for the backend, after the eager rows were timed)
+    args = ["bench", "--preset", "llava-cpu-tiny", "--device", "cpu", "--new-tokens", "2", "--repeats", "1"]
+    assert _exit_code([*args, *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "timing" not in err
+
+
+def test_cost_cli_refuses_a_negative_image_count(capsys):
+    assert _exit_code(["cost", "--preset", "llava-cpu-tiny", "--images", "-1"]) == 2
+    assert "--images: expected a count (0 or more), got -1" in capsys.readouterr().err

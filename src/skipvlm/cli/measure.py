@@ -180,6 +180,25 @@ def _bench_meta(args: argparse.Namespace, name: str, device: Any) -> dict:
     return {"model": name, **run_info(device, args.dtype), "args": options}
 
 
+def _batch_sizes(text: str) -> list[int]:
+    """``--batch-size``: comma-separated batch sizes of 1 or more."""
+    sizes = parse_counts(text)
+    if min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be 1 or more, got {text!r}")
+    return sizes
+
+
+def _check_backend(name: str) -> None:
+    """Refuse an unknown ``--compile-backend`` before anything is timed."""
+    import torch
+
+    if name not in torch._dynamo.list_backends(exclude_tags=()):
+        raise ValueError(
+            f"--compile-backend {name!r} is not a torch.compile backend; choose from "
+            f"{', '.join(torch._dynamo.list_backends())}"
+        )
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
@@ -188,6 +207,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from skipvlm.io import atomic_write_text
 
     device = loading.device(args)
+    if args.compile:
+        _check_backend(args.compile_backend)
     name, model = _preset_or_model(args, device=str(device))
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -285,7 +306,7 @@ def _add_target(parser: argparse.ArgumentParser) -> None:
     """What cost and bench measure: a preset or a checkpoint, a prompt length, a dtype, an output file."""
     parser.add_argument("--preset", help="a preset architecture (skipvlm.presets.names())")
     add_model_option(parser, required=False, help="or a local checkpoint folder")
-    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--prompt-tokens", type=positive_int, default=512)
     add_dtype_option(parser)
     add_out_option(parser, "JSON file to write", overwrite=False)
 
@@ -303,7 +324,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "from the top",
     )
     add_skip_options(cost, ("skip_mlp",))
-    cost.add_argument("--images", type=int, default=None, help="images in the prompt (default 1 for VLMs)")
+    cost.add_argument("--images", type=count, default=None, help="images in the prompt (default 1 for VLMs)")
     cost.add_argument(
         "--skip-sublayers",
         default=None,
@@ -349,11 +370,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="stock, lora, pia, lavin, eas, skip, vtw, fastv, eas+vtw (token exit: LLaVA only)",
     )
     bench.add_argument("--new-tokens", type=int, default=32)
-    bench.add_argument("--repeats", type=int, default=7)
-    bench.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    bench.add_argument("--repeats", type=positive_int, default=7)
+    bench.add_argument("--threads", type=count, default=0, help="torch threads (0: default)")
     bench.add_argument(
         "--batch-size",
-        type=parse_counts,
+        type=_batch_sizes,
         default=[1],
         help="batch sizes, one set of rows each (e.g. 1,8): left-padded prompts, images at different places",
     )
