@@ -381,3 +381,25 @@ def test_bench_cli_refuses_bad_numbers_and_backends_before_timing(capsys, extra,
 def test_cost_cli_refuses_a_negative_image_count(capsys):
     assert _exit_code(["cost", "--preset", "llava-cpu-tiny", "--images", "-1"]) == 2
     assert "--images: expected a count (0 or more), got -1" in capsys.readouterr().err
+
+
+def test_bench_cli_keeps_the_rows_timed_before_a_failure(tmp_path, capsys, monkeypatch):
+    # a GPU run that fails at batch 8 (out of memory, a compiler error) must not lose batch 1
+    from skipvlm.bench import compare
+
+    real = compare.measure_models
+
+    def fails_at_batch_2(models, inputs, *args, **kwargs):
+        if inputs["input_ids"].shape[0] == 2:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(models, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(compare, "measure_models", fails_at_batch_2)
+    out = tmp_path / "bench.json"
+    args = ["bench", "--preset", "llama-cpu", "--prompt-tokens", "16", "--new-tokens", "2", "--repeats", "1"]
+    args += ["--methods", "stock", "--skip-attention-counts", "0", "--device", "cpu", "--batch-size", "1,2"]
+    assert main([*args, "--out", str(out)]) == 2  # the error is reported as every CLI error is
+    data = json.loads(out.read_text())
+    assert data["partial"] is True and "CUDA out of memory (simulated)" in data["error"]
+    assert [(r["name"], r["batch_size"]) for r in data["rows"]] == [("stock", 1)]
+    assert "(partial)" in capsys.readouterr().out

@@ -17,7 +17,7 @@ batch's throughput is ``B`` tokens per step.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -77,6 +77,7 @@ def run_bench(
     modes: Sequence[str] = ("eager",),
     exits: TokenExitRows | None = None,
     backend: str = "inductor",
+    on_rows: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Time the stock model against the alternatives a user would pick, interleaved in one run.
 
@@ -96,6 +97,8 @@ def run_bench(
         modes: ``eager`` and / or ``compiled``.
         exits: the token-exit rows' settings.
         backend: ``torch.compile``'s backend in ``compiled`` mode.
+        on_rows: called with the rows so far after each batch size and mode (e.g. to save them, so a
+            run that fails or is stopped later keeps what it measured).
 
     Raises:
         ValueError: an unknown method or mode.
@@ -128,6 +131,8 @@ def run_bench(
                 row["cache"] = "dynamic" if mode == "eager" else "static"
                 row["batch_tokens_per_s"] = batch * row["decode_tokens_per_s"]
             rows += new
+            if on_rows is not None:
+                on_rows(list(rows))
     _add_cross_ratios(rows)
     return rows
 

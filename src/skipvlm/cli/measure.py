@@ -228,19 +228,37 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     )
     batches = {b: _bench_inputs(model, facts, args.prompt_tokens, device, b) for b in args.batch_size}
     modes = ["eager", "compiled"] if args.compile else ["eager"]
-    rows = run_bench(
-        model,
-        _bench_inputs(model, facts, args.prompt_tokens, device),
-        args.skip_attention_counts,
-        methods,
-        args.new_tokens,
-        args.repeats,
-        progress=True,
-        batches=batches,
-        modes=modes,
-        exits=exits,
-        backend=args.compile_backend,
-    )
+    out = Path(args.out or Path("benchmarks/results") / f"bench_{name}_{device.type}.json")
+    meta = _bench_meta(args, name, device)
+
+    done: list[dict] = []
+
+    def save_partial(rows: list[dict], error: str | None = None) -> None:
+        # Written after every batch size and mode: a run that fails or is stopped keeps what it timed.
+        done[:] = rows
+        partial = {"rows": rows, "partial": True, "error": error, "meta": meta}
+        atomic_write_text(out, json.dumps(partial, indent=1) + "\n")
+
+    try:
+        rows = run_bench(
+            model,
+            _bench_inputs(model, facts, args.prompt_tokens, device),
+            args.skip_attention_counts,
+            methods,
+            args.new_tokens,
+            args.repeats,
+            progress=True,
+            batches=batches,
+            modes=modes,
+            exits=exits,
+            backend=args.compile_backend,
+            on_rows=save_partial,
+        )
+    except Exception as err:
+        if done:
+            save_partial(done, f"{type(err).__name__}: {err}")
+            print(f"wrote the {len(done)} rows timed before the error to {out} (partial)")
+        raise
     print(
         f"{name} on {device} ({args.dtype}), prompt {args.prompt_tokens} (left-padded batches), "
         f"{args.new_tokens} new tokens, {torch.get_num_threads()} threads, medians of {args.repeats} "
@@ -255,8 +273,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     summary = _bench_summary(rows)
     for line in summary["lines"]:
         print(line)
-    out = Path(args.out or Path("benchmarks/results") / f"bench_{name}_{device.type}.json")
-    result = {"rows": rows, "summary": summary["values"], "meta": _bench_meta(args, name, device)}
+    result = {"rows": rows, "summary": summary["values"], "meta": meta}
     atomic_write_text(out, json.dumps(result, indent=1) + "\n")
     first = [r for r in rows if r["batch_size"] == min(args.batch_size) and r["mode"] == "eager"]
     try:
