@@ -41,3 +41,45 @@ def test_gpu_suite_refuses_an_unknown_option():
         ["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), "--fast"], capture_output=True, text=True
     )
     assert done.returncode == 2 and "unknown option --fast" in done.stderr
+
+
+def _fake_python(tmp_path: Path, fail_when: str) -> str:
+    """A PYTHON that runs this interpreter, but exits 1 for a command line holding ``fail_when``."""
+    fake = tmp_path / "python"
+    fake.write_text(
+        f'#!/usr/bin/env bash\ncase "$*" in *"{fail_when}"*) echo "simulated failure" >&2; exit 1 ;; esac\n'
+        f'exec {sys.executable} "$@"\n'
+    )
+    fake.chmod(0o755)
+    return str(fake)
+
+
+def test_gpu_suite_writes_its_json_and_names_the_parts_that_failed(tmp_path):
+    # every bench fails here (a GPU run: out of memory, a compiler error): the suite still writes its
+    # JSON, names both parts and exits 1, instead of stopping at the first and losing the other
+    out = tmp_path / "suite.json"
+    env = {**os.environ, "PYTHON": _fake_python(tmp_path, "skipvlm.cli bench"), "OMP_NUM_THREADS": "1"}
+    script = str(ROOT / "benchmarks" / "gpu_suite.sh")
+    done = subprocess.run(
+        ["bash", script, "--dry-run", "--out", str(out)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "part serving failed" in done.stderr and "part lavin_vs_eas failed" in done.stderr
+    suite = json.loads(out.read_text())
+    assert suite["failed"] == ["serving", "lavin_vs_eas"]
+    assert suite["parts"]["serving"] == {"rows": [], "partial": True, "error": "not run"}
+
+
+def test_gpu_suite_stops_before_any_work_without_a_gpu_or_with_missing_wheels(tmp_path):
+    script = str(ROOT / "benchmarks" / "gpu_suite.sh")
+    env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(
+        ["bash", script, "--out", str(tmp_path / "s.json")], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 3 and "torch sees no CUDA device" in done.stderr
+    empty = tmp_path / "wheels"
+    empty.mkdir()
+    env["PYTHON"] = _fake_python(tmp_path, "pip install")
+    done = subprocess.run(["bash", script, "--wheels", str(empty)], env=env, capture_output=True, text=True)
+    assert done.returncode == 3 and "could not install transformers" in done.stderr
+    assert not (tmp_path / "s.json").exists()
