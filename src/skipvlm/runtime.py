@@ -49,7 +49,7 @@ from skipvlm.cache import (
 from skipvlm.compat import Cache
 from skipvlm.layout import gather_tokens
 from skipvlm.plan import CONFIG_KEY, Plan
-from skipvlm.routes import Frame, Memory, Route, RouteError, Step, plain_route
+from skipvlm.routes import Frame, Memory, Route, RouteError, Step, plain_route, prompt_mask_of
 
 __all__ = [
     "ExitHook",
@@ -416,7 +416,7 @@ class SkipDecoder(StockWrapper):
             attention_kwargs=kwargs,
             memory=memory,
             prompt_mask=functools.partial(
-                _prompt_mask, self.inputs.pool_mask, attention_mask, embeds, self.inputs.pool_repeats
+                prompt_mask_of, self.inputs.pool_mask, attention_mask, embeds, self.inputs.pool_repeats
             ),
             attends=tuple(attends),
             build_masks=lambda mask, hidden, view: _masks(
@@ -468,36 +468,6 @@ def _in_layout(values: torch.Tensor | None, frame: Frame) -> torch.Tensor | None
     if values is None or frame.index is None:
         return values
     return torch.where(frame.mask, gather_tokens(values, frame.index), 0)
-
-
-def _prompt_mask(
-    pool_mask: torch.Tensor | None,
-    attention_mask: torch.Tensor | dict | None,
-    embeds: torch.Tensor,
-    repeats: bool = False,
-) -> torch.Tensor:
-    """(B, T) bool: what adapters pool over at prefill: ``pool_mask`` (see :meth:`TopInputs.pooling`;
-    with ``repeats``, each of its rows stands for ``B / rows`` consecutive rows), else the non-padding
-    tokens of the 2-D attention mask."""
-    batch, length = embeds.shape[:2]
-    mask = pool_mask
-    if repeats and mask is not None and mask.shape[0] != batch and batch % mask.shape[0] == 0:
-        mask = mask.repeat_interleave(batch // mask.shape[0], dim=0)  # as generate expands its inputs
-    if mask is None:
-        if attention_mask is None:
-            return torch.ones(batch, length, dtype=torch.bool, device=embeds.device)
-        if not (isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2):
-            raise ValueError(
-                "PIA adapters pool over the prompt's non-padding tokens and need the 2-D (batch, "
-                "length) attention_mask to find them; pass that instead of a prepared mask"
-            )
-        mask = attention_mask
-    if tuple(mask.shape) != (batch, length):
-        raise ValueError(
-            f"the pooling mask has shape {tuple(mask.shape)} but the input is (batch={batch}, "
-            f"length={length}); it must mark the prompt tokens of every row"
-        )
-    return mask.to(embeds.device, torch.bool)
 
 
 def _positions(
