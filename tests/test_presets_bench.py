@@ -368,6 +368,7 @@ def _exit_code(argv: list[str]) -> int:
         (["--threads", "-1"], "--threads: expected a count"),
         (["--prompt-tokens", "0"], "--prompt-tokens: expected a positive integer"),
         (["--compile", "--compile-backend", "nope"], "'nope' is not a torch.compile backend; choose from"),
+        (["--methods", ","], "--methods ',' names no method; pass e.g. --methods stock,eas"),
     ],
 )
 def test_bench_cli_refuses_bad_numbers_and_backends_before_timing(capsys, extra, message):

@@ -220,6 +220,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     for k in [*args.skip_attention_counts, *(args.eas_vtw_counts or [])]:
         check_skip_count("--skip-attention-counts", k, facts.num_layers)
     methods = [m for m in args.methods.split(",") if m]
+    if not methods:
+        raise ValueError(f"--methods {args.methods!r} names no method; pass e.g. --methods stock,eas")
     exits = TokenExitRows(
         vtw_layer=args.vtw_layer,
         fastv_layer=args.fastv_layer,
