@@ -94,5 +94,6 @@ def test_adapter_macs_count_the_per_token_branch_weights_only():
 
 
 def test_bench_models_refuses_an_unknown_method_naming_the_known_ones():
-    with pytest.raises(ValueError, match="choose from stock, lora, pia, eas, skip"):
+    known = r"choose from stock, lora, pia, lavin, eas, skip, vtw, fastv, eas\+vtw"
+    with pytest.raises(ValueError, match=known):
         bench_models(build_model("llama"), make_inputs("llama"), [0], ["stock", "fast"])

@@ -11,6 +11,7 @@ import transformers as tf
 import skipvlm
 from skipvlm.adapters import LayerAdapters
 from skipvlm.arch import get_decoder, get_layers
+from skipvlm.cost import count_macs
 from skipvlm.export import PLAN_KEY
 from skipvlm.merge import AffineMLP, PerExampleRoute
 from skipvlm.pia import PIABase
@@ -371,7 +372,7 @@ def test_ffn_pia_supernets_merge_the_plan_they_run(kind):
     model.adapters.use_calibration = True
     forced = logits(model, batch)
     config = model.eas_config
-    unmerged = skipvlm.cost.count_macs(
+    unmerged = count_macs(
         model.base_model, 10, plan, mlp_replacement=config.mlp_replacement_macs(model.config.hidden_size)
     )
     merged = model.merge_and_unload("static")
@@ -379,7 +380,7 @@ def test_ffn_pia_supernets_merge_the_plan_they_run(kind):
     assert isinstance(get_layers(merged)[plan.skip_mlp[0]].mlp, AffineMLP)
     # the merged model's MACs count each low-rank MLP, 2*C*d_r per token, not the 3*C*F it replaced
     c, f = merged.config.hidden_size, merged.config.intermediate_size
-    report = skipvlm.cost.count_macs(merged, 10, skipvlm.current_plan(merged))
+    report = count_macs(merged, 10, skipvlm.current_plan(merged))
     for i, layer in enumerate(report.layers):
         expected = 10 * 2 * c * config.replace_dim if i in plan.skip_mlp else 10 * 3 * c * f
         assert layer["mlp"] == expected

@@ -20,6 +20,7 @@ from conftest import build_model, make_inputs
     ("name", "billions"),
     [
         ("llava-1.5-7b", 7.06),
+        ("lavin-7b", 7.06),  # LLaMA-7B 6.74 + CLIP ViT-L/14 0.30 + the projector
         ("llava-1.5-13b", 13.35),
         ("llama-2-7b", 6.74),
         ("qwen2-vl-2b", 2.21),
@@ -243,3 +244,163 @@ def test_sliding_layers_of_gemma3_count_attention_over_their_window_only():
     layers = count_macs(config, prompt_tokens=2048).layers
     assert layers[0]["attention_sdp"] == 2 * 2048 * 1024 * c_q  # local: a 1024-token window
     assert layers[5]["attention_sdp"] == 2 * 2048 * 2048 * c_q  # global
+
+
+# --- serving: batches, compiled decoding, token exit, LaVIN ------------------------------------------------
+
+
+def test_bench_inputs_are_left_padded_with_the_image_at_another_place_in_each_row():
+    from skipvlm.arch import arch_facts
+    from skipvlm.cli.measure import _bench_inputs
+
+    model = presets.build("llava-cpu-tiny", device="cpu")
+    facts = arch_facts(model)
+    inputs = _bench_inputs(model, facts, 40, "cpu", batch=4)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    assert ids.shape == (4, 40) and inputs["pixel_values"].shape[0] == 4
+    pads = (mask == 0).sum(1).tolist()
+    assert pads == sorted(pads) and pads[0] == 0 and len(set(pads)) == 4  # left padding, all different
+    image = ids == facts.image_token_id
+    assert image.sum(1).tolist() == [16] * 4
+    starts = image.int().argmax(1) - torch.tensor(pads)
+    assert starts.tolist() == [1, 2, 3, 4]  # a different place after each row's own start
+    one = _bench_inputs(model, facts, 40, "cpu")
+    assert bool(one["attention_mask"].all()) and int(one["input_ids"][0, 1]) == facts.image_token_id
+    with pytest.raises(ValueError, match="raise --prompt-tokens"):
+        _bench_inputs(model, facts, 18, "cpu", batch=4)
+
+
+def test_decode_step_bytes_read_the_weights_once_and_every_sequences_cache():
+    from skipvlm.bench import decode_step_bytes
+
+    model = presets.build("llava-cpu-tiny", device="meta")
+    weights, one = decode_step_bytes(model, skipvlm.Plan(), 0), decode_step_bytes(model, skipvlm.Plan(), 30)
+    assert decode_step_bytes(model, skipvlm.Plan(), 30, batch=8) - weights == 8 * (one - weights)
+    vtw = skipvlm.Plan(visual_exit_layer=4)  # layers 4..7 of 8 keep the 14 text tokens of 30
+    kv = one - weights
+    assert (
+        abs(decode_step_bytes(model, vtw, 30, visual_tokens=16) - weights - kv * (4 * 30 + 4 * 14) / 240) <= 1
+    )
+
+
+@pytest.mark.slow  # the GPU suite's dry run (tests/test_gpu_suite.py) runs these rows in the default suite
+def test_run_bench_rows_per_batch_and_mode_with_token_exit_lavin_and_static_cache():
+    from skipvlm.arch import arch_facts
+    from skipvlm.bench import TokenExitRows
+    from skipvlm.cli.measure import _bench_inputs
+
+    model = presets.build("llava-cpu-tiny", device="cpu")
+    facts = arch_facts(model)
+    batches = {b: _bench_inputs(model, facts, 30, "cpu", b) for b in (1, 2)}
+    rows = run_bench(
+        model,
+        batches[1],
+        [4],
+        ["stock", "lavin", "eas", "vtw", "eas+vtw"],
+        new_tokens=2,
+        repeats=1,
+        batches=batches,
+        modes=("eager", "compiled"),
+        exits=TokenExitRows(vtw_layer=4),
+        backend="eager",  # tracing only: the compiled path without a C++ build
+    )
+    by = {(r["name"], r["batch_size"], r["mode"]): r for r in rows}
+    names = ["stock", "lavin (unmerged)", "vtw K=4", "eas k=4 (merged)", "eas k=4 + vtw K=4"]
+    for b in (1, 2):
+        assert [n for n, bb, m in by if bb == b and m == "eager"] == names
+        assert [n for n, bb, m in by if bb == b and m == "compiled"] == [
+            "stock",
+            "lavin (unmerged)",
+            "eas k=4 (merged)",
+        ]
+    eas, stock = by["eas k=4 (merged)", 2, "compiled"], by["stock", 2, "compiled"]
+    assert eas["cache"] == "static" and eas["kv_cache_bytes"] * 2 == stock["kv_cache_bytes"]  # 4 of 8 kept
+    # layers x (K, V) x B x (30 + 2 - 1: the last token is never cached) x C x fp32
+    assert stock["kv_cache_bytes"] == 8 * 2 * 2 * 31 * 64 * 4
+    assert eas["batch_tokens_per_s"] == 2 * eas["decode_tokens_per_s"]
+    assert eas["compile_speedup"] > 0 and by["eas k=4 (merged)", 2, "eager"]["compile_speedup"] is None
+    assert (
+        by["vtw K=4", 1, "eager"]["prefill_bound"] > 1.0 and by["vtw K=4", 1, "eager"]["decode_bound"] > 1.0
+    )
+    assert by["lavin (unmerged)", 1, "eager"]["decode_bound"] < 1.0  # the adapter branch is read too
+    assert by["eas k=4 (merged)", 1, "eager"]["speedup_kept_vs_batch1"] == 1.0
+    assert "compiled" in bench_table(rows)
+
+
+def test_bench_cli_json_holds_batch_8_rows(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    args = ["bench", "--preset", "llama-cpu", "--prompt-tokens", "16", "--new-tokens", "3", "--repeats", "1"]
+    args += [
+        "--skip-attention-counts",
+        "6",
+        "--methods",
+        "stock,eas",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "1,8",
+    ]
+    assert main([*args, "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert [(r["name"], r["batch_size"]) for r in data["rows"]] == [
+        ("stock", 1),
+        ("eas k=6 (merged)", 1),
+        ("stock", 8),
+        ("eas k=6 (merged)", 8),
+    ]
+    assert "eas k=6 (merged) B=8 eager: speedup kept vs batch 1" in data["summary"]
+    assert "keeps" in capsys.readouterr().out
+
+
+def _exit_code(argv: list[str]) -> int:
+    """``main``'s return code, or the code argparse exits with."""
+    try:
+        return main(argv)
+    except SystemExit as done:
+        return int(done.code)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--batch-size", "1,0"], "batch sizes must be 1 or more"),
+        (["--repeats", "0"], "--repeats: expected a positive integer"),
+        (["--threads", "-1"], "--threads: expected a count"),
+        (["--prompt-tokens", "0"], "--prompt-tokens: expected a positive integer"),
+        (["--compile", "--compile-backend", "nope"], "'nope' is not a torch.compile backend; choose from"),
+        (["--methods", ","], "--methods ',' names no method; pass e.g. --methods stock,eas"),
+    ],
+)
+def test_bench_cli_refuses_bad_numbers_and_backends_before_timing(capsys, extra, message):
+    # each was a torch error deep in the run (or, for the backend, after the eager rows were timed)
+    args = ["bench", "--preset", "llava-cpu-tiny", "--device", "cpu", "--new-tokens", "2", "--repeats", "1"]
+    assert _exit_code([*args, *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "timing" not in err
+
+
+def test_cost_cli_refuses_a_negative_image_count(capsys):
+    assert _exit_code(["cost", "--preset", "llava-cpu-tiny", "--images", "-1"]) == 2
+    assert "--images: expected a count (0 or more), got -1" in capsys.readouterr().err
+
+
+def test_bench_cli_keeps_the_rows_timed_before_a_failure(tmp_path, capsys, monkeypatch):
+    # a GPU run that fails at batch 8 (out of memory, a compiler error) must not lose batch 1
+    from skipvlm.bench import compare
+
+    real = compare.measure_models
+
+    def fails_at_batch_2(models, inputs, *args, **kwargs):
+        if inputs["input_ids"].shape[0] == 2:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(models, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(compare, "measure_models", fails_at_batch_2)
+    out = tmp_path / "bench.json"
+    args = ["bench", "--preset", "llama-cpu", "--prompt-tokens", "16", "--new-tokens", "2", "--repeats", "1"]
+    args += ["--methods", "stock", "--skip-attention-counts", "0", "--device", "cpu", "--batch-size", "1,2"]
+    assert main([*args, "--out", str(out)]) == 2  # the error is reported as every CLI error is
+    data = json.loads(out.read_text())
+    assert data["partial"] is True and "CUDA out of memory (simulated)" in data["error"]
+    assert [(r["name"], r["batch_size"]) for r in data["rows"]] == [("stock", 1)]
+    assert "(partial)" in capsys.readouterr().out

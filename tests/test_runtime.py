@@ -368,14 +368,21 @@ def test_routes_follow_the_plan_and_state_their_formula():
 
 
 def test_a_copied_model_keeps_no_decode_memory_of_the_original():
+    """The decode memory lives on the KV cache, not in the model: a copy made while a cache with memory
+    is alive copies none of it (a non-leaf tensor in it would stop deepcopy), and a model does not read
+    another model's memory from a shared cache."""
     import copy
+
+    from skipvlm.cache import memory_of
 
     model = build_model("llama")
     skipvlm.apply_plan(model, skipvlm.Plan(skip_attention=[1]))
     ids = torch.tensor([[1, 5, 6, 7]])
-    out = model(input_ids=ids, use_cache=True)  # the cache (and its memory) stays alive
-    decoder = get_decoder(model)
-    decoder._memory[output_cache(out)].layers[0] = (torch.ones(1, requires_grad=True) * 2,)  # a non-leaf
+    cache = output_cache(model(input_ids=ids, use_cache=True))  # the cache (and its memory) stays alive
+    memory = memory_of(cache)
+    memory.layers[0] = (torch.ones(1, requires_grad=True) * 2,)  # a non-leaf
     twin = copy.deepcopy(model)
-    assert len(get_decoder(twin)._memory) == 0 and len(decoder._memory) == 1
     torch.testing.assert_close(twin(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+    with torch.no_grad():
+        twin(input_ids=ids[:, -1:], use_cache=True, **cache_kwargs(cache))
+    assert memory_of(cache) is not memory and memory_of(cache).layers == {}  # the twin's own, empty

@@ -13,7 +13,9 @@ change between releases (5.24 renamed the forward keyword and output field ``pas
 * :func:`check_forward_kwargs`: the keywords a text model's ``forward`` may receive and pass on;
 * :data:`DEEPSTACK_MASK_KWARG` / :data:`DEEPSTACK_EMBEDS_KWARG`: the keywords under which Qwen3-VL's
   text model receives its DeepStack visual features;
-* :data:`TESTED` / :func:`check_version`: the releases this skipvlm was tested with.
+* :data:`TESTED` / :func:`check_version`: the releases this skipvlm was tested with;
+* :class:`StaticCache` / :class:`StaticLayer`: the preallocated cache (``cache_implementation="static"``);
+* :func:`compiling`: whether the code runs under ``torch.compile``'s tracing.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any
 import torch
 import transformers
 from packaging.version import Version
-from transformers.cache_utils import Cache, DummyLayer, DynamicCache
+from transformers.cache_utils import Cache, DummyLayer, DynamicCache, StaticCache, StaticLayer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
@@ -39,10 +41,13 @@ __all__ = [
     "Cache",
     "DummyLayer",
     "DynamicCache",
+    "StaticCache",
+    "StaticLayer",
     "build_masks",
     "cache_kwargs",
     "check_forward_kwargs",
     "check_version",
+    "compiling",
     "decoder_output",
     "layer_length",
     "output_cache",
@@ -116,7 +121,10 @@ def take_cache(explicit: dict[str, Any], kwargs: dict[str, Any]) -> Cache | None
         if name in kwargs:
             found[name] = kwargs.pop(name)
     given = {name: value for name, value in found.items() if value is not None}
-    caches = list({id(v): v for v in given.values()}.values())
+    caches: list[Any] = []
+    for value in given.values():  # distinct by identity (no id(): a compiled step would guard on it)
+        if not any(value is seen for seen in caches):
+            caches.append(value)
     if len(caches) > 1:
         raise ValueError(
             f"two different KV caches were passed ({' and '.join(given)}); pass one, as {CACHE_KWARG}="
@@ -220,6 +228,11 @@ def rotary_tables(rotary_emb: torch.nn.Module, layer_types: tuple[str, ...] | No
         return {kind: rotary_emb(hidden, ids, kind) for kind in kinds}
 
     return tables
+
+
+def compiling() -> bool:
+    """True while ``torch.compile`` traces the code (python-side branches then become guards)."""
+    return torch.compiler.is_compiling()
 
 
 def layer_length(layer: Any) -> int:

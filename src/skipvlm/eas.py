@@ -181,8 +181,22 @@ class EASModel(nn.Module):
             return self.base_model(*args, labels=labels, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """The base model's ``generate``; the adapters pool over the prompt at prefill, then stay frozen."""
-        return self.base_model.generate(*args, **kwargs)
+        """The base model's ``generate``; the adapters pool over the prompt at prefill, then stay frozen.
+
+        The prompt is the 2-D ``attention_mask``'s tokens, even where ``generate`` hands the model prepared
+        masks (a static cache: ``cache_implementation="static"``), and for every beam / returned sequence
+        of a prompt (``generate`` repeats each row for them)."""
+        config = kwargs.get("generation_config") or self.base_model.generation_config
+        if kwargs.get("prefill_chunk_size", getattr(config, "prefill_chunk_size", None)) is not None:
+            raise ValueError(
+                "the adapters pool over the whole prompt in one prefill, so generate(..., "
+                "prefill_chunk_size=...) would pool over its first chunk only; drop prefill_chunk_size, "
+                "or merge the adapters first (merge_and_unload)"
+            )
+        mask = kwargs.get("attention_mask")
+        mask = mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
+        with self.decoder.inputs.pooling(mask, repeats=True):
+            return self.base_model.generate(*args, **kwargs)
 
     # --- adapters -------------------------------------------------------------------------------------
 

@@ -9,8 +9,8 @@ model of the EAS paper (CLIP ViT-L/14 at 224 px + Vicuna-7B), Qwen2-VL, Llama-2;
 files of Qwen/Qwen3-8B, llava-hf/llava-v1.6-mistral-7b-hf, llava-hf/llava-onevision-qwen2-7b-ov-hf,
 OpenGVLab/InternVL3-8B-hf, HuggingFaceTB/SmolVLM-Instruct, mistralai/Mistral-Small-3.1-24B-Instruct-2503
 and Qwen/Qwen3-VL-8B-Instruct (each builder names its source); Gemma 3 (SigLIP-400M at 896 px, 256 image
-tokens; five sliding-window layers per full one). The small
-``*-cpu`` presets are the benchmark shapes that fit a laptop.
+tokens; five sliding-window layers per full one); LaVIN-7B (LLaMA-7B + CLIP ViT-L/14 at 224 px). The
+small ``*-cpu`` presets are the benchmark shapes that fit a laptop.
 """
 
 from __future__ import annotations
@@ -51,9 +51,11 @@ def _llama(hidden: int, ffn: int, layers: int, heads: int, vocab: int = 32064, k
     )
 
 
-def _llava(image_size: int, text: dict, image_token: int = 32000) -> tf.LlavaConfig:
+def _llava(
+    image_size: int, text: dict, image_token: int = 32000, vision: tf.CLIPVisionConfig | None = None
+) -> tf.LlavaConfig:
     return tf.LlavaConfig(
-        vision_config=_clip(image_size),
+        vision_config=vision or _clip(image_size),
         text_config=tf.LlamaConfig(**text),
         image_token_id=image_token,
         vision_feature_layer=-2,
@@ -296,10 +298,28 @@ def _gemma3(hidden: int, ffn: int, layers: int, heads: int, kv: int) -> tf.Gemma
     )
 
 
+def _clip_cpu(image_size: int, hidden: int, layers: int) -> tf.CLIPVisionConfig:
+    """A small CLIP tower with ViT-L/14's patch grid (14 px patches): the visual-token count of the real
+    tower at ``image_size``, at a CPU's cost."""
+    return tf.CLIPVisionConfig(
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=14,
+        projection_dim=hidden,
+    )
+
+
 PRESETS: dict[str, Callable[[], tf.PretrainedConfig]] = {
     "llava-1.5-7b": lambda: _llava(336, _llama(4096, 11008, 32, 32)),
     "llava-1.5-13b": lambda: _llava(336, _llama(5120, 13824, 40, 40)),
     "llava-v1-vicuna-7b-224": lambda: _llava(224, _llama(4096, 11008, 32, 32, vocab=32003)),
+    # LaVIN-7B's shape (the EAS paper's LaVIN rows): LLaMA-7B with CLIP ViT-L/14 at 224 px in front, here
+    # in the LLaVA layout (256 visual tokens); LaVIN's adapters (adapt-PIA, bottleneck 8, every layer) are
+    # what `skipvlm bench --methods lavin` adds to it.
+    "lavin-7b": lambda: _llava(224, _llama(4096, 11008, 32, 32, vocab=32000)),
     "qwen2-vl-2b": lambda: _qwen2_vl(1536, 8960, 28, 12, 2, 151936, tie=True),
     "qwen2-vl-7b": lambda: _qwen2_vl(3584, 18944, 28, 28, 4, 152064, tie=False),
     "llama-2-7b": lambda: tf.LlamaConfig(**_llama(4096, 11008, 32, 32, vocab=32000)),
@@ -319,6 +339,10 @@ PRESETS: dict[str, Callable[[], tf.PretrainedConfig]] = {
     # CPU-sized shapes of the benchmarks
     "llama-cpu": lambda: tf.LlamaConfig(**_llama(384, 1024, 12, 6, vocab=8000)),
     "llama-cpu-wide": lambda: tf.LlamaConfig(**_llama(1024, 2816, 8, 8, vocab=8000)),
+    # lavin-7b's depth (32 layers) and visual tokens (256: 224 px / 14 px patches) at a CPU's width
+    "lavin-cpu": lambda: _llava(224, _llama(384, 1024, 32, 6, vocab=8000), 7999, _clip_cpu(224, 128, 2)),
+    # the smallest LLaVA shape: the GPU suite's dry run (16 visual tokens, 8 layers)
+    "llava-cpu-tiny": lambda: _llava(56, _llama(64, 128, 8, 4, vocab=1000), 999, _clip_cpu(56, 32, 1)),
 }
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "Step",
     "Stock",
     "plain_route",
+    "prompt_mask_of",
 ]
 
 
@@ -79,10 +80,12 @@ class Memory:
     Attributes:
         layers: per layer, state a route computed at prefill (e.g. PIA's frozen router weights).
         token_exit: the token-exit state (the packed layouts), or None when no token left.
+        owner: ``id`` of the decoder that ran the prefill (another model's memory is not read).
     """
 
     layers: dict[int, Any] = field(default_factory=dict)
     token_exit: Any = None
+    owner: int = 0
 
 
 @dataclass
@@ -268,3 +271,35 @@ def plain_route(plan: Any, i: int, adapters: nn.Module | None = None) -> Route:
         (False, False): SkipLayer,
     }[attention, mlp]
     return kind(i, adapters)
+
+
+def prompt_mask_of(
+    pool_mask: torch.Tensor | None,
+    attention_mask: torch.Tensor | dict | None,
+    embeds: torch.Tensor,
+    repeats: bool = False,
+) -> torch.Tensor:
+    """(B, T) bool: what adapters pool over at prefill: ``pool_mask`` (see
+    :meth:`skipvlm.runtime.TopInputs.pooling`; with ``repeats``, each of its rows stands for ``B / rows``
+    consecutive rows), else the non-padding tokens of the 2-D attention mask."""
+    batch, length = embeds.shape[:2]
+    mask = pool_mask
+    if repeats and mask is not None and mask.shape[0] != batch and batch % mask.shape[0] == 0:
+        mask = mask.repeat_interleave(batch // mask.shape[0], dim=0)  # as generate expands its inputs
+    if mask is None:
+        if attention_mask is None:
+            return torch.ones(batch, length, dtype=torch.bool, device=embeds.device)
+        if not (isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2):
+            raise ValueError(
+                "PIA adapters pool over the prompt's non-padding tokens and need the 2-D (batch, "
+                "length) attention_mask to find them; pass that instead of a prepared mask (generate "
+                "prepares masks for cache_implementation='static': use the default cache there, or call "
+                "generate on the EASModel, which passes the prompt's mask)"
+            )
+        mask = attention_mask
+    if tuple(mask.shape) != (batch, length):
+        raise ValueError(
+            f"the pooling mask has shape {tuple(mask.shape)} but the input is (batch={batch}, "
+            f"length={length}); it must mark the prompt tokens of every row"
+        )
+    return mask.to(embeds.device, torch.bool)

@@ -7,7 +7,8 @@ stock text model's children under their own names (so state-dict keys, weights a
 runs the loop the stock model runs, ``h = route(layer, h, step)``:
 
 * a layer whose attention is skipped holds a :class:`~transformers.cache_utils.DummyLayer` in the KV
-  cache (it stores nothing; sequence length and positions are read from the layers that attend);
+  cache, dynamic or static (it stores nothing; sequence length and positions are read from the layers
+  that attend; :mod:`skipvlm.cache`);
 * position ids, rotary tables and masks are built once per forward exactly as the stock text models
   build them (1-D RoPE, Qwen2-VL's / Qwen3-VL's 3-D M-RoPE, Gemma 3's one table per layer type and
   bidirectional image blocks), through :mod:`skipvlm.compat`;
@@ -26,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import weakref
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -37,10 +37,19 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from skipvlm import compat
 from skipvlm.arch import ArchFacts, arch_facts, decoder_slot, encoder_host, unwrap
-from skipvlm.compat import Cache, DummyLayer, DynamicCache
+from skipvlm.cache import (
+    cache_lengths,
+    check_cache_grew,
+    is_empty,
+    kv_cache_bytes,
+    memory_of,
+    prepare_cache,
+    remember,
+)
+from skipvlm.compat import Cache
 from skipvlm.layout import gather_tokens
 from skipvlm.plan import CONFIG_KEY, Plan
-from skipvlm.routes import Frame, Memory, Route, RouteError, Step, plain_route
+from skipvlm.routes import Frame, Memory, Route, RouteError, Step, plain_route, prompt_mask_of
 
 __all__ = [
     "ExitHook",
@@ -96,7 +105,9 @@ class TopInputs:
         self.attention_mask: torch.Tensor | None = None
         self.token_type_ids: torch.Tensor | None = None
         self.calling = False  # within a call of the top model
+        self.prepared = False  # the top model was handed prepared (per layer type) masks
         self.pool_mask: torch.Tensor | None = None
+        self.pool_repeats = False  # pool_mask holds one row per prompt of a generate call
         self.hooks: tuple = ()
 
     def watch(self, model: nn.Module, path: str) -> None:
@@ -117,17 +128,20 @@ class TopInputs:
         self.hooks = ()
 
     @contextlib.contextmanager
-    def pooling(self, mask: torch.Tensor | None) -> Iterator[None]:
+    def pooling(self, mask: torch.Tensor | None, repeats: bool = False) -> Iterator[None]:
         """Within the block, adapters pool over ``mask`` (B, T) instead of the attention mask at prefill.
 
         Training passes the prompt mask derived from the labels here, so answers never leak into the
-        pooled vector.
+        pooled vector. ``repeats``: ``mask`` has one row per prompt of a ``generate`` call, which may
+        repeat every prompt ``r`` times in a row (beams, ``num_return_sequences``): batch row ``b`` is
+        prompt ``b // r``.
         """
-        previous, self.pool_mask = self.pool_mask, mask
+        previous = self.pool_mask, self.pool_repeats
+        self.pool_mask, self.pool_repeats = mask, repeats
         try:
             yield
         finally:
-            self.pool_mask = previous
+            self.pool_mask, self.pool_repeats = previous
 
     def top_mask(self, attention_mask: Any, embeds: torch.Tensor, image_blocks: bool) -> Any:
         """The 2-D mask the top model was called with, where it handed the text model prepared masks
@@ -135,7 +149,8 @@ class TopInputs:
         if not (image_blocks and isinstance(attention_mask, dict)):
             return attention_mask
         top = self.attention_mask
-        if not self.calling or (top is not None and top.shape[0] != embeds.shape[0]):
+        if not self.calling or self.prepared or (top is not None and top.shape[0] != embeds.shape[0]):
+            # `prepared`: generate built the masks itself, for a static cache: they are the ones to use
             return attention_mask
         return top  # None: no padding (the stock model builds its masks from None too)
 
@@ -219,7 +234,6 @@ class SkipDecoder(StockWrapper):
         self.routes = nn.ModuleList([plain_route(Plan(), i) for i in range(facts.num_layers)])
         self._own.add("routes")
         object.__setattr__(self, "inputs", TopInputs())
-        object.__setattr__(self, "_memory", _Memories())
         object.__setattr__(self, "last_exit_layers", None)
         self.plan = plan
 
@@ -333,14 +347,15 @@ class SkipDecoder(StockWrapper):
             inputs_embeds = self.embed_tokens(input_ids)
         checkpointing = self.training and self._checkpointing_enabled()
         attends = [route.runs_attention for route in self.routes]
-        cache = _prepare_cache(self.config, cache, use_cache, attends, checkpointing)
+        exits = self._exit is not None
+        cache = prepare_cache(self.config, cache, use_cache, attends, checkpointing, exits)
         attention_mask = self.inputs.top_mask(attention_mask, inputs_embeds, self.facts.family.image_blocks)
         step = self._step(
             inputs_embeds, attention_mask, position_ids, cache, kwargs, output_attentions, attends
         )
         ids = input_ids if input_ids is not None else self.inputs.input_ids
         hook = self._exit.begin(step, ids, attention_mask) if self._exit is not None else None
-        lengths = _cache_lengths(cache, self.routes)
+        lengths = cache_lengths(cache, attends, step.prefill)
 
         full = hook.expand if hook is not None else (lambda x: x)  # every original position
         h = inputs_embeds
@@ -357,7 +372,7 @@ class SkipDecoder(StockWrapper):
                 hidden.append(full(h))
             if extra is not None:
                 h = extra.after_layer(i, h, step.frame.index, step.frame.mask)
-        _check_cache_grew(cache, lengths)
+        check_cache_grew(cache, lengths)
         if step.prefill:
             object.__setattr__(self, "last_exit_layers", hook.exit_layers if hook is not None else None)
         h = self.norm(full(h))
@@ -384,8 +399,8 @@ class SkipDecoder(StockWrapper):
         attends: list[bool],
     ) -> Step:
         """The forward's positions, rotary tables, lazy masks and memory, as the stock model builds them."""
-        prefill = cache is None or cache.get_seq_length() == 0
-        memory = _memory(self._memory, cache, prefill, self._exit is not None)
+        prefill = is_empty(cache)
+        memory = _memory(self, cache, prefill, self._exit is not None)
         rope_ids, text_ids = _positions(self.facts.rope, position_ids, embeds, cache)
         config, types = self.config, self.facts.layer_types
         image_types = self.inputs.image_types(embeds, prefill, self.facts.family.image_blocks)
@@ -400,7 +415,9 @@ class SkipDecoder(StockWrapper):
             layer_types=self.facts.layer_types,
             attention_kwargs=kwargs,
             memory=memory,
-            prompt_mask=functools.partial(_prompt_mask, self.inputs.pool_mask, attention_mask, embeds),
+            prompt_mask=functools.partial(
+                prompt_mask_of, self.inputs.pool_mask, attention_mask, embeds, self.inputs.pool_repeats
+            ),
             attends=tuple(attends),
             build_masks=lambda mask, hidden, view: _masks(
                 config, types, mask, hidden, view, None, _in_layout(image_types, step.frame)
@@ -415,72 +432,21 @@ class SkipDecoder(StockWrapper):
 # --- helpers of the forward --------------------------------------------------------------------------
 
 
-class _Memories(weakref.WeakKeyDictionary):
-    """KV cache -> :class:`Memory`, for as long as the cache lives. A copy of the model (``deepcopy``,
-    pickling) starts without any: a generation's memory belongs to the model that ran it."""
-
-    def __deepcopy__(self, memo: dict) -> _Memories:
-        return _Memories()
-
-    def __reduce__(self) -> tuple:
-        return (_Memories, ())
-
-
-def _memory(memories: _Memories, cache: Cache | None, prefill: bool, exits: bool) -> Memory:
+def _memory(owner: nn.Module, cache: Cache | None, prefill: bool, exits: bool) -> Memory:
     """The memory of ``cache``: a new one at prefill (or without a cache), the prefill's while decoding (an
-    empty one for a cache filled by another model or without a plan)."""
+    empty one for a cache filled by another model or without a plan). It lives on the cache
+    (:func:`~skipvlm.cache.memory_of`), so a compiled decoding step reads it without a model-wide table."""
     if cache is None:
-        return Memory()
-    if prefill:
-        memories[cache] = Memory()
-        return memories[cache]
-    memory = memories.setdefault(cache, Memory())
+        return Memory(owner=id(owner))
+    memory = None if prefill else memory_of(cache)
+    if memory is None or memory.owner != id(owner):
+        memory = remember(cache, Memory(owner=id(owner)))
     if not exits and memory.token_exit is not None:
         raise ValueError(
             "this KV cache was filled under a plan that withdrew visual tokens; start a new cache after "
             "changing the plan"
         )
     return memory
-
-
-def _prepare_cache(
-    config: Any, cache: Cache | None, use_cache: bool | None, attends: list[bool], checkpointing: bool
-) -> Cache | None:
-    """The cache to use, with a DummyLayer in every layer whose attention does not run."""
-    if use_cache is None:  # a model that attends nowhere has nothing to cache
-        use_cache = bool(getattr(config, "use_cache", False)) and any(attends)
-    if checkpointing and (use_cache or cache is not None):
-        # Recomputing a layer in the backward pass would append to the cache twice.
-        logger.warning("use_cache=True is incompatible with gradient checkpointing; running without a cache")
-        return None
-    if cache is None and not use_cache:
-        return None
-    if not any(attends):
-        raise ValueError(
-            f"the plan skips all {len(attends)} attentions, so there is nothing to cache; run with "
-            "use_cache=False (e.g. model.generate(..., use_cache=False)) or keep at least one attention"
-        )
-    if cache is None:
-        cache = DynamicCache(config=config)
-    if not isinstance(cache, DynamicCache):
-        raise ValueError(
-            f"skipvlm plans run with a DynamicCache, got {type(cache).__name__}; drop the "
-            f"cache_implementation / {compat.CACHE_KWARG} argument to use the default cache"
-        )
-    layers = cache.layers
-    if len(layers) < len(attends):  # a cache built without a config grows lazily; size it now
-        layers.extend(DynamicCache(config=config).layers[len(layers) :])
-    filled = cache.get_seq_length() > 0
-    for i, runs in enumerate(attends):
-        if runs != isinstance(layers[i], DummyLayer):
-            continue
-        if filled:
-            raise ValueError(
-                f"this KV cache was filled under another plan (layer {i}'s attention is "
-                f"{'run' if runs else 'skipped'} now); start a new cache after changing the plan"
-            )
-        layers[i] = DynamicCache(config=config).layers[i] if runs else DummyLayer()
-    return cache
 
 
 def _masks(
@@ -504,30 +470,6 @@ def _in_layout(values: torch.Tensor | None, frame: Frame) -> torch.Tensor | None
     return torch.where(frame.mask, gather_tokens(values, frame.index), 0)
 
 
-def _prompt_mask(
-    pool_mask: torch.Tensor | None, attention_mask: torch.Tensor | dict | None, embeds: torch.Tensor
-) -> torch.Tensor:
-    """(B, T) bool: what adapters pool over at prefill: ``pool_mask`` (see :meth:`TopInputs.pooling`),
-    else the non-padding tokens of the 2-D attention mask."""
-    batch, length = embeds.shape[:2]
-    mask = pool_mask
-    if mask is None:
-        if attention_mask is None:
-            return torch.ones(batch, length, dtype=torch.bool, device=embeds.device)
-        if not (isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2):
-            raise ValueError(
-                "PIA adapters pool over the prompt's non-padding tokens and need the 2-D (batch, "
-                "length) attention_mask to find them; pass that instead of a prepared mask"
-            )
-        mask = attention_mask
-    if tuple(mask.shape) != (batch, length):
-        raise ValueError(
-            f"the pooling mask has shape {tuple(mask.shape)} but the input is (batch={batch}, "
-            f"length={length}); it must mark the prompt tokens of every row"
-        )
-    return mask.to(embeds.device, torch.bool)
-
-
 def _positions(
     rope: str, position_ids: torch.Tensor | None, embeds: torch.Tensor, cache: Cache | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -549,32 +491,13 @@ def _positions(
     return position_ids, None
 
 
-def _cache_lengths(cache: Cache | None, routes: nn.ModuleList) -> dict[int, int] | None:
-    """Tokens held now by the cache layer of every attention that runs."""
-    if cache is None:
-        return None
-    return {i: compat.layer_length(cache.layers[i]) for i, r in enumerate(routes) if r.runs_attention}
-
-
-def _check_cache_grew(cache: Cache | None, before: dict[int, int] | None) -> None:
-    """Raise if an attention that ran did not store its keys and values in ``cache``.
-
-    A transformers release that hands the attention modules the cache under a new name would otherwise
-    decode from an empty cache and return wrong tokens without an error.
-    """
-    if cache is None or before is None:
-        return
-    stale = [i for i, n in before.items() if compat.layer_length(cache.layers[i]) <= n]
-    if stale:
-        raise RuntimeError(compat.unsupported(f"the KV cache was not used (layers {stale} stored nothing)"))
-
-
 def _remember_ids(model: nn.Module, args: tuple, kwargs: dict, path: str) -> None:
     inputs = model.get_submodule(path).inputs
     ids = kwargs.get("input_ids", args[0] if args else None)
     inputs.input_ids = ids if isinstance(ids, torch.Tensor) else None
     mask, types = kwargs.get("attention_mask"), kwargs.get("token_type_ids")
     inputs.attention_mask = mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
+    inputs.prepared = isinstance(mask, dict)
     inputs.token_type_ids = types if isinstance(types, torch.Tensor) else None
     inputs.calling = True
 
@@ -582,7 +505,7 @@ def _remember_ids(model: nn.Module, args: tuple, kwargs: dict, path: str) -> Non
 def _forget_ids(model: nn.Module, args: tuple, kwargs: dict, output: Any, path: str) -> None:
     inputs = model.get_submodule(path).inputs
     inputs.input_ids = inputs.attention_mask = inputs.token_type_ids = None
-    inputs.calling = False
+    inputs.calling = inputs.prepared = False
 
 
 # --- public functions ----------------------------------------------------------------------------------
@@ -656,18 +579,6 @@ def current_plan(model: nn.Module) -> Plan:
         return encoder.current_plan(model)
     decoder = decoder_slot(model, arch_facts(model))[2]
     return decoder.plan if isinstance(decoder, SkipDecoder) else Plan()
-
-
-def kv_cache_bytes(cache: Cache | None) -> int:
-    """Bytes held by the keys and values of a KV cache (0 for ``None``)."""
-    if cache is None:
-        return 0
-    total = 0
-    for layer in cache.layers:
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
 
 
 @contextlib.contextmanager

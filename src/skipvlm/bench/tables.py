@@ -73,11 +73,17 @@ def timing_table(rows: list[dict[str, Any]]) -> str:
 
 
 def bench_table(rows: list[dict[str, Any]]) -> str:
-    """Medians, speedups against the stock model, and the roofline bounds, side by side."""
+    """Medians, speedups against the stock model, and the roofline bounds, side by side; with the batch
+    size, the mode and the batch's tokens/s where the rows carry them."""
+    served = [
+        ("B", 4, lambda r: str(r.get("batch_size", ""))),
+        ("mode", 10, lambda r: " " + str(r.get("mode", "")), "<"),
+    ]
     return format_rows(
         rows,
         [
-            ("method", 20, lambda r: r["name"]),
+            ("method", 24, lambda r: r["name"]),
+            *(served if any("mode" in r for r in rows) else []),
             ("prefill ms", 11, lambda r: f"{r['prefill_ms']:.2f}"),
             ("x", 6, lambda r: f"{r['prefill_speedup']:.2f}"),
             ("bound", 7, lambda r: f"{r['prefill_bound']:.2f}"),
@@ -86,7 +92,7 @@ def bench_table(rows: list[dict[str, Any]]) -> str:
             ("x", 6, lambda r: f"{r['decode_speedup']:.2f}"),
             ("bound", 7, lambda r: f"{r['decode_bound']:.2f}"),
             ("of", 6, lambda r: f"{100 * r['decode_of_bound']:.0f}%"),
-            ("tok/s", 8, lambda r: f"{r['decode_tokens_per_s']:.1f}"),
+            ("tok/s", 9, lambda r: f"{r.get('batch_tokens_per_s', r['decode_tokens_per_s']):.1f}"),
             ("KV MiB", 8, lambda r: f"{r['kv_cache_bytes'] / 2**20:.2f}"),
         ],
     )

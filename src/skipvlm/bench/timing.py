@@ -4,14 +4,20 @@ Methods are compared *interleaved* (A B A B ...) inside one run so that a noisy,
 slows every method alike; ratios against a baseline are what we report (``shared/METHODS.md`` §5).
 :func:`measure_plans` / :func:`measure_models` time prefill, decode per token and the KV cache;
 :func:`peak_memory` reads the CUDA allocator's peak of one ``generate``.
+
+Two modes (:data:`MODES`): ``eager`` generates with the default ``DynamicCache``; ``compiled`` with a
+static cache and transformers' compiled decoding step (``generate(..., cache_implementation="static",
+compile_config=...)``, :func:`generate_kwargs`), the way a model is served on one GPU. The prefill runs
+eagerly in both, as ``generate`` runs it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,12 +25,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from skipvlm.compat import output_cache
+from skipvlm.compat import StaticCache, cache_kwargs, output_cache
 from skipvlm.plan import Plan
 from skipvlm.runtime import apply_plan, current_plan, kv_cache_bytes
 
 __all__ = [
+    "MODES",
     "PlanTiming",
+    "compile_budget",
+    "generate_kwargs",
     "interleaved",
     "measure_models",
     "measure_plans",
@@ -83,6 +92,56 @@ def interleaved(
     return times
 
 
+MODES = ("eager", "compiled")
+
+
+def generate_kwargs(mode: str, device: torch.device, backend: str = "inductor") -> dict[str, Any]:
+    """The ``generate`` keywords of a timing mode (:data:`MODES`).
+
+    ``compiled``: a static cache and a compiled decoding step. On CUDA, transformers' own compile
+    configuration (``mode="reduce-overhead"``: CUDA graphs, the gpt-fast recipe); elsewhere
+    ``mode="default"``, with compilation asked for explicitly (transformers compiles on accelerators only
+    by default). ``backend``: the ``torch.compile`` backend (``eager`` / ``aot_eager`` only trace, for
+    quick checks).
+
+    Raises:
+        ValueError: an unknown mode.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown timing mode {mode!r}; choose from {', '.join(MODES)}")
+    if mode == "eager":
+        return {}
+    from transformers import CompileConfig
+
+    options: dict[str, Any] = {"backend": backend}
+    if device.type != "cuda" or backend != "inductor":
+        options["mode"] = None if backend != "inductor" else "default"
+    config = CompileConfig(**options)
+    if device.type != "cuda":
+        config._compile_all_devices = True  # transformers' switch for compiling on any device
+    return {"cache_implementation": "static", "compile_config": config}
+
+
+@contextlib.contextmanager
+def compile_budget(graphs: int) -> Iterator[None]:
+    """Within the block, ``torch.compile`` keeps up to ``graphs`` compiled versions of one function (one
+    per model compared), instead of silently falling back to eager past its default limit (8)."""
+    config = torch._dynamo.config
+    names = [
+        n
+        for n in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit")
+        if hasattr(config, n)
+    ]
+    saved = {n: getattr(config, n) for n in names}
+    try:
+        for n in names:
+            setattr(config, n, max(saved[n], graphs))
+        yield
+    finally:
+        for n, value in saved.items():
+            setattr(config, n, value)
+
+
 @dataclass
 class PlanTiming:
     """Medians for one plan: prefill seconds, decode seconds per token, KV-cache bytes after decoding."""
@@ -107,6 +166,7 @@ def measure_plans(
     repeats: int = 5,
     warmup: int = 1,
     progress: bool = False,
+    mode: str = "eager",
 ) -> dict[str, PlanTiming]:
     """Measure prefill latency, decode latency per token and KV-cache size of each plan on one model.
 
@@ -120,11 +180,12 @@ def measure_plans(
         plans: name -> plan.
         new_tokens: tokens to decode (>= 2).
         repeats, warmup, progress: as in :func:`interleaved`.
+        mode: ``eager`` or ``compiled`` (:func:`generate_kwargs`).
     """
     original = current_plan(model)
     try:
         targets = {name: (model, functools.partial(apply_plan, model, plan)) for name, plan in plans.items()}
-        return _measure(targets, inputs, new_tokens, repeats, warmup, progress)
+        return _measure(targets, inputs, new_tokens, repeats, warmup, progress, mode)
     finally:
         apply_plan(model, original)
 
@@ -137,12 +198,15 @@ def measure_models(
     repeats: int = 5,
     warmup: int = 1,
     progress: bool = False,
+    mode: str = "eager",
+    backend: str = "inductor",
 ) -> dict[str, PlanTiming]:
     """:func:`measure_plans` for several models as they are (e.g. unmerged adapters vs merged weights).
 
     Each model's timing carries the plan it runs (:func:`~skipvlm.runtime.current_plan`).
     """
-    return _measure({n: (m, None) for n, m in models.items()}, inputs, new_tokens, repeats, warmup, progress)
+    targets = {n: (m, None) for n, m in models.items()}
+    return _measure(targets, inputs, new_tokens, repeats, warmup, progress, mode, backend)
 
 
 def _measure(
@@ -152,26 +216,46 @@ def _measure(
     repeats: int,
     warmup: int,
     progress: bool,
+    mode: str = "eager",
+    backend: str = "inductor",
 ) -> dict[str, PlanTiming]:
     """Time prefill, generate(1) and generate(n) of every (model, untimed setup) target, interleaved."""
     if new_tokens < 2:
         raise ValueError(f"new_tokens must be at least 2 to time decoding, got {new_tokens}")
+    device = next(next(iter(targets.values()))[0].parameters()).device
+    extra = generate_kwargs(mode, device, backend)
+    length = int(inputs["input_ids"].shape[1]) + new_tokens
 
     def generate(model: nn.Module, n: int) -> Callable[[], Any]:
         return lambda: model.generate(
-            **inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, return_dict_in_generate=True
+            **inputs,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            return_dict_in_generate=True,
+            **extra,
+        )
+
+    def prefill(model: nn.Module) -> Callable[[], Any]:
+        # logits for the last position only, as `generate` asks for them; into the mode's kind of cache
+        if mode == "eager":
+            return functools.partial(model, **inputs, use_cache=True, logits_to_keep=1)
+        config = model.config.get_text_config(decoder=True)
+        return lambda: model(
+            **inputs,
+            use_cache=True,
+            logits_to_keep=1,
+            **cache_kwargs(StaticCache(config=config, max_cache_len=length)),
         )
 
     fns: dict[str, Callable[[], Any]] = {}
     setup: dict[str, Callable[[], Any]] = {}
     for name, (model, prepare) in targets.items():
-        # logits for the last position only, as `generate` asks for them
-        fns[f"{name}/prefill"] = functools.partial(model, **inputs, use_cache=True, logits_to_keep=1)
+        fns[f"{name}/prefill"] = prefill(model)
         fns[f"{name}/gen1"] = generate(model, 1)
         fns[f"{name}/genN"] = generate(model, new_tokens)
         if prepare is not None:  # e.g. switching plans: not part of what is timed
             setup |= {f"{name}/{part}": prepare for part in ("prefill", "gen1", "genN")}
-    device = next(next(iter(targets.values()))[0].parameters()).device
     times = interleaved(fns, repeats=repeats, warmup=warmup, device=device, progress=progress, setup=setup)
     results = {}
     for name, (model, prepare) in targets.items():
@@ -196,13 +280,23 @@ def ratio(num: float, den: float) -> float:
 
 
 @torch.no_grad()
-def peak_memory(model: nn.Module, inputs: Mapping[str, torch.Tensor], new_tokens: int) -> int | None:
-    """Peak device memory of one ``generate`` on CUDA (weights included); ``None`` on other devices."""
+def peak_memory(
+    model: nn.Module, inputs: Mapping[str, torch.Tensor], new_tokens: int, **generate_kwargs: Any
+) -> int | None:
+    """Peak device memory of one ``generate`` on CUDA: the model's weights plus the most the call held
+    above what was allocated before it (cache, activations); other models on the device are not counted.
+    ``None`` on other devices.
+
+    ``generate_kwargs``: e.g. the compiled mode's (:func:`generate_kwargs`)."""
     device = next(model.parameters()).device
     if device.type != "cuda":
         return None
     torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    model.generate(
+        **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **generate_kwargs
+    )
     torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return weights + torch.cuda.max_memory_allocated(device) - before

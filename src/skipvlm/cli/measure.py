@@ -129,26 +129,47 @@ _CONVENTION_HELP = {
 }
 
 
-def _bench_inputs(model: Any, facts: Any, prompt_tokens: int, device: Any) -> dict:
-    """A random prompt of ``prompt_tokens`` tokens; for LLaVA one image (random pixels) after the first
-    text token."""
+def _bench_inputs(model: Any, facts: Any, prompt_tokens: int, device: Any, batch: int = 1) -> dict:
+    """A random, left-padded batch of ``batch`` prompts of at most ``prompt_tokens`` tokens; for LLaVA one
+    image (random pixels) per prompt, at a different position in each.
+
+    Row ``r`` has ``r * P // batch`` padding tokens on the left, ``P`` the least of a quarter of the
+    length and the room the image leaves, and its image after ``1 + r`` text tokens; a batch of one is
+    one unpadded prompt with the image after the first text token.
+    """
     import torch
 
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, min(facts.vocab_size, 30000), (1, prompt_tokens), generator=gen)
-    inputs = {"input_ids": ids}
+    ids = torch.randint(3, min(facts.vocab_size, 30000), (batch, prompt_tokens), generator=gen)
+    mask = torch.ones_like(ids)
+    image_tokens = 0
     if facts.model_type == "llava":
         vision = model.config.vision_config
         image_tokens = (vision.image_size // vision.patch_size) ** 2
-        if image_tokens + 2 > prompt_tokens:
-            raise ValueError(f"--prompt-tokens must exceed the {image_tokens} image tokens of one image")
-        ids[0, 1 : 1 + image_tokens] = facts.image_token_id
+    room = (
+        prompt_tokens // 4
+        if not image_tokens
+        else min(prompt_tokens // 4, prompt_tokens - image_tokens - batch - 1)
+    )
+    pads = [r * max(room, 0) // batch for r in range(batch)]
+    for r, pad in enumerate(pads):
+        ids[r, :pad], mask[r, :pad] = 0, 0
+    inputs = {"input_ids": ids}
+    if image_tokens:
+        ids[ids == facts.image_token_id] = 3  # random text never holds the image token
+        for r, pad in enumerate(pads):
+            start = pad + 1 + r
+            if start + image_tokens + 1 > prompt_tokens:
+                raise ValueError(
+                    f"--prompt-tokens {prompt_tokens} leaves too little room for the {image_tokens} image "
+                    f"tokens of one image in row {r} of a batch of {batch}; raise --prompt-tokens"
+                )
+            ids[r, start : start + image_tokens] = facts.image_token_id
         size = vision.image_size
-        pixels = torch.randn(1, 3, size, size, generator=gen)
+        pixels = torch.randn(batch, 3, size, size, generator=gen)
         inputs["pixel_values"] = pixels.to(next(model.parameters()).dtype)
-    inputs = {k: v.to(device) for k, v in inputs.items()}
-    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
-    return inputs
+    inputs["attention_mask"] = mask
+    return {k: v.to(device) for k, v in inputs.items()}
 
 
 def _bench_meta(args: argparse.Namespace, name: str, device: Any) -> dict:
@@ -159,15 +180,35 @@ def _bench_meta(args: argparse.Namespace, name: str, device: Any) -> dict:
     return {"model": name, **run_info(device, args.dtype), "args": options}
 
 
+def _batch_sizes(text: str) -> list[int]:
+    """``--batch-size``: comma-separated batch sizes of 1 or more."""
+    sizes = parse_counts(text)
+    if min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be 1 or more, got {text!r}")
+    return sizes
+
+
+def _check_backend(name: str) -> None:
+    """Refuse an unknown ``--compile-backend`` before anything is timed."""
+    import torch
+
+    if name not in torch._dynamo.list_backends(exclude_tags=()):
+        raise ValueError(
+            f"--compile-backend {name!r} is not a torch.compile backend; choose from "
+            f"{', '.join(torch._dynamo.list_backends())}"
+        )
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     from skipvlm.arch import arch_facts
-    from skipvlm.bench import bench_table, run_bench
+    from skipvlm.bench import TokenExitRows, bench_table, run_bench
     from skipvlm.io import atomic_write_text
-    from skipvlm.plots import plot_speedups
 
     device = loading.device(args)
+    if args.compile:
+        _check_backend(args.compile_backend)
     name, model = _preset_or_model(args, device=str(device))
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -176,35 +217,115 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         raise ValueError(
             f"skipvlm bench builds prompts for Llama / Mistral / Qwen2 / LLaVA, not {facts.model_type}"
         )
-    for k in args.skip_attention_counts:
+    for k in [*args.skip_attention_counts, *(args.eas_vtw_counts or [])]:
         check_skip_count("--skip-attention-counts", k, facts.num_layers)
-    inputs = _bench_inputs(model, facts, args.prompt_tokens, device)
     methods = [m for m in args.methods.split(",") if m]
-    rows = run_bench(
-        model, inputs, args.skip_attention_counts, methods, args.new_tokens, args.repeats, progress=True
+    if not methods:
+        raise ValueError(f"--methods {args.methods!r} names no method; pass e.g. --methods stock,eas")
+    exits = TokenExitRows(
+        vtw_layer=args.vtw_layer,
+        fastv_layer=args.fastv_layer,
+        fastv_ratio=args.fastv_ratio,
+        eas_vtw_counts=tuple(args.eas_vtw_counts or ()),
     )
+    batches = {b: _bench_inputs(model, facts, args.prompt_tokens, device, b) for b in args.batch_size}
+    modes = ["eager", "compiled"] if args.compile else ["eager"]
+    out = Path(args.out or Path("benchmarks/results") / f"bench_{name}_{device.type}.json")
+    meta = _bench_meta(args, name, device)
+
+    done: list[dict] = []
+
+    def save_partial(rows: list[dict], error: str | None = None) -> None:
+        # Written after every batch size and mode: a run that fails or is stopped keeps what it timed.
+        done[:] = rows
+        partial = {"rows": rows, "partial": True, "error": error, "meta": meta}
+        atomic_write_text(out, json.dumps(partial, indent=1) + "\n")
+
+    try:
+        rows = run_bench(
+            model,
+            _bench_inputs(model, facts, args.prompt_tokens, device),
+            args.skip_attention_counts,
+            methods,
+            args.new_tokens,
+            args.repeats,
+            progress=True,
+            batches=batches,
+            modes=modes,
+            exits=exits,
+            backend=args.compile_backend,
+            on_rows=save_partial,
+        )
+    except Exception as err:
+        if done:
+            save_partial(done, f"{type(err).__name__}: {err}")
+            print(f"wrote the {len(done)} rows timed before the error to {out} (partial)")
+        raise
     print(
-        f"{name} on {device} ({args.dtype}), prompt {args.prompt_tokens}, {args.new_tokens} new tokens, "
-        f"{torch.get_num_threads()} threads, medians of {args.repeats} interleaved rounds"
+        f"{name} on {device} ({args.dtype}), prompt {args.prompt_tokens} (left-padded batches), "
+        f"{args.new_tokens} new tokens, {torch.get_num_threads()} threads, medians of {args.repeats} "
+        "interleaved rounds"
     )
     print(bench_table(rows))
     print(
-        "x: speedup against stock; bound: what the removed MACs (prefill) or bytes read per token "
-        "(decode) allow; of: measured / bound"
+        "x: speedup against stock (same batch size B and mode); bound: what the removed MACs (prefill) or "
+        "bytes read per step (decode) allow; of: measured / bound; tok/s: the batch's decoded tokens/s; "
+        "eager: dynamic cache; compiled: static cache + torch.compile'd decoding step"
     )
-    out = Path(args.out or Path("benchmarks/results") / f"bench_{name}_{device.type}.json")
-    result = {"rows": rows, "meta": _bench_meta(args, name, device)}
+    summary = _bench_summary(rows)
+    for line in summary["lines"]:
+        print(line)
+    result = {"rows": rows, "summary": summary["values"], "meta": meta}
     atomic_write_text(out, json.dumps(result, indent=1) + "\n")
-    plot_speedups(rows, out.with_suffix(".png"))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    first = [r for r in rows if r["batch_size"] == min(args.batch_size) and r["mode"] == "eager"]
+    try:
+        from skipvlm.plots import plot_speedups
+
+        plot_speedups(first, out.with_suffix(".png"))
+        print(f"wrote {out} and {out.with_suffix('.png')}")
+    except ImportError as err:  # a bare serving machine may lack matplotlib: the JSON is what counts
+        print(f"wrote {out} (no plot: {err})")
     return 0
+
+
+def _bench_summary(rows: list[dict]) -> dict:
+    """The targets a serving benchmark checks, from its rows: merged EAS keeps its speedup at the larger
+    batch; compiled merged EAS reaches its decode bound; the LaVIN-vs-EAS comparison."""
+    from skipvlm.bench import ratio
+
+    lines, values = [], {}
+    largest = max(r["batch_size"] for r in rows)
+    for r in rows:
+        if r["name"].startswith("eas k=") and "(merged)" in r["name"] and r["skipped_attentions"]:
+            key = f"{r['name']} B={r['batch_size']} {r['mode']}"
+            if r["batch_size"] == largest and largest > min(x["batch_size"] for x in rows):
+                values[f"{key}: speedup kept vs batch 1"] = r["speedup_kept_vs_batch1"]
+                lines.append(
+                    f"{key}: keeps {100 * r['speedup_kept_vs_batch1']:.0f}% of its batch-1 decode speedup"
+                )
+            if r["mode"] == "compiled":
+                values[f"{key}: decode of bound"] = r["decode_of_bound"]
+                lines.append(
+                    f"{key}: decode {r['decode_speedup']:.2f}x of a {r['decode_bound']:.2f}x bound "
+                    f"({100 * r['decode_of_bound']:.0f}%)"
+                )
+    lavin = {(r["batch_size"], r["mode"]): r for r in rows if r["name"] == "lavin (unmerged)"}
+    for r in rows:
+        twin = lavin.get((r["batch_size"], r["mode"]))
+        if twin is not None and r["name"].startswith("eas k=") and r["name"].endswith("(merged)"):
+            key = f"{r['name']} vs lavin (unmerged) B={r['batch_size']} {r['mode']}"
+            e2e = ratio(twin["generate_ms"], r["generate_ms"])  # NaN where noise measured 0
+            decode = ratio(twin["decode_ms_per_token"], r["decode_ms_per_token"])
+            values[f"{key}: generate speedup"], values[f"{key}: decode speedup"] = e2e, decode
+            lines.append(f"{key}: generate {e2e:.2f}x, decode {decode:.2f}x faster (EAS paper: 2.18x)")
+    return {"lines": lines, "values": values}
 
 
 def _add_target(parser: argparse.ArgumentParser) -> None:
     """What cost and bench measure: a preset or a checkpoint, a prompt length, a dtype, an output file."""
     parser.add_argument("--preset", help="a preset architecture (skipvlm.presets.names())")
     add_model_option(parser, required=False, help="or a local checkpoint folder")
-    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--prompt-tokens", type=positive_int, default=512)
     add_dtype_option(parser)
     add_out_option(parser, "JSON file to write", overwrite=False)
 
@@ -222,7 +343,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "from the top",
     )
     add_skip_options(cost, ("skip_mlp",))
-    cost.add_argument("--images", type=int, default=None, help="images in the prompt (default 1 for VLMs)")
+    cost.add_argument("--images", type=count, default=None, help="images in the prompt (default 1 for VLMs)")
     cost.add_argument(
         "--skip-sublayers",
         default=None,
@@ -245,7 +366,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     cost.set_defaults(func=_cmd_cost)
 
     bench = add_command(
-        sub, "bench", "latency / KV cache of stock, LoRA, PIA and merged EAS, with roofline bounds"
+        sub,
+        "bench",
+        "latency / KV cache of stock, LoRA, PIA, LaVIN, merged EAS and token exit, batched, eager or "
+        "compiled, with roofline bounds",
     )
     _add_target(bench)
     bench.add_argument(
@@ -259,9 +383,39 @@ def register(sub: argparse._SubParsersAction) -> None:
         refuse_option(
             bench, option, "pass --skip-attention-counts 0,4,6 (attentions EAS skips, one row each)"
         )
-    bench.add_argument("--methods", default="stock,lora,pia,eas", help="stock, lora, pia, eas, skip")
+    bench.add_argument(
+        "--methods",
+        default="stock,lora,pia,eas",
+        help="stock, lora, pia, lavin, eas, skip, vtw, fastv, eas+vtw (token exit: LLaVA only)",
+    )
     bench.add_argument("--new-tokens", type=int, default=32)
-    bench.add_argument("--repeats", type=int, default=7)
-    bench.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    bench.add_argument("--repeats", type=positive_int, default=7)
+    bench.add_argument("--threads", type=count, default=0, help="torch threads (0: default)")
+    bench.add_argument(
+        "--batch-size",
+        type=_batch_sizes,
+        default=[1],
+        help="batch sizes, one set of rows each (e.g. 1,8): left-padded prompts, images at different places",
+    )
+    bench.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time each model with a static cache and a torch.compile'd decoding step (token-exit "
+        "rows stay eager)",
+    )
+    bench.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile backend for --compile (default inductor; eager / aot_eager only trace)",
+    )
+    bench.add_argument("--vtw-layer", type=count, default=16, help="vtw rows: withdraw before layer K")
+    bench.add_argument("--fastv-layer", type=count, default=2, help="fastv rows: layer K")
+    bench.add_argument("--fastv-ratio", type=float, default=0.5, help="fastv rows: share R dropped")
+    bench.add_argument(
+        "--eas-vtw-counts",
+        type=parse_counts,
+        default=None,
+        help="eas+vtw rows: skipped attentions (default: each count > 0 of --skip-attention-counts)",
+    )
     add_device_option(bench)
     bench.set_defaults(func=_cmd_bench)

@@ -90,6 +90,13 @@ class ExitRunner:
                     "this KV cache was filled without visual-token exit; start a new cache after changing "
                     "the plan"
                 )
+            several = ids is not None and ids.shape[1] > 1 and tuple(ids.shape) == step.shape
+            if several and bool(visual_token_mask(ids, self.facts).any()):  # read for multi-token steps only
+                raise ValueError(
+                    "visual tokens arrived after the prefill (a chunked prefill, generate(..., "
+                    "prefill_chunk_size=...), or a follow-up turn with an image); visual-token exit "
+                    "withdraws them at prefill only: drop prefill_chunk_size, or start a new cache"
+                )
             return TokenExit(None, step, None, attention_mask) if state.segments else None
         if ids is None or tuple(ids.shape) != step.shape:
             raise ValueError(
