@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -232,3 +237,41 @@ def test_cli_sizes_override_the_chosen_config(tmp_path, monkeypatch):
     config = seen[0]
     assert config.quick and config.epochs == 3 and config.contrast_k == 0 and config.workers == 2
     assert config.train_examples == StudyConfig.quick_config().train_examples  # the rest stay quick
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_kill_stops_the_workers_too(tmp_path, how):
+    """Ctrl-C (SIGINT to the process group) or kill (SIGTERM to the study) stops every worker process;
+    they ran on, for minutes, after the study itself had stopped."""
+    out = tmp_path / "study"
+    command = [sys.executable, "-m", "skipvlm.cli", "study", "--quick", "--workers", "2", "--out", str(out)]
+    study = subprocess.Popen(
+        command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    group = study.pid  # its own process group: the study and its workers
+    deadline = time.monotonic() + 120
+    while not list((out / "jobs").glob("*")) and time.monotonic() < deadline:  # the workers have started
+        time.sleep(0.5)
+    time.sleep(2)
+    if how == signal.SIGINT:
+        os.killpg(group, signal.SIGINT)
+    else:
+        study.send_signal(signal.SIGTERM)
+    assert study.wait(timeout=60) != 0
+    deadline = time.monotonic() + 20  # the workers and multiprocessing's resource tracker wind down
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return  # nobody is left in the study's process group
+        time.sleep(0.5)
+    pytest.fail("worker processes outlived the stopped study")
+
+
+def test_the_settings_name_the_shipped_toy_so_a_moved_checkout_reuses_its_jobs(tmp_path):
+    from skipvlm.toy import SHIPPED
+
+    assert StudyConfig().training()["model"] == "skipvlm:toy-llava"
+    assert StudyConfig(model=str(SHIPPED / ".")).training()["model"] == "skipvlm:toy-llava"
+    assert StudyConfig(model=str(tmp_path)).training()["model"] == str(tmp_path.resolve())

@@ -34,8 +34,9 @@ import itertools
 import json
 import logging
 import math
+import signal
+import threading
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -190,9 +191,23 @@ class StudyConfig:
 
     def training(self) -> dict[str, Any]:
         """What every job's result depends on besides its own spec (a changed value reruns every job)."""
-        keep = ("model", "train_examples", "val_examples", "test_examples", "batch_size", "epochs", "lr")
+        keep = ("train_examples", "val_examples", "test_examples", "batch_size", "epochs", "lr")
         keep += ("search_warmup_epochs", "search_epochs", "interval", "n_candidates", "score_batches")
-        return {k: getattr(self, k) for k in keep}
+        return {"model": _model_name(self.model), **{k: getattr(self, k) for k in keep}}
+
+
+_SHIPPED_NAME = "skipvlm:toy-llava"  # the shipped toy, wherever this checkout lies
+
+
+def _model_name(folder: str) -> str:
+    """How the settings name a toy: the shipped one by name (a moved checkout reuses its jobs), others by
+    their absolute path."""
+    path = Path(folder).resolve()
+    return _SHIPPED_NAME if path == SHIPPED.resolve() else str(path)
+
+
+def _model_folder(name: str) -> str:
+    return str(SHIPPED) if name == _SHIPPED_NAME else name
 
 
 # --- jobs ----------------------------------------------------------------------------------------------
@@ -226,7 +241,7 @@ def _setup(settings: dict[str, Any], seed: int) -> ToySetup:
     if key not in _SETUP:
         _SETUP.clear()
         sizes = (settings["train_examples"], settings["val_examples"], settings["test_examples"])
-        _SETUP[key] = toy_setup(settings["model"], *sizes, settings["batch_size"], seed)
+        _SETUP[key] = toy_setup(_model_folder(settings["model"]), *sizes, settings["batch_size"], seed)
     return _SETUP[key]
 
 
@@ -283,8 +298,23 @@ def _proxy_losses(supernet: EASModel, spec: dict[str, Any], setup: ToySetup) -> 
 
 
 def _init_worker() -> None:
+    # Ctrl-C reaches the whole process group: only the parent acts on it (it terminates the workers)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
     logging.getLogger("skipvlm").setLevel(logging.WARNING)
+
+
+def _run_keyed(item: tuple[str, tuple[Any, ...]]) -> tuple[str, dict[str, Any]]:
+    jid, args = item
+    return jid, run_job(*args)
+
+
+class _Terminated(Exception):
+    """The study was sent SIGTERM (``kill``): stop the workers too, keep the finished jobs."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated(f"stopped by signal {signum}; finished jobs are kept, run the same command to continue")
 
 
 def run_jobs(
@@ -322,15 +352,17 @@ def run_jobs(
     args = {jid: (spec, settings, config.seed, str(jobs / jid)) for jid, spec in todo.items()}
     if config.workers > 1 and len(todo) > 1:
         context = get_context("spawn")  # fresh interpreters: no forked torch thread pools
-        with ProcessPoolExecutor(min(config.workers, len(todo)), context, _init_worker) as pool:
-            futures = {pool.submit(run_job, *a): jid for jid, a in args.items()}
-            try:
-                for future in as_completed(futures):
-                    finish(futures[future], future.result())
+        # a failed job, Ctrl-C or kill: the pool's exit terminates the workers (finished jobs are kept)
+        main = threading.current_thread() is threading.main_thread()  # where signal handlers may be set
+        previous = signal.signal(signal.SIGTERM, _raise_terminated) if main else None
+        try:
+            with context.Pool(min(config.workers, len(todo)), _init_worker) as pool:
+                for jid, result in pool.imap_unordered(_run_keyed, list(args.items())):
+                    finish(jid, result)
                     bar.update(1)
-            except BaseException:  # a failed job or Ctrl-C: stop the queue (finished jobs are kept)
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise
+        finally:
+            if main:
+                signal.signal(signal.SIGTERM, previous)
     else:
         for jid, a in args.items():
             finish(jid, run_job(*a))
