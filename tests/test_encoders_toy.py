@@ -140,3 +140,20 @@ def test_demo_quick_runs_every_method(tmp_path, capsys):
     assert names == ["zero_shot", "full_ft", "adapter", "lora", "das k=1", "eas k=4", "eas k=8"]
     eas = result["rows"][-1]
     assert len(eas["skip_attention"]) == 8 and eas["macs_removed_pct"] > 0
+
+
+def test_pretraining_writes_a_loadable_toy_and_its_record(tmp_path):
+    from skipvlm.encoders.toy import pretrain_bridgetower
+    from skipvlm.toy import PRETRAIN_FAMILIES
+
+    config = EncoderToyConfig(
+        hidden_size=16, intermediate_size=32, text_layers=2, vision_layers=2, co_layers=2, vision_hidden=64,
+        image_size=16, patch_size=8,
+    )  # fmt: skip
+    info = pretrain_bridgetower(tmp_path / "bt", config, 2, batch_size=2, eval_examples=2, progress=False)
+    record = json.loads((tmp_path / "bt" / "pretrain.json").read_text())
+    assert record == json.loads(json.dumps(info))
+    assert record["steps"] == 2 and record["pretrain_families"] == list(PRETRAIN_FAMILIES)
+    assert record["config"]["co_layers"] == 2 and record["seconds"] > 0 and "torch" in record
+    model, collator = load_toy_bridgetower(tmp_path / "bt")
+    assert model.config.num_hidden_layers == 2 and collator is not None

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers as tf
@@ -290,24 +291,47 @@ def pretrain(
         accuracy[family] = evaluate(
             model, collator, examples, batch_size=50, max_new_tokens=3, progress=False
         ).accuracy
-    info = {
-        "command": "skipvlm toy pretrain " + " ".join(sys.argv[3:])
-        if sys.argv[1:3] == ["toy", "pretrain"]
-        else None,
+    info = pretrain_record(model, history, start, seed, steps, batch_size, lr, asdict(config), accuracy)
+    save_pretrained_toy(out, model, processor, info)
+    logger.info("pretrained the toy model in %.0fs: %s", info["seconds"], accuracy)
+    return info
+
+
+def pretrain_record(
+    model: torch.nn.Module,
+    history: list[dict],
+    start: float,
+    seed: int,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    config: dict,
+    accuracy: dict[str, float],
+) -> dict:
+    """The ``pretrain.json`` of a toy pretrained from scratch: the command, its settings, the validation
+    accuracy per question family, the final loss, the time since ``start`` and
+    :func:`~skipvlm.runinfo.run_info`."""
+    argv = sys.argv[1:]
+    param = next(model.parameters())
+    return {
+        "command": "skipvlm " + " ".join(argv) if argv[:2] == ["toy", "pretrain"] else None,
         "seed": seed,
         "steps": steps,
         "batch_size": batch_size,
         "lr": lr,
-        "config": asdict(config),
+        "config": config,
         "pretrain_families": list(PRETRAIN_FAMILIES),
         "val_accuracy": accuracy,
         "final_loss": sum(h["loss"] for h in history[-50:]) / min(50, len(history)),
         "seconds": time.perf_counter() - start,
-        **run_info(next(model.parameters()).device, next(model.parameters()).dtype),
+        **run_info(param.device, param.dtype),
     }
+
+
+def save_pretrained_toy(out: str | os.PathLike, model: torch.nn.Module, processor: Any, info: dict) -> None:
+    """Write the toy's checkpoint, its processor (or tokenizer) and ``pretrain.json`` to ``out``,
+    atomically."""
     with atomic_files(out) as staging:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
         (staging / "pretrain.json").write_text(json.dumps(info, indent=2) + "\n")
-    logger.info("pretrained the toy model in %.0fs: %s", info["seconds"], accuracy)
-    return info

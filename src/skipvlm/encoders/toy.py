@@ -12,10 +12,8 @@ index labels over :func:`answer_vocabulary`). Pretrained from scratch on
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import os
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -29,9 +27,13 @@ from torch import nn
 from skipvlm.data.chat import ChatExample
 from skipvlm.data.synthetic import COLOURS, NUMBERS, SHAPES, SyntheticBatches, SyntheticTask, vocabulary
 from skipvlm.encoders.heads import BridgeTowerForVQA
-from skipvlm.io import atomic_files
-from skipvlm.runinfo import run_info
-from skipvlm.toy import DOWNSTREAM_FAMILIES, PRETRAIN_FAMILIES, build_tokenizer
+from skipvlm.toy import (
+    DOWNSTREAM_FAMILIES,
+    PRETRAIN_FAMILIES,
+    build_tokenizer,
+    pretrain_record,
+    save_pretrained_toy,
+)
 
 __all__ = [
     "SHIPPED",
@@ -226,23 +228,7 @@ def pretrain_bridgetower(
             eval_examples, "val", seed
         )
         accuracy[family] = evaluate_vqa(model, collator, examples)
-    argv = sys.argv[1:]
-    info = {
-        "command": "skipvlm " + " ".join(argv) if argv[:2] == ["toy", "pretrain"] else None,
-        "seed": seed,
-        "steps": steps,
-        "batch_size": batch_size,
-        "lr": lr,
-        "config": asdict(config),
-        "pretrain_families": list(PRETRAIN_FAMILIES),
-        "val_accuracy": accuracy,
-        "final_loss": sum(h["loss"] for h in history[-50:]) / min(50, len(history)),
-        "seconds": time.perf_counter() - start,
-        **run_info(next(model.parameters()).device, next(model.parameters()).dtype),
-    }
-    with atomic_files(out) as staging:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        (staging / "pretrain.json").write_text(json.dumps(info, indent=2) + "\n")
+    info = pretrain_record(model, history, start, seed, steps, batch_size, lr, asdict(config), accuracy)
+    save_pretrained_toy(out, model, tokenizer, info)
     logger.info("pretrained the toy BridgeTower in %.0fs: %s", info["seconds"], accuracy)
     return info
